@@ -1,0 +1,69 @@
+//! The unit of work of one forward step: the new tokens of several sequences, packed without
+//! padding, and the logits that come back.
+
+use std::ops::Range;
+
+/// A sequence known to a [`super::KvCache`]; each has its own cache and position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// One sequence's share of a step: the tokens it appends (one in decode, many in prefill).
+#[derive(Debug, Clone)]
+pub struct BatchEntry {
+    pub seq: SeqId,
+    pub tokens: Vec<u32>,
+    /// Return logits for every new position (perplexity, training) instead of only the last.
+    pub all_logits: bool,
+}
+
+impl BatchEntry {
+    pub fn last(seq: SeqId, tokens: Vec<u32>) -> Self {
+        Self {
+            seq,
+            tokens,
+            all_logits: false,
+        }
+    }
+}
+
+/// The new tokens of N sequences of different lengths, run in one forward. Each sequence attends
+/// only to its own cache; no padding is added.
+#[derive(Debug, Clone, Default)]
+pub struct RaggedBatch {
+    pub entries: Vec<BatchEntry>,
+}
+
+impl RaggedBatch {
+    pub fn new(entries: Vec<BatchEntry>) -> Self {
+        Self { entries }
+    }
+    pub fn n_tokens(&self) -> usize {
+        self.entries.iter().map(|e| e.tokens.len()).sum()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Logits of a step, on the host: rows `[R, vocab]`, with the rows belonging to each entry.
+#[derive(Debug, Clone)]
+pub struct BatchLogits {
+    pub vocab: usize,
+    pub data: Vec<f32>,
+    /// For each batch entry (in order), its rows in `data`.
+    pub rows: Vec<Range<usize>>,
+}
+
+impl BatchLogits {
+    /// Logits of the last new position of entry `i`.
+    pub fn last(&self, i: usize) -> &[f32] {
+        let r = self.rows[i].end - 1;
+        &self.data[r * self.vocab..][..self.vocab]
+    }
+    /// Logits of every returned position of entry `i`, in order.
+    pub fn positions(&self, i: usize) -> impl Iterator<Item = &[f32]> {
+        self.rows[i]
+            .clone()
+            .map(move |r| &self.data[r * self.vocab..][..self.vocab])
+    }
+}

@@ -1,0 +1,581 @@
+//! `y = x · Wᵀ` for a few (decode) to a few hundred (prefill) activation rows against a
+//! [`PackedMatrix`].
+//!
+//! Quantized formats first quantize the activations to 8 bits per 32-block (llama.cpp's Q8_0 /
+//! Q8_1 scheme: one f32 scale, 32 × i8 and the block's integer sum), then run integer dot products.
+//! Two implementations compute the same integer sums: an AVX-512 VNNI one (runtime-detected) and a
+//! portable one that the compiler vectorises; tests check they agree.
+//!
+//! Work is split across the kernel pool by tiles of 16 output rows; each tile is processed for up
+//! to [`MR`] activation rows at once so its weights are read from memory once per step.
+
+use super::packed::{PackedFormat, PackedMatrix, QBLOCK, TILE};
+use super::pool::{self, split_range};
+use half::f16;
+
+/// Activation rows processed together against one tile (register blocking).
+pub const MR: usize = 4;
+
+/// Activations quantized to 8 bits per block of 32.
+pub struct QuantizedActs {
+    pub m: usize,
+    pub k: usize,
+    pub qs: Vec<i8>,
+    /// Scale per (row, block).
+    pub d: Vec<f32>,
+    /// Integer sum of the block's quants per (row, block).
+    pub sums: Vec<i32>,
+}
+
+impl QuantizedActs {
+    pub fn quantize(x: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(x.len(), m * k);
+        assert!(k.is_multiple_of(QBLOCK));
+        let kb = k / QBLOCK;
+        let mut qs = vec![0i8; m * k];
+        let mut d = vec![0f32; m * kb];
+        let mut sums = vec![0i32; m * kb];
+        for (bi, (src, dst)) in x.chunks_exact(QBLOCK).zip(qs.chunks_exact_mut(QBLOCK)).enumerate() {
+            let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in dst.iter_mut().zip(src) {
+                *q = (v * inv).round() as i8;
+                sum += *q as i32;
+            }
+            d[bi] = scale;
+            sums[bi] = sum;
+        }
+        Self { m, k, qs, d, sums }
+    }
+}
+
+/// `y[m, n] = x[m, k] · Wᵀ` using the global kernel pool.
+pub fn matmul(w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32]) {
+    matmul_with(pool::global(), w, x, m, y, Isa::detect())
+}
+
+/// Which instruction set the kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 F/BW + VNNI (`vpdpbusd`) and F16C.
+    Avx512Vnni,
+    /// Portable Rust, vectorised by the compiler as far as the target allows.
+    Portable,
+}
+
+impl Isa {
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::sync::OnceLock;
+            static ISA: OnceLock<Isa> = OnceLock::new();
+            *ISA.get_or_init(|| {
+                let off = std::env::var("LETHE_PORTABLE_KERNELS").is_ok_and(|v| v == "1");
+                if !off
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("f16c")
+                {
+                    Isa::Avx512Vnni
+                } else {
+                    Isa::Portable
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Isa::Portable
+        }
+    }
+}
+
+/// Raw pointer wrapper so disjoint output tiles can be written from several threads.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+pub fn matmul_with(
+    pool: &pool::ThreadPool,
+    w: &PackedMatrix,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    isa: Isa,
+) {
+    let (n, k) = (w.n, w.k);
+    assert_eq!(x.len(), m * k, "matmul: input is not [m, k]");
+    assert_eq!(y.len(), m * n, "matmul: output is not [m, n]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let acts = match w.format {
+        PackedFormat::F32 => None,
+        _ => Some(QuantizedActs::quantize(x, m, k)),
+    };
+    let tiles = w.n_tiles();
+    let out = OutPtr(y.as_mut_ptr());
+    // Tiny products are not worth a thread hand-off.
+    let work = m * n * k;
+    let parallel = if work < 64 * 1024 { 1 } else { pool.n_threads() };
+    pool.run(parallel, |i, nt| {
+        let out = out;
+        let mut buf = [[0f32; TILE]; MR];
+        for t in split_range(tiles, i, nt) {
+            let mut row0 = 0;
+            while row0 < m {
+                let rows = (m - row0).min(MR);
+                compute_tile(w, x, acts.as_ref(), t, row0, rows, &mut buf, isa);
+                let cols = (n - t * TILE).min(TILE);
+                for (r, vals) in buf.iter().enumerate().take(rows) {
+                    // SAFETY: tile `t` of rows `row0..row0+rows` is written by this participant only.
+                    unsafe {
+                        let dst = out.0.add((row0 + r) * n + t * TILE);
+                        std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, cols);
+                    }
+                }
+                row0 += rows;
+            }
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compute_tile(
+    w: &PackedMatrix,
+    x: &[f32],
+    acts: Option<&QuantizedActs>,
+    t: usize,
+    row0: usize,
+    rows: usize,
+    out: &mut [[f32; TILE]; MR],
+    isa: Isa,
+) {
+    match (w.format, isa) {
+        #[cfg(target_arch = "x86_64")]
+        (PackedFormat::Q8_0, Isa::Avx512Vnni) => unsafe {
+            avx512::q8_0_tile(w, acts.unwrap(), t, row0, rows, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        (PackedFormat::Q4_1, Isa::Avx512Vnni) => unsafe {
+            avx512::q4_1_tile(w, acts.unwrap(), t, row0, rows, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        (PackedFormat::F32, Isa::Avx512Vnni) => unsafe { avx512::f32_tile(w, x, t, row0, rows, out) },
+        (PackedFormat::Q8_0, _) => portable::q8_0_tile(w, acts.unwrap(), t, row0, rows, out),
+        (PackedFormat::Q4_1, _) => portable::q4_1_tile(w, acts.unwrap(), t, row0, rows, out),
+        (PackedFormat::F32, _) => portable::f32_tile(w, x, t, row0, rows, out),
+    }
+}
+
+fn f16x16(src: &[f16]) -> [f32; TILE] {
+    std::array::from_fn(|i| src[i].to_f32())
+}
+
+mod portable {
+    use super::*;
+    use crate::model::kernels::packed::q4_index;
+
+    pub fn q8_0_tile(
+        w: &PackedMatrix,
+        a: &QuantizedActs,
+        t: usize,
+        row0: usize,
+        rows: usize,
+        out: &mut [[f32; TILE]; MR],
+    ) {
+        let kb = w.k_blocks();
+        let data = w.data.as_slice();
+        for r in 0..rows {
+            let row = row0 + r;
+            let mut acc = [0f32; TILE];
+            for b in 0..kb {
+                let tb = t * kb + b;
+                let q = &data[tb * QBLOCK * TILE..][..QBLOCK * TILE];
+                let xa = &a.qs[row * a.k + b * QBLOCK..][..QBLOCK];
+                let mut s = [0i32; TILE];
+                for g in 0..QBLOCK / 4 {
+                    for (lane, sl) in s.iter_mut().enumerate() {
+                        for j in 0..4 {
+                            *sl += q[(g * TILE + lane) * 4 + j] as i32 * xa[g * 4 + j] as i32;
+                        }
+                    }
+                }
+                let corr = 128 * a.sums[row * kb + b];
+                let da = a.d[row * kb + b];
+                let dw = f16x16(&w.scales[tb * TILE..]);
+                for l in 0..TILE {
+                    acc[l] += (s[l] - corr) as f32 * (dw[l] * da);
+                }
+            }
+            out[r] = acc;
+        }
+    }
+
+    pub fn q4_1_tile(
+        w: &PackedMatrix,
+        a: &QuantizedActs,
+        t: usize,
+        row0: usize,
+        rows: usize,
+        out: &mut [[f32; TILE]; MR],
+    ) {
+        let kb = w.k_blocks();
+        let data = w.data.as_slice();
+        for r in 0..rows {
+            let row = row0 + r;
+            let mut acc = [0f32; TILE];
+            for b in 0..kb {
+                let tb = t * kb + b;
+                let q = &data[tb * QBLOCK * TILE / 2..][..QBLOCK * TILE / 2];
+                let xa = &a.qs[row * a.k + b * QBLOCK..][..QBLOCK];
+                let mut s = [0i32; TILE];
+                for (i, &xv) in xa.iter().enumerate() {
+                    for (lane, sl) in s.iter_mut().enumerate() {
+                        let (byte, high) = q4_index(i, lane);
+                        let v = if high { q[byte] >> 4 } else { q[byte] & 0x0F };
+                        *sl += v as i32 * xv as i32;
+                    }
+                }
+                let da = a.d[row * kb + b];
+                let sa = da * a.sums[row * kb + b] as f32;
+                let dw = f16x16(&w.scales[tb * TILE..]);
+                let mw = f16x16(&w.mins[tb * TILE..]);
+                for l in 0..TILE {
+                    acc[l] += s[l] as f32 * (dw[l] * da) + mw[l] * sa;
+                }
+            }
+            out[r] = acc;
+        }
+    }
+
+    pub fn f32_tile(
+        w: &PackedMatrix,
+        x: &[f32],
+        t: usize,
+        row0: usize,
+        rows: usize,
+        out: &mut [[f32; TILE]; MR],
+    ) {
+        let k = w.k;
+        let data = w.data.as_f32();
+        for r in 0..rows {
+            let xr = &x[(row0 + r) * k..][..k];
+            let mut acc = [0f32; TILE];
+            for (i, &xv) in xr.iter().enumerate() {
+                let wv = &data[(t * k + i) * TILE..][..TILE];
+                for l in 0..TILE {
+                    acc[l] += wv[l] * xv;
+                }
+            }
+            out[r] = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn bcast4(p: *const i8) -> __m512i {
+        unsafe { _mm512_set1_epi32((p as *const i32).read_unaligned()) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_f16x16(p: *const f16) -> __m512 {
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+
+    /// Runs `body::<R>()` with `R` = the runtime row count as a compile-time constant, so each
+    /// row count gets fully unrolled register blocking.
+    macro_rules! dispatch_rows {
+        ($rows:expr, $f:ident, $($arg:expr),*) => {
+            match $rows {
+                1 => $f::<1>($($arg),*),
+                2 => $f::<2>($($arg),*),
+                3 => $f::<3>($($arg),*),
+                _ => $f::<4>($($arg),*),
+            }
+        };
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    pub unsafe fn q8_0_tile(
+        w: &PackedMatrix,
+        a: &QuantizedActs,
+        t: usize,
+        row0: usize,
+        rows: usize,
+        out: &mut [[f32; TILE]; MR],
+    ) {
+        unsafe { dispatch_rows!(rows, q8_0_rows, w, a, t, row0, out) }
+    }
+
+    #[inline(always)]
+    unsafe fn q8_0_rows<const R: usize>(
+        w: &PackedMatrix,
+        a: &QuantizedActs,
+        t: usize,
+        row0: usize,
+        out: &mut [[f32; TILE]; MR],
+    ) {
+        unsafe {
+            let kb = w.k_blocks();
+            let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE);
+            let scales = w.scales.as_ptr().add(t * kb * TILE);
+            let xq: [*const i8; R] = std::array::from_fn(|r| a.qs.as_ptr().add((row0 + r) * a.k));
+            let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+            let xs: [*const i32; R] = std::array::from_fn(|r| a.sums.as_ptr().add((row0 + r) * kb));
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..kb {
+                let qb = q.add(b * QBLOCK * TILE);
+                // Two partial sums per row break the vpdpbusd dependency chain.
+                let mut s0 = [_mm512_setzero_si512(); R];
+                let mut s1 = [_mm512_setzero_si512(); R];
+                for g in (0..8).step_by(2) {
+                    let w0 = _mm512_load_si512(qb.add(g * 64) as *const __m512i);
+                    let w1 = _mm512_load_si512(qb.add(g * 64 + 64) as *const __m512i);
+                    for r in 0..R {
+                        let xb = xq[r].add(b * QBLOCK + g * 4);
+                        s0[r] = _mm512_dpbusd_epi32(s0[r], w0, bcast4(xb));
+                        s1[r] = _mm512_dpbusd_epi32(s1[r], w1, bcast4(xb.add(4)));
+                    }
+                }
+                let dw = load_f16x16(scales.add(b * TILE));
+                for r in 0..R {
+                    let s = _mm512_add_epi32(s0[r], s1[r]);
+                    let s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * *xs[r].add(b)));
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b)));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
+                }
+            }
+            for r in 0..R {
+                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    pub unsafe fn q4_1_tile(
+        w: &PackedMatrix,
+        a: &QuantizedActs,
+        t: usize,
+        row0: usize,
+        rows: usize,
+        out: &mut [[f32; TILE]; MR],
+    ) {
+        unsafe { dispatch_rows!(rows, q4_1_rows, w, a, t, row0, out) }
+    }
+
+    #[inline(always)]
+    unsafe fn q4_1_rows<const R: usize>(
+        w: &PackedMatrix,
+        a: &QuantizedActs,
+        t: usize,
+        row0: usize,
+        out: &mut [[f32; TILE]; MR],
+    ) {
+        unsafe {
+            let kb = w.k_blocks();
+            let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE / 2);
+            let scales = w.scales.as_ptr().add(t * kb * TILE);
+            let mins = w.mins.as_ptr().add(t * kb * TILE);
+            let xq: [*const i8; R] = std::array::from_fn(|r| a.qs.as_ptr().add((row0 + r) * a.k));
+            let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+            let xs: [*const i32; R] = std::array::from_fn(|r| a.sums.as_ptr().add((row0 + r) * kb));
+            let nib = _mm512_set1_epi8(0x0F);
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..kb {
+                let qb = q.add(b * QBLOCK * TILE / 2);
+                let mut s0 = [_mm512_setzero_si512(); R];
+                let mut s1 = [_mm512_setzero_si512(); R];
+                for g in 0..4 {
+                    let v = _mm512_load_si512(qb.add(g * 64) as *const __m512i);
+                    let lo = _mm512_and_si512(v, nib);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                    for r in 0..R {
+                        let xb = xq[r].add(b * QBLOCK + g * 8);
+                        s0[r] = _mm512_dpbusd_epi32(s0[r], lo, bcast4(xb));
+                        s1[r] = _mm512_dpbusd_epi32(s1[r], hi, bcast4(xb.add(4)));
+                    }
+                }
+                let dw = load_f16x16(scales.add(b * TILE));
+                let mw = load_f16x16(mins.add(b * TILE));
+                for r in 0..R {
+                    let da = *xd[r].add(b);
+                    let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[r], s1[r]));
+                    acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(da)), acc[r]);
+                    let sa = _mm512_set1_ps(da * *xs[r].add(b) as f32);
+                    acc[r] = _mm512_fmadd_ps(mw, sa, acc[r]);
+                }
+            }
+            for r in 0..R {
+                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn f32_tile(
+        w: &PackedMatrix,
+        x: &[f32],
+        t: usize,
+        row0: usize,
+        rows: usize,
+        out: &mut [[f32; TILE]; MR],
+    ) {
+        unsafe { dispatch_rows!(rows, f32_rows, w, x, t, row0, out) }
+    }
+
+    #[inline(always)]
+    unsafe fn f32_rows<const R: usize>(
+        w: &PackedMatrix,
+        x: &[f32],
+        t: usize,
+        row0: usize,
+        out: &mut [[f32; TILE]; MR],
+    ) {
+        unsafe {
+            let k = w.k;
+            let wt = w.data.as_f32().as_ptr().add(t * k * TILE);
+            let xr: [*const f32; R] = std::array::from_fn(|r| x.as_ptr().add((row0 + r) * k));
+            let mut acc0 = [_mm512_setzero_ps(); R];
+            let mut acc1 = [_mm512_setzero_ps(); R];
+            let mut i = 0;
+            while i + 1 < k {
+                let w0 = _mm512_load_ps(wt.add(i * TILE));
+                let w1 = _mm512_load_ps(wt.add((i + 1) * TILE));
+                for r in 0..R {
+                    acc0[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(*xr[r].add(i)), acc0[r]);
+                    acc1[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(*xr[r].add(i + 1)), acc1[r]);
+                }
+                i += 2;
+            }
+            if i < k {
+                let w0 = _mm512_load_ps(wt.add(i * TILE));
+                for r in 0..R {
+                    acc0[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(*xr[r].add(i)), acc0[r]);
+                }
+            }
+            for r in 0..R {
+                _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(acc0[r], acc1[r]));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::kernels::pool::ThreadPool;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(w: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for r in 0..m {
+            for c in 0..n {
+                y[r * n + c] = (0..k).map(|i| x[r * k + i] as f64 * w[c * k + i] as f64).sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    fn q4_1_raw(w: &[f32]) -> Vec<u8> {
+        let mut raw = Vec::new();
+        for blk in w.chunks_exact(32) {
+            let (mn, mx) = blk.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            let d = (mx - mn) / 15.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            raw.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            raw.extend_from_slice(&f16::from_f32(mn).to_le_bytes());
+            for j in 0..16 {
+                let lo = (((blk[j] - mn) * id).round() as u8).min(15);
+                let hi = (((blk[j + 16] - mn) * id).round() as u8).min(15);
+                raw.push(lo | (hi << 4));
+            }
+        }
+        raw
+    }
+
+    fn check_all_isas(w: &PackedMatrix, x: &[f32], m: usize, tol: f32) {
+        let want = reference(&w.dequantize(), x, m, w.n, w.k);
+        let pool = ThreadPool::new(2);
+        for isa in [Isa::Portable, Isa::detect()] {
+            let mut y = vec![0f32; m * w.n];
+            matmul_with(&pool, w, x, m, &mut y, isa);
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{:?} {isa:?} m={m} i={i}: {a} vs {b}", w.format);
+            }
+        }
+    }
+
+    #[test]
+    fn all_formats_match_reference_for_many_row_counts() {
+        let (n, k) = (40, 96); // a partial last tile
+        let wf = rand_vec(n * k, 7);
+        let formats = [
+            PackedMatrix::from_f32(&wf, n, k).unwrap(),
+            PackedMatrix::quantize_q8_0(&wf, n, k).unwrap(),
+            PackedMatrix::from_q4_1_blocks(&q4_1_raw(&wf), n, k).unwrap(),
+        ];
+        for m in [1, 2, 3, 4, 5, 9] {
+            let x = rand_vec(m * k, 100 + m as u64);
+            for w in &formats {
+                // Activation quantization error dominates for the 8-bit formats.
+                let tol = if w.format == PackedFormat::F32 { 1e-5 } else { 0.05 };
+                check_all_isas(w, &x, m, tol);
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_agree_closely() {
+        let (n, k) = (64, 1536);
+        let wf = rand_vec(n * k, 9);
+        let x = rand_vec(3 * k, 10);
+        let pool = ThreadPool::new(2);
+        for w in [
+            PackedMatrix::quantize_q8_0(&wf, n, k).unwrap(),
+            PackedMatrix::from_q4_1_blocks(&q4_1_raw(&wf), n, k).unwrap(),
+        ] {
+            let mut a = vec![0f32; 3 * n];
+            let mut b = vec![0f32; 3 * n];
+            matmul_with(&pool, &w, &x, 3, &mut a, Isa::Portable);
+            matmul_with(&pool, &w, &x, 3, &mut b, Isa::detect());
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() <= 1e-4 * (1.0 + p.abs()), "{p} vs {q}");
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_independent() {
+        // A row's result must not depend on which other rows share the call (ragged batching
+        // relies on this for exact batched == separate).
+        let (n, k) = (48, 128);
+        let wf = rand_vec(n * k, 11);
+        let w = PackedMatrix::quantize_q8_0(&wf, n, k).unwrap();
+        let x = rand_vec(6 * k, 12);
+        let mut all = vec![0f32; 6 * n];
+        matmul(&w, &x, 6, &mut all);
+        for r in 0..6 {
+            let mut one = vec![0f32; n];
+            matmul(&w, &x[r * k..][..k], 1, &mut one);
+            assert_eq!(&all[r * n..][..n], &one[..]);
+        }
+    }
+}
