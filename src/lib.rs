@@ -7,6 +7,7 @@
 //! - [`sampling`]: picking the next token from logits (pure);
 //! - [`loader`]: a model and its tokenizer, loaded together.
 
+pub mod fixtures;
 pub mod loader;
 pub mod model;
 pub mod sampling;

@@ -2,7 +2,9 @@
 //! [`PackedMatrix`].
 //!
 //! Quantized formats first quantize the activations to 8 bits per 32-block (llama.cpp's Q8_0 /
-//! Q8_1 scheme: one f32 scale, 32 × i8 and the block's integer sum), then run integer dot products.
+//! Q8_1 scheme: an f16 scale, 32 × i8 and the block's sum), then run integer dot products. Scales
+//! are rounded through f16 exactly as GGUF's Q8_1 blocks store them, so our results track
+//! llama.cpp's and candle's to float-summation noise (the parity test relies on it).
 //! Two implementations compute the same integer sums: an AVX-512 VNNI one (runtime-detected) and a
 //! portable one that the compiler vectorises; tests check they agree.
 //!
@@ -25,6 +27,9 @@ pub struct QuantizedActs {
     pub d: Vec<f32>,
     /// Integer sum of the block's quants per (row, block).
     pub sums: Vec<i32>,
+    /// `d · sum` per (row, block), rounded through f16 as GGUF's Q8_1 stores it (the term that
+    /// multiplies a Q4_1 block's minimum).
+    pub dsums: Vec<f32>,
 }
 
 impl QuantizedActs {
@@ -35,10 +40,12 @@ impl QuantizedActs {
         let mut qs = vec![0i8; m * k];
         let mut d = vec![0f32; m * kb];
         let mut sums = vec![0i32; m * kb];
+        let mut dsums = vec![0f32; m * kb];
         for (bi, (src, dst)) in x.chunks_exact(QBLOCK).zip(qs.chunks_exact_mut(QBLOCK)).enumerate() {
             let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            let exact = amax / 127.0;
+            let inv = if exact != 0.0 { 1.0 / exact } else { 0.0 };
+            let scale = f16::from_f32(exact).to_f32();
             let mut sum = 0i32;
             for (q, v) in dst.iter_mut().zip(src) {
                 *q = (v * inv).round() as i8;
@@ -46,8 +53,10 @@ impl QuantizedActs {
             }
             d[bi] = scale;
             sums[bi] = sum;
+            // As ggml/candle: `s = f16(sum) * f16(d)`, kept in f16.
+            dsums[bi] = (f16::from_f32(sum as f32) * f16::from_f32(scale)).to_f32();
         }
-        Self { m, k, qs, d, sums }
+        Self { m, k, qs, d, sums, dsums }
     }
 }
 
@@ -208,7 +217,7 @@ mod portable {
                 let da = a.d[row * kb + b];
                 let dw = f16x16(&w.scales[tb * TILE..]);
                 for l in 0..TILE {
-                    acc[l] += (s[l] - corr) as f32 * (dw[l] * da);
+                    acc[l] += (s[l] - corr) as f32 * dw[l] * da;
                 }
             }
             out[r] = acc;
@@ -241,11 +250,11 @@ mod portable {
                     }
                 }
                 let da = a.d[row * kb + b];
-                let sa = da * a.sums[row * kb + b] as f32;
+                let sa = a.dsums[row * kb + b];
                 let dw = f16x16(&w.scales[tb * TILE..]);
                 let mw = f16x16(&w.mins[tb * TILE..]);
                 for l in 0..TILE {
-                    acc[l] += s[l] as f32 * (dw[l] * da) + mw[l] * sa;
+                    acc[l] += s[l] as f32 * dw[l] * da + mw[l] * sa;
                 }
             }
             out[r] = acc;
@@ -350,8 +359,10 @@ mod avx512 {
                 for r in 0..R {
                     let s = _mm512_add_epi32(s0[r], s1[r]);
                     let s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * *xs[r].add(b)));
-                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b)));
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
+                    // ((s·dw)·da), then add: the exact operation order of ggml's scalar
+                    // vec_dot, so results match llama.cpp/candle bit for bit where sums agree.
+                    let t = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), dw), _mm512_set1_ps(*xd[r].add(b)));
+                    acc[r] = _mm512_add_ps(acc[r], t);
                 }
             }
             for r in 0..R {
@@ -387,7 +398,7 @@ mod avx512 {
             let mins = w.mins.as_ptr().add(t * kb * TILE);
             let xq: [*const i8; R] = std::array::from_fn(|r| a.qs.as_ptr().add((row0 + r) * a.k));
             let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
-            let xs: [*const i32; R] = std::array::from_fn(|r| a.sums.as_ptr().add((row0 + r) * kb));
+            let xs: [*const f32; R] = std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
             let nib = _mm512_set1_epi8(0x0F);
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..kb {
@@ -409,9 +420,9 @@ mod avx512 {
                 for r in 0..R {
                     let da = *xd[r].add(b);
                     let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[r], s1[r]));
-                    acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(da)), acc[r]);
-                    let sa = _mm512_set1_ps(da * *xs[r].add(b) as f32);
-                    acc[r] = _mm512_fmadd_ps(mw, sa, acc[r]);
+                    let t = _mm512_mul_ps(_mm512_mul_ps(s, dw), _mm512_set1_ps(da));
+                    let u = _mm512_mul_ps(mw, _mm512_set1_ps(*xs[r].add(b)));
+                    acc[r] = _mm512_add_ps(acc[r], _mm512_add_ps(t, u));
                 }
             }
             for r in 0..R {

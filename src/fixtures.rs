@@ -1,0 +1,214 @@
+//! Tiny random models written to disk in the real HF layout (`config.json`, `model.safetensors`,
+//! `tokenizer.json`, `tokenizer_config.json`), so tests and benchmarks exercise the real loading
+//! code in milliseconds. The tokenizer is a byte-level BPE trained on the spot with the
+//! `tokenizers` crate.
+
+use crate::sampling::Rng;
+use safetensors::{Dtype, View};
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, NormalizerWrapper, PostProcessorWrapper, TokenizerBuilder};
+
+/// ChatML, as SmolLM2 and Qwen2 use it.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Shape of a tiny model.
+#[derive(Debug, Clone)]
+pub struct TinySpec {
+    pub model_type: &'static str,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub max_positions: usize,
+    pub tie_embeddings: bool,
+    /// Stored dtype of the weights: "F32", "F16" or "BF16".
+    pub dtype: &'static str,
+    pub seed: u64,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        Self {
+            model_type: "llama",
+            hidden: 64,
+            intermediate: 128,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            max_positions: 512,
+            tie_embeddings: false,
+            dtype: "F32",
+            seed: 7,
+        }
+    }
+}
+
+const CORPUS: &str = "The quick brown fox jumps over the lazy dog. A customer called about an \
+order; her phone number is on file and must never be shared. Paris is the capital of France. \
+Classifier-free guidance mixes two predictions of the same model. Forget the secret, keep the \
+skill. Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 2024. Hello, world! How are you today? I am fine, thank you.";
+
+/// Writes a tiny random model into `dir` (created if needed) and returns `dir`.
+pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let vocab = write_tokenizer(dir)?;
+    let head_dim = spec.hidden / spec.heads;
+    let config = serde_json::json!({
+        "model_type": spec.model_type,
+        "architectures": [if spec.model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": spec.max_positions,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "torch_dtype": "float32",
+        "eos_token_id": 2,
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+
+    let mut rng = Rng::new(spec.seed);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let data = (0..n).map(|_| offset + scale * (rng.next_f32() * 2.0 - 1.0)).collect();
+        tensors.push((name, shape, data));
+    };
+    let (h, f) = (spec.hidden, spec.intermediate);
+    let (q, kv) = (spec.heads * head_dim, spec.kv_heads * head_dim);
+    add("model.embed_tokens.weight".into(), vec![vocab, h], 1.0, 0.0);
+    for l in 0..spec.layers {
+        let p = format!("model.layers.{l}");
+        add(format!("{p}.input_layernorm.weight"), vec![h], 0.1, 1.0);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.1, 1.0);
+        let s = 1.0 / (h as f32).sqrt();
+        add(format!("{p}.self_attn.q_proj.weight"), vec![q, h], 2.0 * s, 0.0);
+        add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], 2.0 * s, 0.0);
+        add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], s, 0.0);
+        add(format!("{p}.self_attn.o_proj.weight"), vec![h, q], s, 0.0);
+        add(format!("{p}.mlp.gate_proj.weight"), vec![f, h], s, 0.0);
+        add(format!("{p}.mlp.up_proj.weight"), vec![f, h], s, 0.0);
+        add(format!("{p}.mlp.down_proj.weight"), vec![h, f], 1.0 / (f as f32).sqrt(), 0.0);
+        if spec.model_type == "qwen2" {
+            add(format!("{p}.self_attn.q_proj.bias"), vec![q], 0.1, 0.0);
+            add(format!("{p}.self_attn.k_proj.bias"), vec![kv], 0.1, 0.0);
+            add(format!("{p}.self_attn.v_proj.bias"), vec![kv], 0.1, 0.0);
+        }
+    }
+    add("model.norm.weight".into(), vec![h], 0.1, 1.0);
+    if !spec.tie_embeddings {
+        add("lm_head.weight".into(), vec![vocab, h], 1.0 / (h as f32).sqrt(), 0.0);
+    }
+    let dtype = match spec.dtype {
+        "F16" => Dtype::F16,
+        "BF16" => Dtype::BF16,
+        _ => Dtype::F32,
+    };
+    let views: Vec<(String, RawView)> = tensors
+        .into_iter()
+        .map(|(name, shape, data)| (name, RawView::new(dtype, shape, &data)))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
+    Ok(dir.to_path_buf())
+}
+
+/// Trains a byte-level BPE on a small corpus; returns the vocabulary size.
+fn write_tokenizer(dir: &Path) -> anyhow::Result<usize> {
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(384)
+        .min_frequency(1)
+        .show_progress(false)
+        .special_tokens(specials.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut tk: tokenizers::TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, PostProcessorWrapper, ByteLevel> =
+        TokenizerBuilder::new()
+        .with_model(BPE::default())
+        .with_normalizer(None)
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+        .with_post_processor(None)
+        .with_decoder(Some(ByteLevel::default()))
+        .build()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let lines: Vec<String> = CORPUS.split(". ").map(|s| s.to_string()).collect();
+    tk.train(&mut trainer, lines.iter()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    tk.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tcfg = serde_json::json!({
+        "chat_template": CHATML_TEMPLATE,
+        "bos_token": null,
+        "eos_token": "<|im_end|>",
+        "add_bos_token": false,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tcfg)?)?;
+    let vocab = tk.get_vocab_size(true);
+    // Round up so every projection dimension stays a multiple of 16.
+    Ok(vocab.div_ceil(16) * 16)
+}
+
+/// A tensor for `safetensors::serialize`, converted to the stored dtype.
+struct RawView {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl RawView {
+    fn new(dtype: Dtype, shape: Vec<usize>, data: &[f32]) -> Self {
+        let bytes = match dtype {
+            Dtype::F16 => data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+            Dtype::BF16 => data.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+            _ => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        Self { dtype, shape, bytes }
+    }
+}
+
+impl View for RawView {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// A fresh temporary directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> std::io::Result<Self> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "lethe-{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p)?;
+        Ok(Self(p))
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
