@@ -4,11 +4,20 @@
 //! Rooms, with dependencies pointing one way (server → engine → model):
 //! - [`model`]: the runtime (weights, batched forward, KV caches, CPU kernels);
 //! - [`tokenizer`]: text ⇄ tokens and chat templates;
+//! - [`guidance`]: classifier-free guidance mixing (pure);
 //! - [`sampling`]: picking the next token from logits (pure);
+//! - [`engine`]: the scheduler and loop that run requests (CFG pairs) in batched steps;
 //! - [`loader`]: a model and its tokenizer, loaded together.
 
+pub mod bench;
+pub mod engine;
 pub mod fixtures;
+pub mod guidance;
 pub mod loader;
 pub mod model;
 pub mod sampling;
+pub mod telemetry;
 pub mod tokenizer;
+
+/// Where `scripts/fetch-model.sh` puts the default model (SmolLM2-135M-Instruct, GGUF Q4_1).
+pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

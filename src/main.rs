@@ -1,3 +1,256 @@
-fn main() {
-    println!("Hello, world!");
+//! The `lethe` command line: a thin layer over the library.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use lethe::engine::{Conditions, EngineConfig, EngineHandle, Event, Request, UncondSource, prompt};
+use lethe::guidance::{Guidance, GuidanceMode};
+use lethe::loader::ModelBundle;
+use lethe::model::{Backend, LoadOptions, WeightFormat};
+use lethe::sampling::SamplingParams;
+use lethe::tokenizer::ChatMessage;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// lethe: an LLM server that makes a model forget (LoRA forget-adapters + classifier-free guidance).
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Measure speed.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill and decode speed for a batch of sequences (model level), or through the engine
+    /// with `--concurrency`.
+    Decode(BenchDecodeArgs),
+}
+
+/// Where the model comes from and how it runs.
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A .gguf file or an HF directory (config.json + *.safetensors + tokenizer.json).
+    #[arg(long, env = "LETHE_MODEL", default_value = lethe::DEFAULT_MODEL_PATH)]
+    model: PathBuf,
+    /// A tokenizer.json to use instead of the model's own.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// auto (lethe's CPU kernels on the CPU, candle elsewhere), native, or candle.
+    #[arg(long, default_value = "auto")]
+    backend: Backend,
+    /// native (keep the file's format), q8_0 (re-quantize at load) or f32.
+    #[arg(long, default_value = "native")]
+    weights: WeightFormat,
+    /// Kernel threads (default: one per core).
+    #[arg(long, env = "LETHE_THREADS")]
+    threads: Option<usize>,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<ModelBundle> {
+        if let Some(n) = self.threads {
+            lethe::model::kernels::pool::init_global(n);
+        }
+        if !self.model.exists() && self.model == PathBuf::from(lethe::DEFAULT_MODEL_PATH) {
+            bail!(
+                "the default model is not there yet: run scripts/fetch-model.sh (or pass --model PATH)\n  expected {}",
+                self.model.display()
+            );
+        }
+        let opts = LoadOptions {
+            device: lethe::model::load::parse_device(&self.device)?,
+            backend: self.backend,
+            weights: self.weights,
+        };
+        ModelBundle::load(&self.model, &opts, self.tokenizer.as_deref())
+            .with_context(|| format!("loading {}", self.model.display()))
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt (a user message with --chat).
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// A system message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Guidance scale γ (1 = unguided; the uncond row is then not computed).
+    #[arg(long, default_value_t = 1.0)]
+    gamma: f32,
+    /// How cond and uncond are mixed: log (HF/Sanchez) or prob (the paper's modified CFG).
+    #[arg(long, default_value = "log")]
+    mode: GuidanceMode,
+    /// The positive condition (cond row's system sentence).
+    #[arg(long, default_value = prompt::PAPER_POSITIVE)]
+    positive: String,
+    /// A custom negative condition for the uncond row (default: the paper's negative sentence).
+    #[arg(long)]
+    negative: Option<String>,
+    /// Use only the last prompt token as the uncond row (Sanchez et al.'s default).
+    #[arg(long, conflicts_with = "negative")]
+    uncond_last_token: bool,
+}
+
+#[derive(Args)]
+struct BenchDecodeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Sequences decoded together (model level).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Run C simultaneous requests through the engine instead.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Engine requests are CFG pairs (γ = 3, log mode).
+    #[arg(long)]
+    guided: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Bench(BenchCommand::Decode(a)) => bench_decode(a),
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let bundle = a.model.load()?;
+    let tok = &bundle.tokenizer;
+    let guided = a.gamma != 1.0;
+    let conds = Conditions {
+        positive: a.positive.clone(),
+        negative: a.negative.clone().unwrap_or_else(|| prompt::PAPER_NEGATIVE.into()),
+    };
+    let source = if a.uncond_last_token { UncondSource::LastToken } else { UncondSource::NegativeCondition };
+    let g = guided.then_some((&conds, &source));
+    let rows = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::system(s.clone()));
+        }
+        msgs.push(ChatMessage::user(a.prompt.clone()));
+        prompt::chat_rows(tok, &msgs, g)?
+    } else {
+        prompt::text_rows(tok, &a.prompt, g)?
+    };
+    let mut req = Request::new(rows.cond, a.max_tokens);
+    req.sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    req.stop = a.stop;
+    if let Some(u) = rows.uncond {
+        req = req.guided(u, Guidance { gamma: a.gamma, mode: a.mode });
+    }
+    let engine = EngineHandle::spawn(bundle.model.clone(), bundle.tokenizer.clone(), EngineConfig::default());
+    let mut stream = engine.submit(req)?;
+    let mut out = std::io::stdout().lock();
+    while let Some(ev) = stream.blocking_next() {
+        match ev {
+            Event::Token { text, .. } => {
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
+            }
+            Event::Finished { reason, usage, timing } => {
+                writeln!(out)?;
+                let gen_s = timing.total.saturating_sub(timing.time_to_first_token.unwrap_or_default()).as_secs_f64();
+                eprintln!(
+                    "[{} | {} prompt + {} generated tokens | first token {:.0} ms | {:.1} tok/s | {}{}]",
+                    reason.as_str(),
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    timing.time_to_first_token.unwrap_or_default().as_secs_f64() * 1e3,
+                    usage.completion_tokens.saturating_sub(1) as f64 / gen_s.max(1e-9),
+                    bundle.model.weights_desc(),
+                    if guided { format!(" | guided γ={} {}", a.gamma, a.mode.as_str()) } else { String::new() },
+                );
+                break;
+            }
+            Event::Error(e) => bail!("generation failed: {e}"),
+        }
+    }
+    engine.shutdown(std::time::Duration::from_secs(1));
+    Ok(())
+}
+
+fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
+    let bundle = a.model.load()?;
+    let json = match a.concurrency {
+        None => {
+            if a.guided {
+                bail!("--guided needs --concurrency (guided requests run through the engine)");
+            }
+            let r = lethe::bench::decode(&bundle.model, a.batch, a.prompt_tokens, a.gen_tokens)?;
+            if !a.json {
+                println!(
+                    "{} ({}), {} threads, batch {}: prefill {:.0} tok/s | decode {:.1} steps/s, {:.1} tok/s ({:.2} ms/step) | peak RSS {:.0} MiB",
+                    r.model, r.weights, r.threads, r.batch, r.prefill_tok_s, r.decode_steps_s, r.decode_tok_s, r.step_ms,
+                    r.peak_rss_bytes as f64 / (1 << 20) as f64
+                );
+            }
+            serde_json::to_string(&r)?
+        }
+        Some(c) => {
+            let g = a.guided.then(lethe::bench::default_guidance);
+            let r = lethe::bench::engine(bundle.model.clone(), bundle.tokenizer.clone(), c, g, a.prompt_tokens, a.gen_tokens)?;
+            if !a.json {
+                println!(
+                    "{} ({}), concurrency {}{}: {:.1} tok/s per request, {:.1} tok/s aggregate, {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
+                    r.model, r.weights, r.concurrency, if r.guided { " guided" } else { "" }, r.per_request_tok_s,
+                    r.aggregate_tok_s, r.decode_steps_s, r.ttft_ms, r.peak_rss_bytes as f64 / (1 << 20) as f64
+                );
+            }
+            serde_json::to_string(&r)?
+        }
+    };
+    if a.json {
+        println!("{json}");
+    }
+    Ok(())
 }

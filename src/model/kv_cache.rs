@@ -89,6 +89,13 @@ impl KvCache {
     pub fn bytes_per_token(&self) -> usize {
         self.geo.n_layers * 2 * self.geo.n_kv_heads * self.geo.head_dim * 4
     }
+    /// Bytes one sequence of `n` positions occupies (whole blocks / capacity doublings).
+    pub fn bytes_for_tokens(&self, n: usize) -> usize {
+        match self.kind {
+            KvStoreKind::Paged => n.div_ceil(BLOCK_TOKENS) * self.block_bytes(),
+            KvStoreKind::Tensors => tensor_capacity(n, self.max_context) * self.bytes_per_token(),
+        }
+    }
     fn block_bytes(&self) -> usize {
         self.geo.block_len() * 4
     }

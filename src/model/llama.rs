@@ -13,7 +13,8 @@ use super::kv_cache::{KvCache, KvStoreKind, StepRope};
 use super::linear::{Linear, LinearWeight};
 use super::load::{LoadOptions, ModelFiles, RawWeight, WeightFormat, WeightName, WeightSource};
 use super::{BatchLogits, ModelConfig, ModelError, ProjKind, RaggedBatch, Result};
-use crate::model::kernels::{PackedFormat, PackedMatrix};
+use super::linear::with_cpu_f32;
+use crate::model::kernels::{PackedFormat, PackedMatrix, elementwise};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -165,22 +166,23 @@ impl Llama {
         let plan = kv.plan(batch)?;
         let kind = if self.native { KvStoreKind::Paged } else { KvStoreKind::Tensors };
         let rope = StepRope::new(&plan.positions, &self.inv_freqs, self.cfg.rope_style, kind, &self.device)?;
-        let eps = self.cfg.rms_eps as f64;
         let mut x = self.embed(&plan.tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps as f32)?;
+            let h = self.rms_norm(&x, &layer.attn_norm)?;
             let qkv = layer.qkv.forward(&h)?;
             let attn = kv.attention(l, &qkv, &plan, &rope)?;
-            x = (x + layer.o.forward(&attn)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps as f32)?;
-            let gu = layer.gate_up.forward(&h)?;
-            let ffn = self.cfg.intermediate_size;
-            let act = (candle_nn::ops::silu(&gu.narrow(1, 0, ffn)?)? * gu.narrow(1, ffn, ffn)?)?;
-            x = (x + layer.down.forward(&act)?)?;
+            x = self.add(&x, &layer.o.forward(&attn)?)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm)?;
+            let act = self.swiglu(&layer.gate_up.forward(&h)?)?;
+            x = self.add(&x, &layer.down.forward(&act)?)?;
         }
-        let rows = Tensor::from_slice(&plan.logit_rows, plan.logit_rows.len(), &self.device)?;
-        let x = x.index_select(&rows, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps as f32)?;
+        let x = if plan.logit_rows.len() == plan.tokens.len() {
+            x
+        } else {
+            let rows = Tensor::from_slice(&plan.logit_rows, plan.logit_rows.len(), &self.device)?;
+            x.index_select(&rows, 0)?
+        };
+        let x = self.rms_norm(&x, &self.norm)?;
         let logits = self.lm_head.forward(&x)?;
         let data = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         kv.commit(&plan);
@@ -189,6 +191,39 @@ impl Llama {
             data,
             rows: plan.logit_ranges,
         })
+    }
+
+    /// RMSNorm over the last dimension of `x: [T, hidden]`.
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if !self.native {
+            return Ok(candle_nn::ops::rms_norm(x, w, self.cfg.rms_eps)?);
+        }
+        let x = x.contiguous()?;
+        let mut out = vec![0f32; x.elem_count()];
+        with_cpu_f32(&x, |xs| with_cpu_f32(w, |ws| elementwise::rms_norm(xs, ws, self.cfg.rms_eps, &mut out)))??;
+        Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
+    }
+
+    /// The residual connection `a + b`.
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if !self.native {
+            return Ok((a + b)?);
+        }
+        let mut out = a.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        with_cpu_f32(&b.contiguous()?, |bs| elementwise::add_assign(&mut out, bs))?;
+        Ok(Tensor::from_vec(out, a.shape(), &Device::Cpu)?)
+    }
+
+    /// `silu(gate) · up` from the fused `[T, 2·ffn]` projection.
+    fn swiglu(&self, gu: &Tensor) -> Result<Tensor> {
+        let ffn = self.cfg.intermediate_size;
+        if !self.native {
+            return Ok((candle_nn::ops::silu(&gu.narrow(1, 0, ffn)?)? * gu.narrow(1, ffn, ffn)?)?);
+        }
+        let t = gu.dim(0)?;
+        let mut out = vec![0f32; t * ffn];
+        with_cpu_f32(&gu.contiguous()?, |g| elementwise::swiglu(g, ffn, &mut out))?;
+        Ok(Tensor::from_vec(out, (t, ffn), &Device::Cpu)?)
     }
 
     fn embed(&self, tokens: &[u32]) -> Result<Tensor> {

@@ -37,27 +37,43 @@ impl QuantizedActs {
         assert_eq!(x.len(), m * k);
         assert!(k.is_multiple_of(QBLOCK));
         let kb = k / QBLOCK;
-        let mut qs = vec![0i8; m * k];
-        let mut d = vec![0f32; m * kb];
-        let mut sums = vec![0i32; m * kb];
-        let mut dsums = vec![0f32; m * kb];
-        for (bi, (src, dst)) in x.chunks_exact(QBLOCK).zip(qs.chunks_exact_mut(QBLOCK)).enumerate() {
-            let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let exact = amax / 127.0;
-            let inv = if exact != 0.0 { 1.0 / exact } else { 0.0 };
-            let scale = f16::from_f32(exact).to_f32();
-            let mut sum = 0i32;
-            for (q, v) in dst.iter_mut().zip(src) {
-                *q = (v * inv).round() as i8;
-                sum += *q as i32;
-            }
-            d[bi] = scale;
-            sums[bi] = sum;
+        let mut a = Self {
+            m,
+            k,
+            qs: vec![0i8; m * k],
+            d: vec![0f32; m * kb],
+            sums: vec![0i32; m * kb],
+            dsums: vec![0f32; m * kb],
+        };
+        let isa = Isa::detect();
+        let blocks = x.chunks_exact(QBLOCK).zip(a.qs.chunks_exact_mut(QBLOCK));
+        for (bi, (src, dst)) in blocks.enumerate() {
+            let (scale, sum) = match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Vnni => unsafe { avx512::quantize_block(src, dst) },
+                _ => quantize_block(src, dst),
+            };
+            a.d[bi] = scale;
+            a.sums[bi] = sum;
             // As ggml/candle: `s = f16(sum) * f16(d)`, kept in f16.
-            dsums[bi] = (f16::from_f32(sum as f32) * f16::from_f32(scale)).to_f32();
+            a.dsums[bi] = (f16::from_f32(sum as f32) * f16::from_f32(scale)).to_f32();
         }
-        Self { m, k, qs, d, sums, dsums }
+        a
     }
+}
+
+/// One block as llama.cpp's `quantize_row_q8_1`: `d = amax / 127` (stored through f16),
+/// `q = round(x / d)` (half away from zero). Returns (d, Σq).
+fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+    let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let exact = amax / 127.0;
+    let inv = if exact != 0.0 { 1.0 / exact } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in dst.iter_mut().zip(src) {
+        *q = (v * inv).round() as i8;
+        sum += *q as i32;
+    }
+    (f16::from_f32(exact).to_f32(), sum)
 }
 
 /// `y[m, n] = x[m, k] · Wᵀ` using the global kernel pool.
@@ -289,6 +305,32 @@ mod portable {
 mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
+
+    /// [`super::quantize_block`] with 16-lane registers; rounding is exactly `f32::round`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+        unsafe {
+            let lo = _mm512_loadu_ps(src.as_ptr());
+            let hi = _mm512_loadu_ps(src.as_ptr().add(16));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+            let exact = amax / 127.0;
+            let inv = _mm512_set1_ps(if exact != 0.0 { 1.0 / exact } else { 0.0 });
+            let round = |v: __m512| -> __m512i {
+                let r = _mm512_mul_ps(v, inv);
+                let t = _mm512_roundscale_ps(r, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                let frac = _mm512_sub_ps(r, t);
+                // Half away from zero: |frac| ≥ 0.5 moves one step in the sign of r.
+                let away = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.5), _CMP_GE_OQ);
+                let step = _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(r, _mm512_set1_ps(-0.0)));
+                _mm512_cvttps_epi32(_mm512_mask_add_ps(t, away, t, step))
+            };
+            let (qa, qb) = (round(lo), round(hi));
+            _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
+            _mm_storeu_si128(dst.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qb));
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+            (f16::from_f32(exact).to_f32(), sum)
+        }
+    }
 
     #[inline(always)]
     unsafe fn bcast4(p: *const i8) -> __m512i {
@@ -569,6 +611,25 @@ mod tests {
             matmul_with(&pool, &w, &x, 3, &mut b, Isa::detect());
             for (p, q) in a.iter().zip(&b) {
                 assert!((p - q).abs() <= 1e-4 * (1.0 + p.abs()), "{p} vs {q}");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_quantizer_rounds_exactly_like_f32_round() {
+        let mut x = rand_vec(32 * 200, 21);
+        // Exact ties and near-ties after scaling by 127/amax: amax = 127 makes inv = 1.
+        for (i, v) in x[..32].iter_mut().enumerate() {
+            *v = -8.0 + i as f32 * 0.5;
+        }
+        x[0] = 127.0;
+        for b in x.chunks_exact(32) {
+            let (mut p, mut q) = ([0i8; 32], [0i8; 32]);
+            let a = quantize_block(b, &mut p);
+            #[cfg(target_arch = "x86_64")]
+            if Isa::detect() == Isa::Avx512Vnni {
+                let c = unsafe { avx512::quantize_block(b, &mut q) };
+                assert_eq!((a, p), (c, q));
             }
         }
     }

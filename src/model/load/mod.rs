@@ -228,3 +228,26 @@ impl ModelFiles {
         }
     }
 }
+
+/// Parses `cpu` or `cuda:N` (`cuda` = `cuda:0`). CUDA needs a build with the `cuda` feature.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = match s.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| ModelError::Config(format!("bad device {s:?} (cpu, cuda, cuda:N)")))?,
+                None => return Err(ModelError::Config(format!("unknown device {s:?} (cpu, cuda, cuda:N)"))),
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return Err(ModelError::Config(format!(
+                    "device {s}: this build of lethe has no CUDA support (rebuild with --features cuda)"
+                )));
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+    }
+}

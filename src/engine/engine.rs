@@ -1,0 +1,535 @@
+//! The engine loop: one thread owns the model's KV caches and runs one batched forward per step
+//! for every running row, whatever request it belongs to.
+//!
+//! Callers talk to it through an [`EngineHandle`]: `submit` validates a request up front (context
+//! length, vocabulary, queue capacity) and returns a stream of [`Event`]s. Dropping the stream
+//! cancels the request; its rows are freed before the next step.
+
+use super::request::{Event, FinishReason, Request, Timing, Usage};
+use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig};
+use super::sequence::{Group, RowLogits};
+use crate::guidance::{self, GuidanceMode};
+use crate::model::{BatchEntry, BatchLogits, KvCache, Llama, RaggedBatch};
+use crate::sampling::{StopOutcome, sample_logits};
+use crate::telemetry as t;
+use crate::tokenizer::Tokenizer;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    /// Byte budget of the KV caches.
+    pub kv_cache_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            kv_cache_bytes: 2 << 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum EngineError {
+    #[error("server overloaded: {waiting} requests already waiting")]
+    Overloaded { waiting: usize },
+    #[error("this request needs {needed} tokens (prompt + max_tokens), beyond the model's context of {max}")]
+    ContextOverflow { needed: usize, max: usize },
+    #[error("this request would need {needed} bytes of KV cache, more than the server's limit of {limit}")]
+    TooLarge { needed: usize, limit: usize },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+/// Live counters the HTTP layer and metrics read.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub running_rows: AtomicUsize,
+    pub kv_used_bytes: AtomicUsize,
+    pub kv_limit_bytes: AtomicUsize,
+    pub steps: AtomicU64,
+    pub alive: AtomicBool,
+}
+
+enum Command {
+    Submit(Box<Group>),
+    Shutdown { deadline: Instant },
+}
+
+/// A cheap, cloneable handle to a running engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Arc<Mutex<Sender<Command>>>,
+    stats: Arc<EngineStats>,
+    next_id: Arc<AtomicU64>,
+    max_waiting: usize,
+    max_context: usize,
+    vocab: usize,
+    kv_bytes_per_token: usize,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+/// The events of one submitted request. Dropping it cancels the request.
+pub struct RequestStream {
+    pub id: u64,
+    rx: UnboundedReceiver<Event>,
+}
+
+impl RequestStream {
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+    /// For synchronous callers (CLI, benchmarks).
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        self.rx.blocking_recv()
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread for `model`.
+    pub fn spawn(model: Arc<Llama>, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Self {
+        let kv = model.new_kv_cache(cfg.kv_cache_bytes);
+        let stats = Arc::new(EngineStats::default());
+        stats.kv_limit_bytes.store(cfg.kv_cache_bytes, Ordering::Relaxed);
+        stats.alive.store(true, Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let max_waiting = cfg.scheduler.max_waiting;
+        let max_context = model.config().max_context;
+        let vocab = model.config().vocab_size;
+        let kv_bytes_per_token = kv.bytes_per_token();
+        let worker = Worker {
+            model,
+            tokenizer,
+            kv,
+            sched: Scheduler::new(cfg.scheduler),
+            stats: stats.clone(),
+            rx,
+            scratch: Vec::new(),
+            draining: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("lethe-engine".into())
+            .spawn(move || worker.run())
+            .expect("spawning the engine thread");
+        metrics::gauge!(t::KV_CACHE_LIMIT_BYTES).set(cfg.kv_cache_bytes as f64);
+        Self {
+            tx: Arc::new(Mutex::new(tx)),
+            stats,
+            next_id: Arc::new(AtomicU64::new(1)),
+            max_waiting,
+            max_context,
+            vocab,
+            kv_bytes_per_token,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        }
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+    pub fn is_alive(&self) -> bool {
+        self.stats.alive.load(Ordering::Relaxed)
+    }
+
+    /// Checks a request against the model's limits before any work is done.
+    pub fn validate(&self, req: &Request) -> Result<(), EngineError> {
+        let bad = |m: &str| Err(EngineError::InvalidRequest(m.into()));
+        if req.prompt.is_empty() {
+            return bad("the prompt is empty");
+        }
+        if req.max_tokens == 0 {
+            return bad("max_tokens must be at least 1");
+        }
+        if !req.sampling.temperature.is_finite() || req.sampling.temperature < 0.0 {
+            return bad("temperature must be a finite number ≥ 0");
+        }
+        if !(req.sampling.top_p > 0.0 && req.sampling.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if let Some(g) = req.guidance
+            && !(g.gamma.is_finite() && g.gamma >= 0.0)
+        {
+            return bad("guidance gamma must be a finite number ≥ 0");
+        }
+        let mut rows = vec![&req.prompt];
+        if req.is_pair() {
+            let u = req.uncond_prompt.as_ref().expect("pair has an uncond prompt");
+            if u.is_empty() {
+                return bad("the uncond prompt is empty");
+            }
+            rows.push(u);
+        }
+        let mut kv_need = 0;
+        for p in rows {
+            if let Some(&t) = p.iter().find(|&&t| t as usize >= self.vocab) {
+                return Err(EngineError::InvalidRequest(format!("token id {t} outside the vocabulary")));
+            }
+            let needed = p.len() + req.max_tokens;
+            if needed > self.max_context {
+                return Err(EngineError::ContextOverflow { needed, max: self.max_context });
+            }
+            kv_need += needed * self.kv_bytes_per_token;
+        }
+        let limit = self.stats.kv_limit_bytes.load(Ordering::Relaxed);
+        if kv_need > limit {
+            return Err(EngineError::TooLarge { needed: kv_need, limit });
+        }
+        Ok(())
+    }
+
+    /// Queues a request. Fails fast with `Overloaded` when the waiting queue is full.
+    pub fn submit(&self, req: Request) -> Result<RequestStream, EngineError> {
+        self.validate(&req)?;
+        if !self.is_alive() {
+            return Err(EngineError::ShuttingDown);
+        }
+        let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.max_waiting {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Overloaded { waiting });
+        }
+        metrics::gauge!(t::NUM_REQUESTS_WAITING).increment(1.0);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (etx, erx) = unbounded_channel();
+        let group = Group::new(id, req, etx);
+        let sent = self.tx.lock().expect("engine channel lock").send(Command::Submit(Box::new(group)));
+        if sent.is_err() {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            metrics::gauge!(t::NUM_REQUESTS_WAITING).decrement(1.0);
+            return Err(EngineError::ShuttingDown);
+        }
+        Ok(RequestStream { id, rx: erx })
+    }
+
+    /// Stops accepting requests, lets running ones finish until `deadline`, then ends the
+    /// remaining ones with an error event and stops the thread. Blocks until it has stopped.
+    pub fn shutdown(&self, grace: Duration) {
+        self.stats.alive.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + grace;
+        let _ = self.tx.lock().expect("engine channel lock").send(Command::Shutdown { deadline });
+        if let Some(h) = self.thread.lock().expect("engine thread lock").take() {
+            let _ = h.join();
+        }
+    }
+}
+
+struct Worker {
+    model: Arc<Llama>,
+    tokenizer: Arc<Tokenizer>,
+    kv: KvCache,
+    sched: Scheduler,
+    stats: Arc<EngineStats>,
+    rx: Receiver<Command>,
+    scratch: Vec<f32>,
+    /// Set once shutdown was requested: finish running work until this instant.
+    draining: Option<Instant>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if !self.take_commands() {
+                break;
+            }
+            self.drop_cancelled();
+            if let Some(deadline) = self.draining {
+                // Admit nothing new; reject whatever still waits.
+                while let Some(g) = self.sched.waiting.pop_front() {
+                    self.leave_waiting();
+                    let _ = g.events.send(Event::Error("the server is shutting down".into()));
+                }
+                if self.sched.running.is_empty() || Instant::now() >= deadline {
+                    while !self.sched.running.is_empty() {
+                        let g = self.sched.finish(0, &mut self.kv);
+                        let _ = g.events.send(Event::Error("the server shut down before this request finished".into()));
+                    }
+                    self.publish_stats();
+                    break;
+                }
+            } else {
+                for _ in 0..self.sched.admit(&mut self.kv) {
+                    self.leave_waiting();
+                }
+            }
+            if !self.sched.running.is_empty() {
+                self.step();
+            }
+            self.publish_stats();
+        }
+        self.stats.alive.store(false, Ordering::SeqCst);
+    }
+
+    /// Receives commands; blocks only when there is nothing to do. False when the engine must stop.
+    fn take_commands(&mut self) -> bool {
+        if self.sched.is_idle() {
+            if self.draining.is_some() {
+                return false;
+            }
+            match self.rx.recv() {
+                Ok(c) => self.handle(c),
+                Err(_) => return false,
+            }
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(c) => self.handle(c),
+                Err(TryRecvError::Empty) => return true,
+                // All handles dropped: finish what is running, then stop.
+                Err(TryRecvError::Disconnected) => {
+                    if self.draining.is_none() {
+                        self.draining = Some(Instant::now() + Duration::from_secs(3600));
+                    }
+                    return true;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, c: Command) {
+        match c {
+            Command::Submit(g) => self.sched.waiting.push_back(*g),
+            Command::Shutdown { deadline } => self.draining = Some(deadline),
+        }
+    }
+
+    fn leave_waiting(&self) {
+        self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        metrics::gauge!(t::NUM_REQUESTS_WAITING).decrement(1.0);
+    }
+
+    /// Frees the rows of requests whose client went away.
+    fn drop_cancelled(&mut self) {
+        let before = self.sched.waiting.len();
+        self.sched.waiting.retain(|g| !g.is_cancelled());
+        for _ in 0..before - self.sched.waiting.len() {
+            self.leave_waiting();
+        }
+        let mut i = 0;
+        while i < self.sched.running.len() {
+            if self.sched.running[i].is_cancelled() {
+                let g = self.sched.finish(i, &mut self.kv);
+                record_finish(&g, "cancelled");
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        s.running.store(self.sched.running.len(), Ordering::Relaxed);
+        s.running_rows.store(self.sched.running_rows(), Ordering::Relaxed);
+        s.kv_used_bytes.store(self.kv.used_bytes(), Ordering::Relaxed);
+        metrics::gauge!(t::NUM_REQUESTS_RUNNING).set(self.sched.running.len() as f64);
+        metrics::gauge!(t::KV_CACHE_USED_BYTES).set(self.kv.used_bytes() as f64);
+    }
+
+    /// One forward over every planned row, then sampling for every group that is ready.
+    fn step(&mut self) {
+        let plan = self.sched.plan();
+        if plan.is_empty() {
+            return;
+        }
+        let batch = RaggedBatch::new(
+            plan.iter()
+                .map(|p| {
+                    let r = &self.sched.running[p.group].rows[p.row];
+                    BatchEntry::last(r.seq, r.pending[r.cursor..r.cursor + p.n_tokens].to_vec())
+                })
+                .collect(),
+        );
+        let started = Instant::now();
+        let result = self.model.forward(&batch, &mut self.kv);
+        metrics::histogram!(t::STEP_DURATION).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(t::BATCH_ROWS).record(plan.len() as f64);
+        metrics::histogram!(t::BATCH_TOKENS).record(batch.n_tokens() as f64);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => return self.fail_step(&plan, &e.to_string()),
+        };
+        for (i, p) in plan.iter().enumerate() {
+            let r = &mut self.sched.running[p.group].rows[p.row];
+            r.cursor += p.n_tokens;
+            if r.remaining() == 0 {
+                r.logits = Some(RowLogits::InBatch(i));
+            }
+        }
+        self.sample_ready(&logits);
+    }
+
+    /// A failed forward fails every request that was in it (the server stays up).
+    fn fail_step(&mut self, plan: &[PlannedRow], msg: &str) {
+        tracing::error!(error = msg, "forward step failed");
+        let mut groups: Vec<usize> = plan.iter().map(|p| p.group).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        for gi in groups.into_iter().rev() {
+            let g = self.sched.finish(gi, &mut self.kv);
+            let _ = g.events.send(Event::Error(format!("inference failed: {msg}")));
+            record_finish(&g, "error");
+        }
+    }
+
+    fn sample_ready(&mut self, logits: &BatchLogits) {
+        fn row_logits<'a>(r: &'a super::sequence::Row, batch: &'a BatchLogits) -> &'a [f32] {
+            match r.logits.as_ref().expect("ready") {
+                RowLogits::InBatch(i) => batch.last(*i),
+                RowLogits::Owned(v) => v,
+            }
+        }
+        let mut finished = Vec::new();
+        for gi in 0..self.sched.running.len() {
+            let g = &mut self.sched.running[gi];
+            if !g.ready_to_sample() {
+                // Keep logits of rows that are done while their partner still prefills.
+                for r in &mut g.rows {
+                    if let Some(RowLogits::InBatch(i)) = r.logits {
+                        r.logits = Some(RowLogits::Owned(logits.last(i).to_vec()));
+                    }
+                }
+                continue;
+            }
+            let token = match (g.req.is_pair(), g.req.guidance) {
+                (true, Some(guide)) => guidance::sample_guided(
+                    row_logits(&g.rows[0], logits),
+                    row_logits(&g.rows[1], logits),
+                    guide,
+                    &g.req.sampling,
+                    &mut g.rng,
+                    &mut self.scratch,
+                ),
+                _ => sample_logits(row_logits(&g.rows[0], logits), &g.req.sampling, &mut g.rng),
+            };
+            for r in &mut g.rows {
+                r.logits = None;
+                r.pending.clear();
+                r.pending.push(token);
+                r.cursor = 0;
+            }
+            if let Some(reason) = emit_token(g, &self.tokenizer, token) {
+                finished.push((gi, reason));
+            }
+        }
+        // Remove finished groups from the back so indices stay valid.
+        finished.sort_by_key(|&(gi, _)| std::cmp::Reverse(gi));
+        for (gi, reason) in finished {
+            let g = self.sched.finish(gi, &mut self.kv);
+            finish(g, reason, &self.tokenizer);
+        }
+    }
+}
+
+/// Why a group stops, in more detail than the client's [`FinishReason`].
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Eos,
+    StopString,
+    Length,
+}
+
+/// Records a sampled token, streams its text, and says whether the request is done.
+fn emit_token(g: &mut Group, tok: &Tokenizer, token: u32) -> Option<Ending> {
+    let now = Instant::now();
+    match g.last_token {
+        None => {
+            g.first_token = Some(now);
+            metrics::histogram!(t::TIME_TO_FIRST_TOKEN).record((now - g.arrived).as_secs_f64());
+        }
+        Some(prev) => metrics::histogram!(t::INTER_TOKEN_LATENCY).record((now - prev).as_secs_f64()),
+    }
+    g.last_token = Some(now);
+    g.generated += 1;
+    if !g.req.ignore_eos && tok.is_eos(token) {
+        let _ = g.events.send(Event::Token { id: token, text: String::new() });
+        return Some(Ending::Eos);
+    }
+    let delta = match g.decoder.push(tok, token) {
+        Ok(d) => d.unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "detokenization failed");
+            String::new()
+        }
+    };
+    let (text, stopped) = match g.stop.push(&delta) {
+        StopOutcome::Continue(t) => (t, false),
+        StopOutcome::Stopped(t) => (t, true),
+    };
+    let _ = g.events.send(Event::Token { id: token, text });
+    if stopped {
+        return Some(Ending::StopString);
+    }
+    (g.generated >= g.req.max_tokens).then_some(Ending::Length)
+}
+
+/// Sends the last held-back text and the `Finished` event.
+fn finish(mut g: Group, ending: Ending, tok: &Tokenizer) {
+    let tail = match ending {
+        // The stop string ends the text; what was held back belongs to it.
+        Ending::StopString => String::new(),
+        // Release text held back for an incomplete character or a possible stop string.
+        Ending::Eos | Ending::Length => {
+            let rest = g.decoder.flush(tok).ok().flatten().unwrap_or_default();
+            let mut out = match g.stop.push(&rest) {
+                StopOutcome::Continue(t) | StopOutcome::Stopped(t) => t,
+            };
+            out.push_str(&g.stop.flush());
+            out
+        }
+    };
+    let reason = match ending {
+        Ending::Eos | Ending::StopString => FinishReason::Stop,
+        Ending::Length => FinishReason::Length,
+    };
+    if !tail.is_empty() {
+        let _ = g.events.send(Event::Token { id: u32::MAX, text: tail });
+    }
+    let now = Instant::now();
+    let usage = Usage {
+        prompt_tokens: g.req.prompt.len(),
+        uncond_prompt_tokens: if g.req.is_pair() { g.req.uncond_prompt.as_ref().map_or(0, Vec::len) } else { 0 },
+        completion_tokens: g.generated,
+    };
+    let timing = Timing {
+        queue: g.admitted.map_or(Duration::ZERO, |a| a - g.arrived),
+        time_to_first_token: g.first_token.map(|f| f - g.arrived),
+        total: now - g.arrived,
+    };
+    record_finish(&g, reason.as_str());
+    let _ = g.events.send(Event::Finished { reason, usage, timing });
+}
+
+fn record_finish(g: &Group, reason: &'static str) {
+    let tenant = g.req.tenant.clone();
+    metrics::counter!(t::REQUESTS, "finished_reason" => reason, "tenant" => tenant).increment(1);
+    metrics::counter!(t::PROMPT_TOKENS).increment(g.req.prompt.len() as u64);
+    metrics::counter!(t::GENERATION_TOKENS).increment(g.generated as u64);
+    let mode = match (g.req.is_pair(), g.req.guidance) {
+        (true, Some(guide)) => {
+            metrics::histogram!(t::GUIDANCE_GAMMA).record(guide.gamma as f64);
+            match guide.mode {
+                GuidanceMode::Log => "log",
+                GuidanceMode::Prob => "prob",
+            }
+        }
+        _ => "none",
+    };
+    metrics::counter!(t::GUIDED_REQUESTS, "guidance" => mode).increment(1);
+    metrics::histogram!(t::E2E_REQUEST_LATENCY).record(g.arrived.elapsed().as_secs_f64());
+    if let Some(a) = g.admitted {
+        metrics::histogram!(t::REQUEST_QUEUE_TIME).record((a - g.arrived).as_secs_f64());
+    }
+}

@@ -1,0 +1,105 @@
+//! What the engine is asked to do, and the events it sends back.
+
+use crate::guidance::Guidance;
+use crate::sampling::SamplingParams;
+use std::time::Duration;
+
+/// A generation request, already tokenized.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Prompt of the cond row (the only row when unguided).
+    pub prompt: Vec<u32>,
+    /// Prompt of the uncond row; used only with a guidance whose γ ≠ 1.
+    pub uncond_prompt: Option<Vec<u32>>,
+    pub guidance: Option<Guidance>,
+    pub sampling: SamplingParams,
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    /// Finish when any of these strings appears; the stop string itself is not returned.
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
+    /// Label for metrics (a tenant name; bounded cardinality).
+    pub tenant: String,
+}
+
+impl Request {
+    /// An unguided request with default sampling.
+    pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            uncond_prompt: None,
+            guidance: None,
+            sampling: SamplingParams::default(),
+            max_tokens,
+            stop: Vec::new(),
+            ignore_eos: false,
+            tenant: "default".into(),
+        }
+    }
+
+    /// Adds guidance with its uncond prompt.
+    pub fn guided(mut self, uncond_prompt: Vec<u32>, guidance: Guidance) -> Self {
+        self.uncond_prompt = Some(uncond_prompt);
+        self.guidance = Some(guidance);
+        self
+    }
+
+    /// True when the request runs as a cond/uncond pair. γ = 1 is unguided decoding, so the
+    /// uncond row is not even created.
+    pub fn is_pair(&self) -> bool {
+        self.uncond_prompt.is_some() && self.guidance.is_some_and(|g| !g.is_identity())
+    }
+
+    /// Rows the request occupies while running.
+    pub fn n_rows(&self) -> usize {
+        if self.is_pair() { 2 } else { 1 }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Tokens of the cond prompt.
+    pub prompt_tokens: usize,
+    /// Tokens of the uncond prompt (0 when unguided): computed, but not part of the answer.
+    pub uncond_prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timing {
+    /// Waiting before admission.
+    pub queue: Duration,
+    /// Arrival to first generated token.
+    pub time_to_first_token: Option<Duration>,
+    /// Arrival to finish.
+    pub total: Duration,
+}
+
+/// Events of one request, in order: any number of `Token`, then exactly one `Finished` or `Error`.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A generated token and the text it completes (may be empty while a multi-byte character
+    /// or a possible stop string is held back).
+    Token { id: u32, text: String },
+    Finished { reason: FinishReason, usage: Usage, timing: Timing },
+    Error(String),
+}

@@ -1,0 +1,143 @@
+//! Admission and step planning: which groups run, and which tokens of theirs go into the next
+//! forward.
+//!
+//! - **Admission** is FIFO: the oldest waiting request is admitted as soon as its rows fit under
+//!   `max_running_rows` and its whole generation (prompt + `max_tokens`, every row) fits in the KV
+//!   budget; nothing overtakes it, so a large request cannot starve. Because memory for the whole
+//!   generation is reserved up front, a running group never needs to be preempted.
+//! - **Each step** first gives every decoding row its one token, then fills the remaining token
+//!   budget (`max_batch_tokens`) with prompt chunks of prefilling rows, oldest first. A long
+//!   prompt is therefore prefilled over several steps and never stalls the decoders for more
+//!   than one budget's worth of work (chunked prefill).
+
+use super::sequence::{Group, Row};
+use crate::model::KvCache;
+use std::collections::VecDeque;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Rows (sequences) decoding at once; a CFG pair counts two.
+    pub max_running_rows: usize,
+    /// Tokens per forward step (decode tokens + prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Requests allowed to wait for admission; more is an `Overloaded` error.
+    pub max_waiting: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_running_rows: 64,
+            max_batch_tokens: 512,
+            max_waiting: 256,
+        }
+    }
+}
+
+/// One entry of a step: `tokens` of row `row` of running group `group`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedRow {
+    pub group: usize,
+    pub row: usize,
+    pub n_tokens: usize,
+}
+
+pub struct Scheduler {
+    pub cfg: SchedulerConfig,
+    pub waiting: VecDeque<Group>,
+    pub running: Vec<Group>,
+    reserved_bytes: usize,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        assert!(cfg.max_batch_tokens >= cfg.max_running_rows, "every running row must fit in a step");
+        Self {
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            reserved_bytes: 0,
+        }
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn running_rows(&self) -> usize {
+        self.running.iter().map(|g| g.rows.len()).sum()
+    }
+
+    /// KV bytes a group needs for its whole generation.
+    pub fn kv_need(kv: &KvCache, g: &Group) -> usize {
+        g.row_prompts()
+            .iter()
+            .map(|p| kv.bytes_for_tokens(p.len() + g.req.max_tokens))
+            .sum()
+    }
+
+    /// Moves waiting groups to running, oldest first, while they fit. Returns how many.
+    pub fn admit(&mut self, kv: &mut KvCache) -> usize {
+        let mut admitted = 0;
+        while let Some(g) = self.waiting.front() {
+            let rows = g.req.n_rows();
+            let need = Self::kv_need(kv, g);
+            let rows_ok = self.running_rows() + rows <= self.cfg.max_running_rows;
+            let kv_ok = self.reserved_bytes + need <= kv.limit_bytes();
+            if !(rows_ok && kv_ok) {
+                break;
+            }
+            let mut g = self.waiting.pop_front().expect("front exists");
+            let prompts: Vec<Vec<u32>> = g.row_prompts().iter().map(|p| p.to_vec()).collect();
+            g.rows = prompts.into_iter().map(|p| Row::new(kv.add_sequence(), p)).collect();
+            g.kv_reserved = need;
+            g.admitted = Some(std::time::Instant::now());
+            self.reserved_bytes += need;
+            self.running.push(g);
+            admitted += 1;
+        }
+        admitted
+    }
+
+    /// Removes running group `i`, freeing its rows and reservation.
+    pub fn finish(&mut self, i: usize, kv: &mut KvCache) -> Group {
+        let g = self.running.swap_remove(i);
+        for r in &g.rows {
+            kv.remove_sequence(r.seq);
+        }
+        self.reserved_bytes -= g.kv_reserved;
+        g
+    }
+
+    /// The rows and token counts of the next step.
+    pub fn plan(&self) -> Vec<PlannedRow> {
+        let mut plan = Vec::new();
+        let mut budget = self.cfg.max_batch_tokens;
+        // Decoders first: one token each.
+        for (gi, g) in self.running.iter().enumerate() {
+            for (ri, r) in g.rows.iter().enumerate() {
+                if r.remaining() == 1 && r.logits.is_none() {
+                    plan.push(PlannedRow { group: gi, row: ri, n_tokens: 1 });
+                    budget -= 1;
+                }
+            }
+        }
+        // Then prompt chunks, oldest admission first (running is in admission order except
+        // after a swap_remove; sort by id to stay FIFO).
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&gi| self.running[gi].id);
+        for gi in order {
+            for (ri, r) in self.running[gi].rows.iter().enumerate() {
+                if budget == 0 {
+                    return plan;
+                }
+                if r.is_prefilling() {
+                    let n = r.remaining().min(budget);
+                    plan.push(PlannedRow { group: gi, row: ri, n_tokens: n });
+                    budget -= n;
+                }
+            }
+        }
+        plan
+    }
+}

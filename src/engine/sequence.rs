@@ -1,0 +1,107 @@
+//! The engine's view of a running request: a *group* of one row (unguided) or two rows (a CFG
+//! pair), each row a sequence in the KV cache. A group is the scheduling unit: its rows are
+//! admitted, stepped, cancelled and freed together, and every sampled token is appended to all
+//! of them.
+
+use super::request::{Event, Request};
+use crate::model::SeqId;
+use crate::sampling::{Rng, StopMatcher};
+use crate::tokenizer::IncrementalDecoder;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// One row: a KV-cache sequence and the tokens it still has to consume.
+pub struct Row {
+    pub seq: SeqId,
+    /// Tokens not yet run through the model (the prompt at first, then the last sampled token).
+    pub pending: Vec<u32>,
+    /// How many of `pending` have been run.
+    pub cursor: usize,
+    /// Next-token logits, once the row has consumed everything.
+    pub logits: Option<RowLogits>,
+}
+
+/// Where a row's next-token logits are.
+pub enum RowLogits {
+    /// Entry `i` of the current step's batch output (no copy).
+    InBatch(usize),
+    /// Copied out, because the other row of the pair is still prefilling.
+    Owned(Vec<f32>),
+}
+
+impl Row {
+    pub fn new(seq: SeqId, prompt: Vec<u32>) -> Self {
+        Self {
+            seq,
+            pending: prompt,
+            cursor: 0,
+            logits: None,
+        }
+    }
+    pub fn remaining(&self) -> usize {
+        self.pending.len() - self.cursor
+    }
+    /// Still in prefill: more than one token left to run.
+    pub fn is_prefilling(&self) -> bool {
+        self.remaining() > 1
+    }
+}
+
+/// A request in the engine.
+pub struct Group {
+    pub id: u64,
+    pub req: Request,
+    pub rows: Vec<Row>,
+    pub rng: Rng,
+    pub decoder: IncrementalDecoder,
+    pub stop: StopMatcher,
+    pub generated: usize,
+    pub events: UnboundedSender<Event>,
+    pub arrived: Instant,
+    pub admitted: Option<Instant>,
+    pub first_token: Option<Instant>,
+    pub last_token: Option<Instant>,
+    /// KV bytes set aside for the whole generation at admission.
+    pub kv_reserved: usize,
+}
+
+impl Group {
+    pub fn new(id: u64, req: Request, events: UnboundedSender<Event>) -> Self {
+        let rng = Rng::for_params(&req.sampling);
+        let stop = StopMatcher::new(req.stop.clone());
+        Self {
+            id,
+            req,
+            rows: Vec::new(),
+            rng,
+            decoder: IncrementalDecoder::default(),
+            stop,
+            generated: 0,
+            events,
+            arrived: Instant::now(),
+            admitted: None,
+            first_token: None,
+            last_token: None,
+            kv_reserved: 0,
+        }
+    }
+
+    /// Prompts of the rows this request needs (cond first).
+    pub fn row_prompts(&self) -> Vec<&[u32]> {
+        let mut v = vec![self.req.prompt.as_slice()];
+        if self.req.is_pair() {
+            v.push(self.req.uncond_prompt.as_deref().unwrap_or_default());
+        }
+        v
+    }
+
+    /// The client went away (its event receiver was dropped).
+    pub fn is_cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    /// Every row has its next-token logits.
+    pub fn ready_to_sample(&self) -> bool {
+        self.rows.iter().all(|r| r.logits.is_some())
+    }
+}
