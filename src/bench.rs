@@ -13,7 +13,9 @@ use std::time::Instant;
 pub fn synthetic_prompt(len: usize, vocab: usize, salt: u64) -> Vec<u32> {
     let mut rng = crate::sampling::Rng::new(0xBE7C ^ salt);
     let lo = 100.min(vocab / 2) as u64;
-    (0..len).map(|_| (lo + rng.next_u64() % (vocab as u64 - lo)) as u32).collect()
+    (0..len)
+        .map(|_| (lo + rng.next_u64() % (vocab as u64 - lo)) as u32)
+        .collect()
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in bytes.
@@ -40,53 +42,120 @@ pub struct DecodeReport {
     pub peak_rss_bytes: u64,
 }
 
-/// Model-level decode benchmark: `batch` sequences prefilled with `prompt_tokens` each (one
-/// ragged step), then `gen_tokens` decode steps of `batch` rows.
-pub fn decode(model: &Llama, batch: usize, prompt_tokens: usize, gen_tokens: usize) -> anyhow::Result<DecodeReport> {
+/// Model-level decode benchmark for several batch sizes side by side: each batch size gets its
+/// own sequences (`prompt_tokens` each, prefilled in one ragged step), then `gen_tokens` decode
+/// steps of all its rows, run in interleaved rounds so that machine noise hits every batch size
+/// alike. Step times are the median over rounds.
+pub fn decode(
+    model: &Llama,
+    batches: &[usize],
+    prompt_tokens: usize,
+    gen_tokens: usize,
+) -> anyhow::Result<Vec<DecodeReport>> {
+    const ROUNDS: usize = 8;
     let vocab = model.config().vocab_size;
     let mut kv = model.new_kv_cache(usize::MAX / 2);
-    let seqs: Vec<SeqId> = (0..batch).map(|_| kv.add_sequence()).collect();
     // Warm-up on a throwaway sequence: first-touch page faults and thread start-up.
     let w = kv.add_sequence();
-    model.forward(&RaggedBatch::new(vec![BatchEntry::last(w, synthetic_prompt(8, vocab, 99))]), &mut kv)?;
-    for _ in 0..3 {
-        model.forward(&RaggedBatch::new(vec![BatchEntry::last(w, vec![200])]), &mut kv)?;
+    model.forward(
+        &RaggedBatch::new(vec![BatchEntry::last(
+            w,
+            synthetic_prompt(prompt_tokens.max(8), vocab, 99),
+        )]),
+        &mut kv,
+    )?;
+    for _ in 0..8 {
+        model.forward(
+            &RaggedBatch::new(vec![BatchEntry::last(w, vec![200])]),
+            &mut kv,
+        )?;
     }
     kv.remove_sequence(w);
 
-    let prefill = RaggedBatch::new(
-        seqs.iter()
-            .enumerate()
-            .map(|(i, &s)| BatchEntry::last(s, synthetic_prompt(prompt_tokens, vocab, i as u64)))
-            .collect(),
-    );
-    let t0 = Instant::now();
-    let mut logits = model.forward(&prefill, &mut kv)?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    for _ in 0..gen_tokens {
-        let step = RaggedBatch::new(
+    struct Run {
+        seqs: Vec<SeqId>,
+        next: Vec<u32>,
+        prefill_s: f64,
+        round_s: Vec<f64>,
+        steps: usize,
+    }
+    let mut runs = Vec::new();
+    for (bi, &batch) in batches.iter().enumerate() {
+        let seqs: Vec<SeqId> = (0..batch).map(|_| kv.add_sequence()).collect();
+        let prefill = RaggedBatch::new(
             seqs.iter()
                 .enumerate()
-                .map(|(i, &s)| BatchEntry::last(s, vec![crate::sampling::argmax(logits.last(i))]))
+                .map(|(i, &s)| {
+                    BatchEntry::last(
+                        s,
+                        synthetic_prompt(prompt_tokens, vocab, (bi * 1000 + i) as u64),
+                    )
+                })
                 .collect(),
         );
-        logits = model.forward(&step, &mut kv)?;
+        let t0 = Instant::now();
+        let logits = model.forward(&prefill, &mut kv)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let next = (0..batch)
+            .map(|i| crate::sampling::argmax(logits.last(i)))
+            .collect();
+        runs.push(Run {
+            seqs,
+            next,
+            prefill_s,
+            round_s: Vec::new(),
+            steps: 0,
+        });
     }
-    let decode_s = t1.elapsed().as_secs_f64();
-    Ok(DecodeReport {
-        model: model.config().name.clone(),
-        weights: model.weights_desc().to_string(),
-        threads: crate::model::kernels::pool::global().n_threads(),
-        batch,
-        prompt_tokens,
-        gen_tokens,
-        prefill_tok_s: (batch * prompt_tokens) as f64 / prefill_s,
-        decode_steps_s: gen_tokens as f64 / decode_s,
-        decode_tok_s: (batch * gen_tokens) as f64 / decode_s,
-        step_ms: decode_s * 1e3 / gen_tokens as f64,
-        peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
-    })
+    for round in 0..ROUNDS {
+        let steps = gen_tokens / ROUNDS + usize::from(round < gen_tokens % ROUNDS);
+        for run in runs.iter_mut() {
+            let t = Instant::now();
+            for _ in 0..steps {
+                let step = RaggedBatch::new(
+                    run.seqs
+                        .iter()
+                        .zip(&run.next)
+                        .map(|(&s, &tok)| BatchEntry::last(s, vec![tok]))
+                        .collect(),
+                );
+                let logits = model.forward(&step, &mut kv)?;
+                run.next = (0..run.seqs.len())
+                    .map(|i| crate::sampling::argmax(logits.last(i)))
+                    .collect();
+            }
+            if steps > 0 {
+                run.round_s.push(t.elapsed().as_secs_f64() / steps as f64);
+            }
+            run.steps += steps;
+        }
+    }
+    let rss = peak_rss_bytes().unwrap_or(0);
+    Ok(runs
+        .into_iter()
+        .zip(batches)
+        .map(|(mut run, &batch)| {
+            run.round_s.sort_by(f64::total_cmp);
+            let step = run
+                .round_s
+                .get(run.round_s.len() / 2)
+                .copied()
+                .unwrap_or(f64::NAN);
+            DecodeReport {
+                model: model.config().name.clone(),
+                weights: model.weights_desc().to_string(),
+                threads: crate::model::kernels::pool::global().n_threads(),
+                batch,
+                prompt_tokens,
+                gen_tokens: run.steps,
+                prefill_tok_s: (batch * prompt_tokens) as f64 / run.prefill_s,
+                decode_steps_s: 1.0 / step,
+                decode_tok_s: batch as f64 / step,
+                step_ms: step * 1e3,
+                peak_rss_bytes: rss,
+            }
+        })
+        .collect())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -97,10 +166,13 @@ pub struct EngineReport {
     pub guided: bool,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
-    /// Mean over requests of generated tokens / (last token − first token).
+    /// Mean over requests of generated tokens / (last token − first token); median over rounds.
     pub per_request_tok_s: f64,
-    /// All generated tokens / wall time from submission to the last finish.
+    /// Tokens per second of all requests together while all of them are decoding (from the
+    /// latest first token to the earliest last token); median over rounds.
     pub aggregate_tok_s: f64,
+    /// All generated tokens / wall time from submission to the last finish (prefill included).
+    pub aggregate_e2e_tok_s: f64,
     /// Engine forward steps per second of wall time.
     pub decode_steps_s: f64,
     /// Mean time to first token, in milliseconds.
@@ -108,29 +180,45 @@ pub struct EngineReport {
     pub peak_rss_bytes: u64,
 }
 
-/// Engine-level benchmark: `concurrency` simultaneous requests (CFG pairs if `guided`), each
-/// generating exactly `gen_tokens` tokens.
+/// One engine benchmark configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineCase {
+    pub concurrency: usize,
+    pub guided: Option<Guidance>,
+}
+
+/// Engine-level benchmark: for each case, `concurrency` simultaneous requests (CFG pairs when
+/// guided), each generating exactly `gen_tokens` tokens, through one engine. Cases run in
+/// interleaved rounds so that machine noise affects them alike; figures are medians over rounds.
 pub fn engine(
     model: Arc<Llama>,
     tokenizer: Arc<Tokenizer>,
-    concurrency: usize,
-    guided: Option<Guidance>,
+    cases: &[EngineCase],
     prompt_tokens: usize,
     gen_tokens: usize,
-) -> anyhow::Result<EngineReport> {
+    rounds: usize,
+) -> anyhow::Result<Vec<EngineReport>> {
     let vocab = model.config().vocab_size;
-    let rows = concurrency * if guided.is_some() { 2 } else { 1 };
+    let max_rows = cases
+        .iter()
+        .map(|c| c.concurrency * if c.guided.is_some() { 2 } else { 1 })
+        .max()
+        .unwrap_or(1);
+    let max_conc = cases.iter().map(|c| c.concurrency).max().unwrap_or(1);
     let cfg = EngineConfig {
         scheduler: SchedulerConfig {
-            max_running_rows: rows.max(1),
-            max_batch_tokens: (rows * prompt_tokens).max(rows).max(512),
-            max_waiting: concurrency.max(1),
+            max_running_rows: max_rows,
+            max_batch_tokens: (max_rows * prompt_tokens).max(512),
+            max_waiting: max_conc,
         },
         kv_cache_bytes: 8 << 30,
     };
-    let (name, weights) = (model.config().name.clone(), model.weights_desc().to_string());
+    let (name, weights) = (
+        model.config().name.clone(),
+        model.weights_desc().to_string(),
+    );
     let engine = EngineHandle::spawn(model, tokenizer, cfg);
-    let make = |i: usize| {
+    let make = |i: usize, guided: Option<Guidance>| {
         let mut r = Request::new(synthetic_prompt(prompt_tokens, vocab, i as u64), gen_tokens);
         r.ignore_eos = true;
         if let Some(g) = guided {
@@ -138,64 +226,131 @@ pub fn engine(
         }
         r
     };
-    // Warm-up request.
-    let mut s = engine.submit(make(usize::MAX / 2))?;
-    while let Some(e) = s.blocking_next() {
-        if matches!(e, Event::Finished { .. } | Event::Error(_)) {
-            break;
+    // Warm-up.
+    run_requests(&engine, vec![make(usize::MAX / 2, cases[0].guided)])?;
+    let mut samples: Vec<Vec<RoundStats>> = vec![Vec::new(); cases.len()];
+    for _ in 0..rounds.max(1) {
+        for (ci, case) in cases.iter().enumerate() {
+            let reqs = (0..case.concurrency)
+                .map(|i| make(i, case.guided))
+                .collect();
+            samples[ci].push(run_requests(&engine, reqs)?);
         }
     }
-    let steps0 = engine.stats().steps.load(std::sync::atomic::Ordering::Relaxed);
+    engine.shutdown(std::time::Duration::from_secs(5));
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let rss = peak_rss_bytes().unwrap_or(0);
+    Ok(cases
+        .iter()
+        .zip(samples)
+        .map(|(case, rs)| EngineReport {
+            model: name.clone(),
+            weights: weights.clone(),
+            concurrency: case.concurrency,
+            guided: case.guided.is_some(),
+            prompt_tokens,
+            gen_tokens,
+            per_request_tok_s: median(rs.iter().map(|r| r.per_request).collect()),
+            aggregate_tok_s: median(rs.iter().map(|r| r.aggregate).collect()),
+            aggregate_e2e_tok_s: median(rs.iter().map(|r| r.e2e).collect()),
+            decode_steps_s: median(rs.iter().map(|r| r.steps_s).collect()),
+            ttft_ms: median(rs.iter().map(|r| r.ttft_ms).collect()),
+            peak_rss_bytes: rss,
+        })
+        .collect())
+}
+
+#[derive(Debug, Clone)]
+struct RoundStats {
+    per_request: f64,
+    aggregate: f64,
+    e2e: f64,
+    steps_s: f64,
+    ttft_ms: f64,
+}
+
+/// Submits `reqs` at once and collects token timestamps from a thread per stream.
+fn run_requests(engine: &EngineHandle, reqs: Vec<Request>) -> anyhow::Result<RoundStats> {
+    let steps0 = engine
+        .stats()
+        .steps
+        .load(std::sync::atomic::Ordering::Relaxed);
     let t0 = Instant::now();
-    let streams: Vec<_> = (0..concurrency).map(|i| engine.submit(make(i))).collect::<Result<_, _>>()?;
+    let streams: Vec<_> = reqs
+        .into_iter()
+        .map(|r| engine.submit(r))
+        .collect::<Result<_, _>>()?;
     let handles: Vec<_> = streams
         .into_iter()
         .map(|mut s| {
-            std::thread::spawn(move || -> anyhow::Result<(f64, f64, usize)> {
-                let start = Instant::now();
-                let (mut first, mut last, mut n) = (None, start, 0);
+            std::thread::spawn(move || -> anyhow::Result<Vec<Instant>> {
+                let mut stamps = Vec::new();
                 while let Some(e) = s.blocking_next() {
                     match e {
-                        Event::Token { .. } => {
-                            let now = Instant::now();
-                            first.get_or_insert(now);
-                            last = now;
-                            n += 1;
-                        }
+                        Event::Token { .. } => stamps.push(Instant::now()),
                         Event::Finished { .. } => break,
                         Event::Error(m) => anyhow::bail!(m),
                     }
                 }
-                let first = first.unwrap_or(start);
-                let rate = if n > 1 { (n - 1) as f64 / (last - first).as_secs_f64() } else { 0.0 };
-                Ok((rate, (first - start).as_secs_f64(), n))
+                Ok(stamps)
             })
         })
         .collect();
-    let mut rates = Vec::new();
-    let mut ttfts = Vec::new();
-    let mut total = 0;
+    let mut all = Vec::new();
     for h in handles {
-        let (rate, ttft, n) = h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-        rates.push(rate);
-        ttfts.push(ttft);
-        total += n;
+        all.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
+        );
     }
     let wall = t0.elapsed().as_secs_f64();
-    let steps = engine.stats().steps.load(std::sync::atomic::Ordering::Relaxed) - steps0;
-    engine.shutdown(std::time::Duration::from_secs(5));
-    Ok(EngineReport {
-        model: name,
-        weights,
-        concurrency,
-        guided: guided.is_some(),
-        prompt_tokens,
-        gen_tokens,
-        per_request_tok_s: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
-        aggregate_tok_s: total as f64 / wall,
-        decode_steps_s: steps as f64 / wall,
+    let steps = engine
+        .stats()
+        .steps
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - steps0;
+    let total: usize = all.iter().map(Vec::len).sum();
+    let rates: Vec<f64> = all
+        .iter()
+        .filter(|s| s.len() > 1)
+        .map(|s| (s.len() - 1) as f64 / (*s.last().unwrap() - s[0]).as_secs_f64())
+        .collect();
+    let ttfts: Vec<f64> = all
+        .iter()
+        .filter_map(|s| s.first())
+        .map(|f| (*f - t0).as_secs_f64())
+        .collect();
+    // Steady state: every request is decoding.
+    let from = all
+        .iter()
+        .filter_map(|s| s.first())
+        .max()
+        .copied()
+        .unwrap_or(t0);
+    let to = all
+        .iter()
+        .filter_map(|s| s.last())
+        .min()
+        .copied()
+        .unwrap_or(t0);
+    let in_window: usize = all
+        .iter()
+        .map(|s| s.iter().filter(|&&t| t > from && t <= to).count())
+        .sum();
+    let window = to.saturating_duration_since(from).as_secs_f64();
+    Ok(RoundStats {
+        per_request: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
+        aggregate: if window > 0.0 {
+            in_window as f64 / window
+        } else {
+            f64::NAN
+        },
+        e2e: total as f64 / wall,
+        steps_s: steps as f64 / wall,
         ttft_ms: ttfts.iter().sum::<f64>() * 1e3 / ttfts.len().max(1) as f64,
-        peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
     })
 }
 

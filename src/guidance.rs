@@ -12,6 +12,7 @@
 //! tokens (−∞) are replaced by a large finite floor before mixing, so `−∞ + ∞` never arises.
 
 use crate::sampling::{Rng, SamplingParams, sample_logits, sample_probs};
+use crate::simd;
 
 /// How the two predictions are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -48,47 +49,61 @@ const LOG_FLOOR: f32 = -1.0e9;
 
 /// `log_softmax(x)` into `out`, numerically stable; −∞ (or NaN) inputs give [`LOG_FLOOR`].
 pub fn log_softmax(x: &[f32], out: &mut [f32]) {
-    let max = x.iter().copied().filter(|v| v.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let max = simd::max_finite(x);
     if !max.is_finite() {
         // No finite logit at all: uniform.
         let v = -(x.len() as f32).ln();
         out.fill(v);
         return;
     }
-    let sum: f32 = x.iter().filter(|v| v.is_finite()).map(|&v| (v - max).exp()).sum();
-    let lse = max + sum.ln();
+    let lse = max + simd::exp_shifted_sum(x, max).ln();
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = if v.is_finite() { (v - lse).max(LOG_FLOOR) } else { LOG_FLOOR };
+        *o = if v.is_finite() {
+            (v - lse).max(LOG_FLOOR)
+        } else {
+            LOG_FLOOR
+        };
     }
 }
 
 /// `softmax(x)` into `out`; non-finite inputs get probability 0.
 pub fn softmax(x: &[f32], out: &mut [f32]) {
-    let max = x.iter().copied().filter(|v| v.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let max = simd::max_finite(x);
     if !max.is_finite() {
         out.fill(1.0 / x.len() as f32);
         return;
     }
-    let mut sum = 0.0;
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = if v.is_finite() { (v - max).exp() } else { 0.0 };
-        sum += *o;
-    }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / simd::exp_shifted(x, max, out);
     out.iter_mut().for_each(|o| *o *= inv);
 }
 
-/// `log` mode scores: `lsm(u) + γ·(lsm(c) − lsm(u))`, computed as `γ·lsm(c) + (1−γ)·lsm(u)`.
+/// `log` mode scores: `lsm(u) + γ·(lsm(c) − lsm(u))`, computed as `γ·lsm(c) + (1−γ)·lsm(u)`
+/// (identical in exact arithmetic; at γ = 1 it returns `log_softmax(c)` bit for bit).
+///
+/// One pass over the vocabulary after the two log-sum-exps: `γ·(c − lse_c) + (1−γ)·(u − lse_u)`,
+/// with impossible tokens at [`LOG_FLOOR`].
 pub fn mix_log(cond: &[f32], uncond: &[f32], gamma: f32, out: &mut [f32]) {
     assert_eq!(cond.len(), uncond.len());
-    let mut lu = vec![0f32; uncond.len()];
-    log_softmax(cond, out);
-    log_softmax(uncond, &mut lu);
-    // γ·c + (1−γ)·u rather than u + γ·(c − u): identical in exact arithmetic, and at γ = 1 it
-    // returns log_softmax(c) bit for bit.
+    let lse = |x: &[f32]| -> Option<f32> {
+        let max = simd::max_finite(x);
+        max.is_finite()
+            .then(|| max + simd::exp_shifted_sum(x, max).ln())
+    };
+    let uniform = -(cond.len() as f32).ln();
+    let (lse_c, lse_u) = (lse(cond), lse(uncond));
     let rest = 1.0 - gamma;
-    for (o, &u) in out.iter_mut().zip(&lu) {
-        *o = gamma * *o + rest * u;
+    for ((o, &c), &u) in out.iter_mut().zip(cond).zip(uncond) {
+        let lc = match lse_c {
+            Some(l) if c.is_finite() => (c - l).max(LOG_FLOOR),
+            Some(_) => LOG_FLOOR,
+            None => uniform,
+        };
+        let lu = match lse_u {
+            Some(l) if u.is_finite() => (u - l).max(LOG_FLOOR),
+            Some(_) => LOG_FLOOR,
+            None => uniform,
+        };
+        *o = gamma * lc + rest * lu;
     }
 }
 
@@ -258,7 +273,11 @@ mod tests {
         assert_eq!(argmax(&s), 2, "log mode should pick the rare token: {s:?}");
         let mut p = [0f32; 3];
         mix_prob(&cond, &uncond, g, &mut p);
-        assert_eq!(argmax(&p), 0, "prob mode should keep the sensible token: {p:?}");
+        assert_eq!(
+            argmax(&p),
+            0,
+            "prob mode should keep the sensible token: {p:?}"
+        );
         // Unguided, the rare token is rare.
         assert_eq!(argmax(&cond), 0);
     }

@@ -16,6 +16,7 @@ pub mod guidance;
 pub mod loader;
 pub mod model;
 pub mod sampling;
+pub mod simd;
 pub mod telemetry;
 pub mod tokenizer;
 

@@ -1,8 +1,8 @@
 //! Loads what serving a model needs, together: the weights and the matching tokenizer.
 
+use crate::model::load::ModelFiles;
 use crate::model::load::gguf::GgufFile;
 use crate::model::load::safetensors::SafetensorsDir;
-use crate::model::load::ModelFiles;
 use crate::model::{Llama, LoadOptions, ModelError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use std::path::{Path, PathBuf};
@@ -30,7 +30,11 @@ pub struct ModelBundle {
 
 impl ModelBundle {
     /// Loads a GGUF file or HF directory; `tokenizer_json` overrides the embedded tokenizer.
-    pub fn load(path: &Path, opts: &LoadOptions, tokenizer_json: Option<&Path>) -> Result<Self, LoadError> {
+    pub fn load(
+        path: &Path,
+        opts: &LoadOptions,
+        tokenizer_json: Option<&Path>,
+    ) -> Result<Self, LoadError> {
         let (model, tokenizer) = match ModelFiles::detect(path)? {
             ModelFiles::Gguf(p) => {
                 let mut f = GgufFile::open(&p)?;
@@ -53,7 +57,10 @@ impl ModelBundle {
         };
         let (tv, mv) = (tokenizer.vocab_size(), model.config().vocab_size);
         if tv > mv {
-            return Err(LoadError::VocabMismatch { tokenizer: tv, model: mv });
+            return Err(LoadError::VocabMismatch {
+                tokenizer: tv,
+                model: mv,
+            });
         }
         let id = path
             .file_stem()

@@ -63,7 +63,7 @@ impl ModelArgs {
         if let Some(n) = self.threads {
             lethe::model::kernels::pool::init_global(n);
         }
-        if !self.model.exists() && self.model == PathBuf::from(lethe::DEFAULT_MODEL_PATH) {
+        if !self.model.exists() && self.model == std::path::Path::new(lethe::DEFAULT_MODEL_PATH) {
             bail!(
                 "the default model is not there yet: run scripts/fetch-model.sh (or pass --model PATH)\n  expected {}",
                 self.model.display()
@@ -127,28 +127,38 @@ struct GenerateArgs {
 struct BenchDecodeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Sequences decoded together (model level).
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
+    /// Sequences decoded together (model level); a list (`1,2`) measures several batch sizes
+    /// side by side and reports step-time ratios.
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    batch: Vec<usize>,
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
-    /// Run C simultaneous requests through the engine instead.
-    #[arg(long)]
-    concurrency: Option<usize>,
+    /// Run C simultaneous requests through the engine instead; a list (`1,8`) measures each.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Option<Vec<usize>>,
     /// Engine requests are CFG pairs (γ = 3, log mode).
     #[arg(long)]
     guided: bool,
+    /// With --guided: also run every concurrency unguided, side by side, and report the ratio.
+    #[arg(long, requires = "guided")]
+    compare_unguided: bool,
+    /// Interleaved rounds for engine benchmarks (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
 }
 
 fn main() -> Result<()> {
+    tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
@@ -163,9 +173,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let guided = a.gamma != 1.0;
     let conds = Conditions {
         positive: a.positive.clone(),
-        negative: a.negative.clone().unwrap_or_else(|| prompt::PAPER_NEGATIVE.into()),
+        negative: a
+            .negative
+            .clone()
+            .unwrap_or_else(|| prompt::PAPER_NEGATIVE.into()),
     };
-    let source = if a.uncond_last_token { UncondSource::LastToken } else { UncondSource::NegativeCondition };
+    let source = if a.uncond_last_token {
+        UncondSource::LastToken
+    } else {
+        UncondSource::NegativeCondition
+    };
     let g = guided.then_some((&conds, &source));
     let rows = if a.chat {
         let mut msgs = Vec::new();
@@ -186,9 +203,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     req.stop = a.stop;
     if let Some(u) = rows.uncond {
-        req = req.guided(u, Guidance { gamma: a.gamma, mode: a.mode });
+        req = req.guided(
+            u,
+            Guidance {
+                gamma: a.gamma,
+                mode: a.mode,
+            },
+        );
     }
-    let engine = EngineHandle::spawn(bundle.model.clone(), bundle.tokenizer.clone(), EngineConfig::default());
+    let engine = EngineHandle::spawn(
+        bundle.model.clone(),
+        bundle.tokenizer.clone(),
+        EngineConfig::default(),
+    );
     let mut stream = engine.submit(req)?;
     let mut out = std::io::stdout().lock();
     while let Some(ev) = stream.blocking_next() {
@@ -197,9 +224,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 out.write_all(text.as_bytes())?;
                 out.flush()?;
             }
-            Event::Finished { reason, usage, timing } => {
+            Event::Finished {
+                reason,
+                usage,
+                timing,
+            } => {
                 writeln!(out)?;
-                let gen_s = timing.total.saturating_sub(timing.time_to_first_token.unwrap_or_default()).as_secs_f64();
+                let gen_s = timing
+                    .total
+                    .saturating_sub(timing.time_to_first_token.unwrap_or_default())
+                    .as_secs_f64();
                 eprintln!(
                     "[{} | {} prompt + {} generated tokens | first token {:.0} ms | {:.1} tok/s | {}{}]",
                     reason.as_str(),
@@ -208,7 +242,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
                     timing.time_to_first_token.unwrap_or_default().as_secs_f64() * 1e3,
                     usage.completion_tokens.saturating_sub(1) as f64 / gen_s.max(1e-9),
                     bundle.model.weights_desc(),
-                    if guided { format!(" | guided γ={} {}", a.gamma, a.mode.as_str()) } else { String::new() },
+                    if guided {
+                        format!(" | guided γ={} {}", a.gamma, a.mode.as_str())
+                    } else {
+                        String::new()
+                    },
                 );
                 break;
             }
@@ -226,31 +264,106 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             if a.guided {
                 bail!("--guided needs --concurrency (guided requests run through the engine)");
             }
-            let r = lethe::bench::decode(&bundle.model, a.batch, a.prompt_tokens, a.gen_tokens)?;
+            let runs =
+                lethe::bench::decode(&bundle.model, &a.batch, a.prompt_tokens, a.gen_tokens)?;
+            let base = runs[0].step_ms;
             if !a.json {
-                println!(
-                    "{} ({}), {} threads, batch {}: prefill {:.0} tok/s | decode {:.1} steps/s, {:.1} tok/s ({:.2} ms/step) | peak RSS {:.0} MiB",
-                    r.model, r.weights, r.threads, r.batch, r.prefill_tok_s, r.decode_steps_s, r.decode_tok_s, r.step_ms,
-                    r.peak_rss_bytes as f64 / (1 << 20) as f64
-                );
+                for r in &runs {
+                    println!(
+                        "{} ({}), {} threads, batch {}: prefill {:.0} tok/s | decode {:.1} steps/s, {:.1} tok/s ({:.2} ms/step, {:.2}x batch {}) | peak RSS {:.0} MiB",
+                        r.model,
+                        r.weights,
+                        r.threads,
+                        r.batch,
+                        r.prefill_tok_s,
+                        r.decode_steps_s,
+                        r.decode_tok_s,
+                        r.step_ms,
+                        r.step_ms / base,
+                        runs[0].batch,
+                        r.peak_rss_bytes as f64 / (1 << 20) as f64
+                    );
+                }
             }
-            serde_json::to_string(&r)?
+            if runs.len() == 1 {
+                serde_json::to_string(&runs[0])?
+            } else {
+                let ratios: Vec<f64> = runs.iter().map(|r| r.step_ms / base).collect();
+                serde_json::to_string(
+                    &serde_json::json!({ "runs": runs, "step_ratio_vs_first": ratios }),
+                )?
+            }
         }
-        Some(c) => {
+        Some(cs) => {
             let g = a.guided.then(lethe::bench::default_guidance);
-            let r = lethe::bench::engine(bundle.model.clone(), bundle.tokenizer.clone(), c, g, a.prompt_tokens, a.gen_tokens)?;
-            if !a.json {
-                println!(
-                    "{} ({}), concurrency {}{}: {:.1} tok/s per request, {:.1} tok/s aggregate, {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
-                    r.model, r.weights, r.concurrency, if r.guided { " guided" } else { "" }, r.per_request_tok_s,
-                    r.aggregate_tok_s, r.decode_steps_s, r.ttft_ms, r.peak_rss_bytes as f64 / (1 << 20) as f64
-                );
+            let mut cases = Vec::new();
+            for &c in &cs {
+                if a.compare_unguided {
+                    cases.push(lethe::bench::EngineCase {
+                        concurrency: c,
+                        guided: None,
+                    });
+                }
+                cases.push(lethe::bench::EngineCase {
+                    concurrency: c,
+                    guided: g,
+                });
             }
-            serde_json::to_string(&r)?
+            let runs = lethe::bench::engine(
+                bundle.model.clone(),
+                bundle.tokenizer.clone(),
+                &cases,
+                a.prompt_tokens,
+                a.gen_tokens,
+                a.rounds,
+            )?;
+            if !a.json {
+                for r in &runs {
+                    println!(
+                        "{} ({}), concurrency {}{}: {:.1} tok/s per request, {:.1} tok/s aggregate ({:.1} incl. prefill), {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
+                        r.model,
+                        r.weights,
+                        r.concurrency,
+                        if r.guided { " guided" } else { "" },
+                        r.per_request_tok_s,
+                        r.aggregate_tok_s,
+                        r.aggregate_e2e_tok_s,
+                        r.decode_steps_s,
+                        r.ttft_ms,
+                        r.peak_rss_bytes as f64 / (1 << 20) as f64
+                    );
+                }
+                if a.compare_unguided {
+                    for pair in runs.chunks(2) {
+                        println!(
+                            "concurrency {}: guided / unguided per-request tok/s = {:.3}",
+                            pair[0].concurrency,
+                            pair[1].per_request_tok_s / pair[0].per_request_tok_s
+                        );
+                    }
+                }
+            }
+            if runs.len() == 1 {
+                serde_json::to_string(&runs[0])?
+            } else {
+                serde_json::to_string(&runs)?
+            }
         }
     };
     if a.json {
         println!("{json}");
     }
     Ok(())
+}
+
+/// Keeps large, short-lived buffers (logits, activations of a prefill chunk) on the heap instead
+/// of glibc's default of a fresh mmap per allocation ≥ 128 KiB, which costs a page fault per 4 KiB
+/// on every decode step (measured: ~3% of a 16-row step).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: called first thing in main, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
 }

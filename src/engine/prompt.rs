@@ -61,7 +61,9 @@ pub fn chat_rows(
     };
     let cond = tok.encode_chat(&with_condition(messages, &conds.positive), true)?;
     let uncond = match source {
-        UncondSource::NegativeCondition => tok.encode_chat(&with_condition(messages, &conds.negative), true)?,
+        UncondSource::NegativeCondition => {
+            tok.encode_chat(&with_condition(messages, &conds.negative), true)?
+        }
         UncondSource::Custom(text) => tok.encode_chat(&with_condition(messages, text), true)?,
         UncondSource::LastToken => cond.last().copied().into_iter().collect(),
     };
@@ -85,7 +87,9 @@ pub fn text_rows(
     };
     let cond = tok.encode_prompt(&format!("{}\n\n{text}", conds.positive))?;
     let uncond = match source {
-        UncondSource::NegativeCondition => tok.encode_prompt(&format!("{}\n\n{text}", conds.negative))?,
+        UncondSource::NegativeCondition => {
+            tok.encode_prompt(&format!("{}\n\n{text}", conds.negative))?
+        }
         UncondSource::Custom(neg) => tok.encode_prompt(&format!("{neg}\n\n{text}"))?,
         UncondSource::LastToken => cond.last().copied().into_iter().collect(),
     };
@@ -122,8 +126,17 @@ mod tests {
 
     #[test]
     fn condition_leads_the_system_message() {
-        let m = with_condition(&[ChatMessage::system("Be brief."), ChatMessage::user("hi")], "C.");
-        assert_eq!(m, vec![ChatMessage::system("C.\n\nBe brief."), ChatMessage::user("hi")]);
+        let m = with_condition(
+            &[ChatMessage::system("Be brief."), ChatMessage::user("hi")],
+            "C.",
+        );
+        assert_eq!(
+            m,
+            vec![
+                ChatMessage::system("C.\n\nBe brief."),
+                ChatMessage::user("hi")
+            ]
+        );
         let m = with_condition(&[ChatMessage::user("hi")], "C.");
         assert_eq!(m, vec![ChatMessage::system("C."), ChatMessage::user("hi")]);
     }

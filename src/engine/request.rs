@@ -99,7 +99,14 @@ pub struct Timing {
 pub enum Event {
     /// A generated token and the text it completes (may be empty while a multi-byte character
     /// or a possible stop string is held back).
-    Token { id: u32, text: String },
-    Finished { reason: FinishReason, usage: Usage, timing: Timing },
+    Token {
+        id: u32,
+        text: String,
+    },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+        timing: Timing,
+    },
     Error(String),
 }

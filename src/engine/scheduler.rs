@@ -51,7 +51,10 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        assert!(cfg.max_batch_tokens >= cfg.max_running_rows, "every running row must fit in a step");
+        assert!(
+            cfg.max_batch_tokens >= cfg.max_running_rows,
+            "every running row must fit in a step"
+        );
         Self {
             cfg,
             waiting: VecDeque::new(),
@@ -89,7 +92,10 @@ impl Scheduler {
             }
             let mut g = self.waiting.pop_front().expect("front exists");
             let prompts: Vec<Vec<u32>> = g.row_prompts().iter().map(|p| p.to_vec()).collect();
-            g.rows = prompts.into_iter().map(|p| Row::new(kv.add_sequence(), p)).collect();
+            g.rows = prompts
+                .into_iter()
+                .map(|p| Row::new(kv.add_sequence(), p))
+                .collect();
             g.kv_reserved = need;
             g.admitted = Some(std::time::Instant::now());
             self.reserved_bytes += need;
@@ -117,7 +123,11 @@ impl Scheduler {
         for (gi, g) in self.running.iter().enumerate() {
             for (ri, r) in g.rows.iter().enumerate() {
                 if r.remaining() == 1 && r.logits.is_none() {
-                    plan.push(PlannedRow { group: gi, row: ri, n_tokens: 1 });
+                    plan.push(PlannedRow {
+                        group: gi,
+                        row: ri,
+                        n_tokens: 1,
+                    });
                     budget -= 1;
                 }
             }
@@ -133,7 +143,11 @@ impl Scheduler {
                 }
                 if r.is_prefilling() {
                     let n = r.remaining().min(budget);
-                    plan.push(PlannedRow { group: gi, row: ri, n_tokens: n });
+                    plan.push(PlannedRow {
+                        group: gi,
+                        row: ri,
+                        n_tokens: n,
+                    });
                     budget -= n;
                 }
             }

@@ -79,7 +79,10 @@ impl ModelConfig {
         if self.n_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             return bad("layers, hidden size and vocabulary must be non-zero".into());
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return bad(format!(
                 "{} attention heads are not a multiple of {} key/value heads",
                 self.n_heads, self.n_kv_heads
@@ -91,7 +94,11 @@ impl ModelConfig {
         if self.max_context == 0 {
             return bad("context length must be non-zero".into());
         }
-        if !(self.rms_eps > 0.0) || !(self.rope_theta > 0.0) {
+        if self.rms_eps.is_nan()
+            || self.rms_eps <= 0.0
+            || self.rope_theta.is_nan()
+            || self.rope_theta <= 0.0
+        {
             return bad("rms epsilon and rope theta must be positive".into());
         }
         Ok(())
@@ -187,9 +194,10 @@ impl HfConfig {
                         "unsupported rope_scaling type {kind:?} (only \"llama3\" is implemented)"
                     )));
                 }
-                Some(serde_json::from_value(v.clone()).map_err(|e| {
-                    ModelError::Config(format!("bad llama3 rope_scaling: {e}"))
-                })?)
+                Some(
+                    serde_json::from_value(v.clone())
+                        .map_err(|e| ModelError::Config(format!("bad llama3 rope_scaling: {e}")))?,
+                )
             }
         };
         let n_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);

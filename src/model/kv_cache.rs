@@ -14,7 +14,7 @@
 //! leave a half-updated cache.
 
 use super::batch::{RaggedBatch, SeqId};
-use super::kernels::attention::{self, BLOCK_TOKENS, KvGeometry, RopeRows, SeqSpan};
+use super::kernels::attention::{self, BLOCK_TOKENS, KvDtype, KvGeometry, RopeRows, SeqSpan};
 use super::linear::with_cpu_f32;
 use super::{ModelConfig, ModelError, Result, RopeStyle};
 use candle_core::{DType, Device, Tensor};
@@ -27,9 +27,16 @@ pub enum KvStoreKind {
     Tensors,
 }
 
+/// One paged block: `block_bytes` of f16 or f32 elements (u64 storage for alignment).
+type Block = Box<[u64]>;
+
 enum SeqStore {
-    Paged(Vec<Box<[f32]>>),
-    Tensors { k: Vec<Tensor>, v: Vec<Tensor>, capacity: usize },
+    Paged(Vec<Block>),
+    Tensors {
+        k: Vec<Tensor>,
+        v: Vec<Tensor>,
+        capacity: usize,
+    },
 }
 
 struct SeqEntry {
@@ -50,7 +57,7 @@ pub struct KvCache {
     seqs: HashMap<SeqId, SeqEntry>,
     next_id: u64,
     /// Freed paged blocks kept for reuse (bounded), so steady-state decoding does not allocate.
-    free_blocks: Vec<Box<[f32]>>,
+    free_blocks: Vec<Block>,
 }
 
 /// A step's layout, computed before the forward.
@@ -66,13 +73,26 @@ pub struct StepPlan {
 }
 
 impl KvCache {
-    pub fn new(cfg: &ModelConfig, kind: KvStoreKind, device: Device, limit_bytes: usize) -> Self {
+    /// `dtype` applies to the paged store; the tensor store keeps f32.
+    pub fn new(
+        cfg: &ModelConfig,
+        kind: KvStoreKind,
+        device: Device,
+        limit_bytes: usize,
+        dtype: KvDtype,
+    ) -> Self {
+        let dtype = if kind == KvStoreKind::Paged {
+            dtype
+        } else {
+            KvDtype::F32
+        };
         Self {
             geo: KvGeometry {
                 n_layers: cfg.n_layers,
                 n_heads: cfg.n_heads,
                 n_kv_heads: cfg.n_kv_heads,
                 head_dim: cfg.head_dim,
+                dtype,
             },
             kind,
             device,
@@ -87,7 +107,10 @@ impl KvCache {
 
     /// Bytes of one position across all layers (k and v).
     pub fn bytes_per_token(&self) -> usize {
-        self.geo.n_layers * 2 * self.geo.n_kv_heads * self.geo.head_dim * 4
+        self.geo.n_layers * 2 * self.geo.n_kv_heads * self.geo.head_dim * self.geo.dtype.size()
+    }
+    pub fn dtype(&self) -> KvDtype {
+        self.geo.dtype
     }
     /// Bytes one sequence of `n` positions occupies (whole blocks / capacity doublings).
     pub fn bytes_for_tokens(&self, n: usize) -> usize {
@@ -97,7 +120,7 @@ impl KvCache {
         }
     }
     fn block_bytes(&self) -> usize {
-        self.geo.block_len() * 4
+        self.geo.block_bytes()
     }
     /// Bytes currently held by live sequences.
     pub fn used_bytes(&self) -> usize {
@@ -131,7 +154,9 @@ impl KvCache {
 
     /// Frees a sequence and its memory. Unknown ids are ignored (freeing is idempotent).
     pub fn remove_sequence(&mut self, id: SeqId) {
-        let Some(entry) = self.seqs.remove(&id) else { return };
+        let Some(entry) = self.seqs.remove(&id) else {
+            return;
+        };
         self.used_bytes -= self.entry_bytes(&entry);
         if let SeqStore::Paged(blocks) = entry.store {
             // Keep a few blocks around for the next sequences; return the rest to the allocator.
@@ -142,7 +167,10 @@ impl KvCache {
 
     /// Positions already cached for `id`.
     pub fn seq_len(&self, id: SeqId) -> Result<usize> {
-        self.seqs.get(&id).map(|e| e.len).ok_or(ModelError::UnknownSequence(id))
+        self.seqs
+            .get(&id)
+            .map(|e| e.len)
+            .ok_or(ModelError::UnknownSequence(id))
     }
 
     fn entry_bytes(&self, e: &SeqEntry) -> usize {
@@ -162,12 +190,21 @@ impl KvCache {
         let mut extra_bytes = 0;
         for e in &batch.entries {
             if e.tokens.is_empty() {
-                return Err(ModelError::InvalidBatch(format!("no tokens for {:?}", e.seq)));
+                return Err(ModelError::InvalidBatch(format!(
+                    "no tokens for {:?}",
+                    e.seq
+                )));
             }
             if !seen.insert(e.seq) {
-                return Err(ModelError::InvalidBatch(format!("{:?} appears twice", e.seq)));
+                return Err(ModelError::InvalidBatch(format!(
+                    "{:?} appears twice",
+                    e.seq
+                )));
             }
-            let entry = self.seqs.get(&e.seq).ok_or(ModelError::UnknownSequence(e.seq))?;
+            let entry = self
+                .seqs
+                .get(&e.seq)
+                .ok_or(ModelError::UnknownSequence(e.seq))?;
             let needed = entry.len + e.tokens.len();
             if needed > self.max_context {
                 return Err(ModelError::ContextOverflow {
@@ -197,10 +234,12 @@ impl KvCache {
             self.reserve(e.seq, start + e.tokens.len())?;
             plan.spans.push((e.seq, start, e.tokens.len(), row));
             plan.tokens.extend_from_slice(&e.tokens);
-            plan.positions.extend((start..start + e.tokens.len()).map(|p| p as u32));
+            plan.positions
+                .extend((start..start + e.tokens.len()).map(|p| p as u32));
             let first = plan.logit_rows.len();
             if e.all_logits {
-                plan.logit_rows.extend((row..row + e.tokens.len()).map(|r| r as u32));
+                plan.logit_rows
+                    .extend((row..row + e.tokens.len()).map(|r| r as u32));
             } else {
                 plan.logit_rows.push((row + e.tokens.len() - 1) as u32);
             }
@@ -225,18 +264,21 @@ impl KvCache {
     }
 
     fn reserve(&mut self, id: SeqId, needed: usize) -> Result<()> {
-        let block_len = self.geo.block_len();
+        let block_words = self.block_bytes() / 8;
         let block_bytes = self.block_bytes();
         let bytes_per_token = self.bytes_per_token();
         let (geo, device, max_context) = (self.geo, self.device.clone(), self.max_context);
-        let entry = self.seqs.get_mut(&id).ok_or(ModelError::UnknownSequence(id))?;
+        let entry = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(ModelError::UnknownSequence(id))?;
         match &mut entry.store {
             SeqStore::Paged(blocks) => {
                 while blocks.len() * BLOCK_TOKENS < needed {
                     let block = self
                         .free_blocks
                         .pop()
-                        .unwrap_or_else(|| vec![0f32; block_len].into_boxed_slice());
+                        .unwrap_or_else(|| vec![0u64; block_words].into_boxed_slice());
                     blocks.push(block);
                     self.used_bytes += block_bytes;
                 }
@@ -293,15 +335,29 @@ impl KvCache {
         }
     }
 
-    fn paged_attention(&mut self, layer: usize, qkv: &Tensor, plan: &StepPlan, rope: &StepRope) -> Result<Tensor> {
+    fn paged_attention(
+        &mut self,
+        layer: usize,
+        qkv: &Tensor,
+        plan: &StepPlan,
+        rope: &StepRope,
+    ) -> Result<Tensor> {
         let rows = plan.tokens.len();
         let q_dim = self.geo.n_heads * self.geo.head_dim;
         let mut spans = Vec::with_capacity(plan.spans.len());
         for &(seq, start, len, row) in &plan.spans {
-            let entry = self.seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
-            let SeqStore::Paged(blocks) = &mut entry.store else { unreachable!("paged store") };
+            let entry = self
+                .seqs
+                .get_mut(&seq)
+                .ok_or(ModelError::UnknownSequence(seq))?;
+            let SeqStore::Paged(blocks) = &mut entry.store else {
+                unreachable!("paged store")
+            };
             spans.push(SeqSpan {
-                blocks: blocks.iter_mut().map(|b| b.as_mut_ptr()).collect(),
+                blocks: blocks
+                    .iter_mut()
+                    .map(|b| b.as_mut_ptr() as *mut u8)
+                    .collect(),
                 start,
                 len,
                 row,
@@ -316,7 +372,13 @@ impl KvCache {
     }
 
     /// The portable path: candle ops, one sequence at a time.
-    fn tensor_attention(&mut self, layer: usize, qkv: &Tensor, plan: &StepPlan, rope: &StepRope) -> Result<Tensor> {
+    fn tensor_attention(
+        &mut self,
+        layer: usize,
+        qkv: &Tensor,
+        plan: &StepPlan,
+        rope: &StepRope,
+    ) -> Result<Tensor> {
         let g = self.geo;
         let (hd, nh, nkv) = (g.head_dim, g.n_heads, g.n_kv_heads);
         let rows = plan.tokens.len();
@@ -325,9 +387,15 @@ impl KvCache {
         let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?;
         // [rows, heads, hd] -> [1, heads, rows, hd] for candle's rope kernels.
         let to_heads = |x: Tensor, h: usize| -> Result<Tensor> {
-            Ok(x.reshape((rows, h, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+            Ok(x.reshape((rows, h, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)?)
         };
-        let (cos, sin) = rope.tensors.as_ref().expect("tensor rope tables for the tensor store");
+        let (cos, sin) = rope
+            .tensors
+            .as_ref()
+            .expect("tensor rope tables for the tensor store");
         let rot = |x: &Tensor| -> Result<Tensor> {
             Ok(match rope.host.style {
                 RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
@@ -340,7 +408,10 @@ impl KvCache {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(plan.spans.len());
         for &(seq, start, len, row) in &plan.spans {
-            let entry = self.seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+            let entry = self
+                .seqs
+                .get_mut(&seq)
+                .ok_or(ModelError::UnknownSequence(seq))?;
             let SeqStore::Tensors { k: kc, v: vc, .. } = &mut entry.store else {
                 unreachable!("tensor store")
             };
@@ -353,7 +424,15 @@ impl KvCache {
             let scores = (qs.matmul(&keys.t()?.contiguous()?)? * scale)?; // [nh, len, n_keys]
             let scores = if len > 1 {
                 let mask: Vec<f32> = (0..len)
-                    .flat_map(|i| (0..n_keys).map(move |t| if t <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+                    .flat_map(|i| {
+                        (0..n_keys).map(move |t| {
+                            if t <= start + i {
+                                0.0
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                    })
                     .collect();
                 let mask = Tensor::from_vec(mask, (1, len, n_keys), scores.device())?;
                 scores.broadcast_add(&mask)?
@@ -373,7 +452,9 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (h, t, d) = x.dims3()?;
-    Ok(x.unsqueeze(1)?.expand((h, n_rep, t, d))?.reshape((h * n_rep, t, d))?)
+    Ok(x.unsqueeze(1)?
+        .expand((h, n_rep, t, d))?
+        .reshape((h * n_rep, t, d))?)
 }
 
 /// Capacity for a tensor store that must hold `needed` positions: doublings from 64.
@@ -393,7 +474,13 @@ pub struct StepRope {
 }
 
 impl StepRope {
-    pub fn new(positions: &[u32], inv_freqs: &[f32], style: RopeStyle, kind: KvStoreKind, device: &Device) -> Result<Self> {
+    pub fn new(
+        positions: &[u32],
+        inv_freqs: &[f32],
+        style: RopeStyle,
+        kind: KvStoreKind,
+        device: &Device,
+    ) -> Result<Self> {
         let host = RopeRows::new(positions, inv_freqs, style);
         let tensors = match kind {
             KvStoreKind::Paged => None,

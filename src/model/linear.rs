@@ -39,9 +39,7 @@ impl Linear {
             LinearWeight::Packed(p) => (p.n, p.k),
             LinearWeight::Quantized(q) => match q.as_ref() {
                 QMatMul::QTensor(t) => t.shape().dims2().unwrap_or((0, 0)),
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
-                    t.dims2().unwrap_or((0, 0))
-                }
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2().unwrap_or((0, 0)),
             },
             LinearWeight::Dense(t) => t.dims2().unwrap_or((0, 0)),
         };
@@ -74,7 +72,9 @@ impl Linear {
         }
         let in_features = parts[0].in_features;
         if parts.iter().any(|p| p.in_features != in_features) {
-            return Err(ModelError::Config("fused projections differ in input size".into()));
+            return Err(ModelError::Config(
+                "fused projections differ in input size".into(),
+            ));
         }
         let mut ranges = Vec::new();
         let mut offset = 0;
@@ -126,7 +126,11 @@ impl Linear {
             for p in &parts {
                 bs.push(match &p.bias {
                     Some(b) => b.clone(),
-                    None => Tensor::zeros(p.out_features, candle_core::DType::F32, &bias_device(&parts))?,
+                    None => Tensor::zeros(
+                        p.out_features,
+                        candle_core::DType::F32,
+                        &bias_device(&parts),
+                    )?,
                 });
             }
             Some(Tensor::cat(&bs, 0)?)
@@ -174,13 +178,19 @@ fn concat_qtensors(parts: &[Arc<QTensor>]) -> Result<QTensor> {
     for p in parts {
         let (pn, pk) = p.shape().dims2()?;
         if p.dtype() != dtype || pk != k {
-            return Err(ModelError::Config("cannot fuse quantized tensors of different types".into()));
+            return Err(ModelError::Config(
+                "cannot fuse quantized tensors of different types".into(),
+            ));
         }
         bytes.extend_from_slice(&p.data()?);
         n += pn;
     }
     let device = parts[0].device();
-    let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(bytes), &device, dtype)?;
+    let storage = candle_core::quantized::QStorage::from_data(
+        std::borrow::Cow::Owned(bytes),
+        &device,
+        dtype,
+    )?;
     Ok(QTensor::new(storage, (n, k))?)
 }
 
@@ -188,11 +198,13 @@ fn concat_qtensors(parts: &[Arc<QTensor>]) -> Result<QTensor> {
 fn packed_forward(w: &PackedMatrix, x: &Tensor) -> Result<Tensor> {
     let (t, k) = x.dims2()?;
     if k != w.k {
-        return Err(ModelError::InvalidBatch(format!("projection expects {} inputs, got {k}", w.k)));
+        return Err(ModelError::InvalidBatch(format!(
+            "projection expects {} inputs, got {k}",
+            w.k
+        )));
     }
     let x = x.contiguous()?;
-    let mut y = vec![0f32; t * w.n];
-    with_cpu_f32(&x, |xs| kernels::matmul(w, xs, t, &mut y))?;
+    let y = with_cpu_f32(&x, |xs| kernels::matmul::matmul_new(w, xs, t))?;
     Ok(Tensor::from_vec(y, (t, w.n), &Device::Cpu)?)
 }
 
@@ -201,11 +213,15 @@ pub(crate) fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result
     use candle_core::Storage;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
-        return Err(ModelError::Config("native CPU kernels need tensors on the CPU".into()));
+        return Err(ModelError::Config(
+            "native CPU kernels need tensors on the CPU".into(),
+        ));
     };
     let data = cpu.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(f(&data[start..end])),
-        None => Err(ModelError::Config("native CPU kernels need contiguous tensors".into())),
+        None => Err(ModelError::Config(
+            "native CPU kernels need contiguous tensors".into(),
+        )),
     }
 }

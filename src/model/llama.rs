@@ -10,10 +10,11 @@
 //! ```
 
 use super::kv_cache::{KvCache, KvStoreKind, StepRope};
+use super::linear::with_cpu_f32;
 use super::linear::{Linear, LinearWeight};
 use super::load::{LoadOptions, ModelFiles, RawWeight, WeightFormat, WeightName, WeightSource};
 use super::{BatchLogits, ModelConfig, ModelError, ProjKind, RaggedBatch, Result};
-use super::linear::with_cpu_f32;
+use crate::model::kernels::attention::KvDtype;
 use crate::model::kernels::{PackedFormat, PackedMatrix, elementwise};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -69,15 +70,28 @@ impl Llama {
     }
 
     /// Builds the model from any weight source.
-    pub fn from_source(cfg: ModelConfig, src: &mut dyn WeightSource, opts: &LoadOptions) -> Result<Self> {
+    pub fn from_source(
+        cfg: ModelConfig,
+        src: &mut dyn WeightSource,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         cfg.validate()?;
         let native = opts.native()?;
         let b = Builder {
             opts,
             native,
-            device: if native { Device::Cpu } else { opts.device.clone() },
+            device: if native {
+                Device::Cpu
+            } else {
+                opts.device.clone()
+            },
         };
-        let (h, q, kv, ffn) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let (h, q, kv, ffn) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
 
         let embed_raw = b.required(src, WeightName::Embed, &[cfg.vocab_size, h])?;
         let lm_head_raw = if cfg.tie_embeddings {
@@ -89,14 +103,22 @@ impl Llama {
 
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
-            let proj = |src: &mut dyn WeightSource, k: ProjKind, out: usize, inp: usize| -> Result<Linear> {
+            let proj = |src: &mut dyn WeightSource,
+                        k: ProjKind,
+                        out: usize,
+                        inp: usize|
+             -> Result<Linear> {
                 let raw = b.required(src, WeightName::Proj(l, k), &[out, inp])?;
                 let bias = if cfg.qkv_bias && matches!(k, ProjKind::Q | ProjKind::K | ProjKind::V) {
                     Some(b.vector(src, WeightName::Bias(l, k), out)?)
                 } else {
                     None
                 };
-                Ok(Linear::new(b.linear_weight(raw, &WeightName::Proj(l, k).gguf())?, bias, k))
+                Ok(Linear::new(
+                    b.linear_weight(raw, &WeightName::Proj(l, k).gguf())?,
+                    bias,
+                    k,
+                ))
             };
             let qp = proj(src, ProjKind::Q, q, h)?;
             let kp = proj(src, ProjKind::K, kv, h)?;
@@ -117,7 +139,12 @@ impl Llama {
         let norm = b.vector(src, WeightName::OutputNorm, h)?;
         let weight_bytes = layers
             .iter()
-            .map(|l| l.qkv.size_in_bytes() + l.o.size_in_bytes() + l.gate_up.size_in_bytes() + l.down.size_in_bytes())
+            .map(|l| {
+                l.qkv.size_in_bytes()
+                    + l.o.size_in_bytes()
+                    + l.gate_up.size_in_bytes()
+                    + l.down.size_in_bytes()
+            })
             .sum::<usize>()
             + lm_head.size_in_bytes();
         let weights_desc = describe(&layers[0].gate_up, native);
@@ -154,18 +181,37 @@ impl Llama {
         &self.weights_desc
     }
 
-    /// A KV cache for this model with a byte budget.
+    /// A KV cache for this model with a byte budget (f16 entries on the native backend).
     pub fn new_kv_cache(&self, limit_bytes: usize) -> KvCache {
-        let kind = if self.native { KvStoreKind::Paged } else { KvStoreKind::Tensors };
-        KvCache::new(&self.cfg, kind, self.device.clone(), limit_bytes)
+        self.new_kv_cache_with_dtype(limit_bytes, KvDtype::default())
+    }
+
+    /// A KV cache with an explicit element type (f32 for exact reference comparisons).
+    pub fn new_kv_cache_with_dtype(&self, limit_bytes: usize, dtype: KvDtype) -> KvCache {
+        let kind = if self.native {
+            KvStoreKind::Paged
+        } else {
+            KvStoreKind::Tensors
+        };
+        KvCache::new(&self.cfg, kind, self.device.clone(), limit_bytes, dtype)
     }
 
     /// Runs one step: appends each entry's tokens to its sequence and returns logits (last
     /// position, or all new positions where asked). On error no sequence advances.
     pub fn forward(&self, batch: &RaggedBatch, kv: &mut KvCache) -> Result<BatchLogits> {
         let plan = kv.plan(batch)?;
-        let kind = if self.native { KvStoreKind::Paged } else { KvStoreKind::Tensors };
-        let rope = StepRope::new(&plan.positions, &self.inv_freqs, self.cfg.rope_style, kind, &self.device)?;
+        let kind = if self.native {
+            KvStoreKind::Paged
+        } else {
+            KvStoreKind::Tensors
+        };
+        let rope = StepRope::new(
+            &plan.positions,
+            &self.inv_freqs,
+            self.cfg.rope_style,
+            kind,
+            &self.device,
+        )?;
         let mut x = self.embed(&plan.tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm)?;
@@ -184,7 +230,10 @@ impl Llama {
         };
         let x = self.rms_norm(&x, &self.norm)?;
         let logits = self.lm_head.forward(&x)?;
-        let data = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let data = logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         kv.commit(&plan);
         Ok(BatchLogits {
             vocab: self.cfg.vocab_size,
@@ -200,7 +249,11 @@ impl Llama {
         }
         let x = x.contiguous()?;
         let mut out = vec![0f32; x.elem_count()];
-        with_cpu_f32(&x, |xs| with_cpu_f32(w, |ws| elementwise::rms_norm(xs, ws, self.cfg.rms_eps, &mut out)))??;
+        with_cpu_f32(&x, |xs| {
+            with_cpu_f32(w, |ws| {
+                elementwise::rms_norm(xs, ws, self.cfg.rms_eps, &mut out)
+            })
+        })??;
         Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
     }
 
@@ -229,7 +282,9 @@ impl Llama {
     fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
         let vocab = self.cfg.vocab_size;
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ModelError::InvalidBatch(format!("token id {bad} outside the vocabulary of {vocab}")));
+            return Err(ModelError::InvalidBatch(format!(
+                "token id {bad} outside the vocabulary of {vocab}"
+            )));
         }
         match &self.embed {
             Embedding::Packed(m) => {
@@ -268,7 +323,12 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn required(&self, src: &mut dyn WeightSource, name: WeightName, dims: &[usize]) -> Result<RawWeight> {
+    fn required(
+        &self,
+        src: &mut dyn WeightSource,
+        name: WeightName,
+        dims: &[usize],
+    ) -> Result<RawWeight> {
         let raw = src
             .load(name, &self.device)?
             .ok_or_else(|| ModelError::MissingTensor(format!("{} / {}", name.gguf(), name.hf())))?;
@@ -327,7 +387,9 @@ impl Builder<'_> {
         }
         let is_float = match &raw {
             RawWeight::Float(_) => true,
-            RawWeight::Quantized(q) => matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16),
+            RawWeight::Quantized(q) => {
+                matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+            }
         };
         let values = raw.to_f32_cpu()?.flatten_all()?.to_vec1::<f32>()?;
         let to_q8 = match want {
@@ -350,13 +412,20 @@ impl Builder<'_> {
             }
             (raw, WeightFormat::Q8_0) if raw.dims().last().is_some_and(|k| k % 32 == 0) => {
                 let t = raw.to_f32_cpu()?.to_device(&self.device)?;
-                LinearWeight::Quantized(Arc::new(QMatMul::from_qtensor(QTensor::quantize(&t, GgmlDType::Q8_0)?)?))
+                LinearWeight::Quantized(Arc::new(QMatMul::from_qtensor(QTensor::quantize(
+                    &t,
+                    GgmlDType::Q8_0,
+                )?)?))
             }
             (raw, _) => LinearWeight::Dense(raw.to_f32_cpu()?.to_device(&self.device)?),
         })
     }
 
-    fn embedding_and_head(&self, embed: RawWeight, head: Option<RawWeight>) -> Result<(Embedding, Linear)> {
+    fn embedding_and_head(
+        &self,
+        embed: RawWeight,
+        head: Option<RawWeight>,
+    ) -> Result<(Embedding, Linear)> {
         if self.native {
             let e = Arc::new(self.pack(embed, "token_embd")?);
             let head = match head {
@@ -364,8 +433,14 @@ impl Builder<'_> {
                 Some(h) => Arc::new(self.pack(h, "output")?),
             };
             // An embedding kept as f32 is exact; a quantized one is dequantized row by row.
-            debug_assert!(matches!(e.format, PackedFormat::Q8_0 | PackedFormat::Q4_1 | PackedFormat::F32));
-            Ok((Embedding::Packed(e), Linear::new(LinearWeight::Packed(head), None, ProjKind::O)))
+            debug_assert!(matches!(
+                e.format,
+                PackedFormat::Q8_0 | PackedFormat::Q4_1 | PackedFormat::F32
+            ));
+            Ok((
+                Embedding::Packed(e),
+                Linear::new(LinearWeight::Packed(head), None, ProjKind::O),
+            ))
         } else {
             let table = embed.to_f32_cpu()?.to_device(&self.device)?;
             let head = match head {
@@ -378,7 +453,10 @@ impl Builder<'_> {
                     },
                 },
             };
-            Ok((Embedding::Table(table), Linear::new(head, None, ProjKind::O)))
+            Ok((
+                Embedding::Table(table),
+                Linear::new(head, None, ProjKind::O),
+            ))
         }
     }
 }
@@ -392,8 +470,12 @@ fn embed_as_quant(raw: &RawWeight) -> Option<QTensor> {
     match raw {
         RawWeight::Quantized(q) if !is_float_q(q) => {
             let data = q.data().ok()?.into_owned();
-            let storage =
-                candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(data), &q.device(), q.dtype()).ok()?;
+            let storage = candle_core::quantized::QStorage::from_data(
+                std::borrow::Cow::Owned(data),
+                &q.device(),
+                q.dtype(),
+            )
+            .ok()?;
             QTensor::new(storage, q.shape().clone()).ok()
         }
         _ => None,

@@ -17,6 +17,7 @@ pub mod load;
 
 pub use batch::{BatchEntry, BatchLogits, RaggedBatch, SeqId};
 pub use config::{Arch, ModelConfig, RopeStyle};
+pub use kernels::attention::KvDtype;
 pub use kv_cache::KvCache;
 pub use llama::Llama;
 pub use load::{Backend, LoadOptions, WeightFormat};
@@ -36,7 +37,15 @@ pub enum ProjKind {
 }
 
 impl ProjKind {
-    pub const ALL: [ProjKind; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
+    pub const ALL: [ProjKind; 7] = [
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
 
     /// The HF/PEFT module name (`q_proj`, ...).
     pub fn hf_name(self) -> &'static str {
@@ -88,7 +97,11 @@ pub enum ModelError {
     #[error("sequence would reach {needed} tokens, beyond the model's context of {max}")]
     ContextOverflow { needed: usize, max: usize },
     #[error("KV cache full: {needed} more bytes needed, {free} of {limit} free")]
-    KvCacheFull { needed: usize, free: usize, limit: usize },
+    KvCacheFull {
+        needed: usize,
+        free: usize,
+        limit: usize,
+    },
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
     #[error(transparent)]

@@ -10,11 +10,11 @@ use candle_core::quantized::gguf_file::Value;
 use std::collections::HashMap;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
@@ -52,7 +52,11 @@ pub fn from_metadata(md: &HashMap<String, Value>) -> Result<GgufVocab, Tokenizer
         Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
         _ => vec![1; tokens.len()],
     };
-    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let merges: Vec<(String, String)> = merges_raw
         .iter()
         .map(|m| {
@@ -79,13 +83,18 @@ pub fn from_metadata(md: &HashMap<String, Value>) -> Result<GgufVocab, Tokenizer
         .filter(|(_, t)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
         .map(|(s, _)| AddedToken::from(s.clone(), true))
         .collect();
-    tk.add_special_tokens(specials).map_err(|e| bad(format!("cannot add special tokens: {e}")))?;
+    tk.add_special_tokens(specials)
+        .map_err(|e| bad(format!("cannot add special tokens: {e}")))?;
 
     let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
-    let mut eos: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
-        .iter()
-        .filter_map(|k| id(k))
-        .collect();
+    let mut eos: Vec<u32> = [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ]
+    .iter()
+    .filter_map(|k| id(k))
+    .collect();
     eos.dedup();
     Ok(GgufVocab {
         tokenizer: tk,
@@ -95,7 +104,10 @@ pub fn from_metadata(md: &HashMap<String, Value>) -> Result<GgufVocab, Tokenizer
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(false),
-        chat_template: md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
+        chat_template: md
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned(),
     })
 }
 
@@ -103,7 +115,11 @@ fn string_array(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, T
     match md.get(key) {
         Some(Value::Array(a)) => a
             .iter()
-            .map(|v| v.to_string().cloned().map_err(|_| TokenizerError::Gguf(format!("{key} holds a non-string"))))
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| TokenizerError::Gguf(format!("{key} holds a non-string")))
+            })
             .collect(),
         _ => Err(TokenizerError::Gguf(format!("GGUF has no {key}"))),
     }
@@ -113,8 +129,12 @@ fn string_array(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, T
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
     let byte_level = |use_regex| ByteLevel::new(false, true, use_regex);
     let split = |re: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-        let s = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| TokenizerError::Gguf(format!("bad pre-tokenizer regex: {e}")))?;
+        let s = Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| TokenizerError::Gguf(format!("bad pre-tokenizer regex: {e}")))?;
         Ok(s.into())
     };
     Ok(match pre {
@@ -126,7 +146,9 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
         "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" => {
             Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level(false).into()]).into()
         }
-        "qwen2" | "deepseek-r1-qwen" => Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false).into()]).into(),
+        "qwen2" | "deepseek-r1-qwen" => {
+            Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false).into()]).into()
+        }
         other => {
             return Err(TokenizerError::Gguf(format!(
                 "tokenizer.ggml.pre {other:?} is not supported (smollm, starcoder, gpt2, llama3, qwen2); \

@@ -2,8 +2,8 @@
 //! applied on the way in.
 //!
 //! A KV block holds [`BLOCK_TOKENS`] = 16 positions of one sequence for all layers. Per layer and
-//! kv head, keys are stored *transposed* (`[head_dim][16]`) and values row-major (`[16][head_dim]`):
-//! - scores of 16 keys at once are `Σ_d q[d] · Kᵀ[d][0..16]`, one broadcast-FMA per dimension into
+//! kv head, keys are stored *transposed* (`[head_dim][64]`) and values row-major (`[64][head_dim]`):
+//! - scores of 16 keys at once are `Σ_d q[d] · Kᵀ[d][t..t+16]`, one broadcast-FMA per dimension into
 //!   a single 16-lane register, with no horizontal sums;
 //! - the weighted value sum is `Σ_t w[t] · V[t]`, one broadcast-FMA per key and 16 dimensions.
 //!
@@ -15,7 +15,7 @@
 //! sequence), items split per query head instead. Threads take items from a shared counter, which
 //! balances the uneven cost of causal prefill rows.
 
-use super::pool::{self, ThreadPool};
+use super::pool::{self, ThreadPool, split_range};
 use crate::model::RopeStyle;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +27,92 @@ const QUERY_CHUNK: usize = 16;
 /// Query heads per kv head handled in registers at once.
 const MAX_GROUP: usize = 8;
 
+/// Element type of cached keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// Half the memory traffic of f32 at no measurable quality cost (llama.cpp's default too):
+    /// at long contexts attention reads more KV bytes per step than weights.
+    #[default]
+    F16,
+    /// Exact; for reference comparisons.
+    F32,
+}
+
+impl KvDtype {
+    pub fn size(self) -> usize {
+        match self {
+            Self::F16 => 2,
+            Self::F32 => 4,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f16" => Ok(Self::F16),
+            "f32" => Ok(Self::F32),
+            _ => Err(format!("unknown KV cache type {s:?} (f16, f32)")),
+        }
+    }
+}
+
+/// A cached element: f32 or f16.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// Converts a slice (vectorised where the CPU allows).
+    fn convert(src: &[f32], dst: &mut [Self]);
+    /// Loads 16 consecutive elements as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable elements, and the CPU must support AVX-512F (and F16C for
+    /// f16).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn convert(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    fn convert(src: &[f32], dst: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+}
+
 /// Shapes shared by every KV block of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvGeometry {
@@ -34,19 +120,24 @@ pub struct KvGeometry {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    pub dtype: KvDtype,
 }
 
 impl KvGeometry {
-    /// f32 values per block.
+    /// Elements per block.
     pub fn block_len(&self) -> usize {
         self.n_layers * 2 * self.n_kv_heads * BLOCK_TOKENS * self.head_dim
     }
-    /// Start of the keys (`[head_dim][16]`) of (layer, kv head) within a block.
+    /// Bytes per block.
+    pub fn block_bytes(&self) -> usize {
+        self.block_len() * self.dtype.size()
+    }
+    /// Start of the keys (`[head_dim][BLOCK_TOKENS]`) of (layer, kv head) within a block.
     #[inline]
     fn k_offset(&self, layer: usize, head: usize) -> usize {
         ((layer * 2) * self.n_kv_heads + head) * BLOCK_TOKENS * self.head_dim
     }
-    /// Start of the values (`[16][head_dim]`) of (layer, kv head) within a block.
+    /// Start of the values (`[BLOCK_TOKENS][head_dim]`) of (layer, kv head) within a block.
     #[inline]
     fn v_offset(&self, layer: usize, head: usize) -> usize {
         ((layer * 2 + 1) * self.n_kv_heads + head) * BLOCK_TOKENS * self.head_dim
@@ -55,8 +146,9 @@ impl KvGeometry {
 
 /// One sequence's slice of the batch as the kernel sees it.
 pub struct SeqSpan {
-    /// Base pointers of the sequence's blocks (enough for `start + len` positions).
-    pub blocks: Vec<*mut f32>,
+    /// Base pointers of the sequence's blocks (enough for `start + len` positions), each
+    /// `block_bytes` long, holding elements of the geometry's dtype.
+    pub blocks: Vec<*mut u8>,
     /// Position of the first new token (tokens already in the cache).
     pub start: usize,
     /// Number of new tokens.
@@ -90,13 +182,21 @@ impl RopeRows {
                 sin.push(a.sin());
             }
         }
-        Self { cos, sin, half, style }
+        Self {
+            cos,
+            sin,
+            half,
+            style,
+        }
     }
 
     /// Rotates one head vector in place with the angles of packed row `row`.
     #[inline]
     pub fn apply(&self, x: &mut [f32], row: usize) {
-        let (c, s) = (&self.cos[row * self.half..][..self.half], &self.sin[row * self.half..][..self.half]);
+        let (c, s) = (
+            &self.cos[row * self.half..][..self.half],
+            &self.sin[row * self.half..][..self.half],
+        );
         match self.style {
             RopeStyle::Interleaved => {
                 for i in 0..self.half {
@@ -121,8 +221,41 @@ impl RopeRows {
 ///
 /// `qkv` is `[rows, (n_heads + 2·n_kv_heads)·head_dim]` (q, then k, then v of each row); the new
 /// k/v rows are rotated and written into the sequences' caches first. Returns `[rows, n_heads·head_dim]`.
-pub fn paged_attention(geo: &KvGeometry, layer: usize, qkv: &[f32], spans: &[SeqSpan], rope: &RopeRows, out: &mut [f32]) {
-    paged_attention_with(pool::global(), geo, layer, qkv, spans, rope, out, super::Isa::detect())
+pub fn paged_attention(
+    geo: &KvGeometry,
+    layer: usize,
+    qkv: &[f32],
+    spans: &[SeqSpan],
+    rope: &RopeRows,
+    out: &mut [f32],
+) {
+    paged_attention_with(
+        pool::global(),
+        geo,
+        layer,
+        qkv,
+        spans,
+        rope,
+        out,
+        super::Isa::detect(),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_with(
+    pool: &ThreadPool,
+    geo: &KvGeometry,
+    layer: usize,
+    qkv: &[f32],
+    spans: &[SeqSpan],
+    rope: &RopeRows,
+    out: &mut [f32],
+    isa: super::Isa,
+) {
+    match geo.dtype {
+        KvDtype::F16 => attention_impl::<half::f16>(pool, geo, layer, qkv, spans, rope, out, isa),
+        KvDtype::F32 => attention_impl::<f32>(pool, geo, layer, qkv, spans, rope, out, isa),
+    }
 }
 
 /// One unit of parallel work.
@@ -134,7 +267,7 @@ struct Item {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn paged_attention_with(
+fn attention_impl<E: KvElem>(
     pool: &ThreadPool,
     geo: &KvGeometry,
     layer: usize,
@@ -151,41 +284,63 @@ pub fn paged_attention_with(
     let rows = qkv.len() / width;
     let group = geo.n_heads / geo.n_kv_heads;
     assert_eq!(out.len(), rows * q_dim);
-    assert!(group <= MAX_GROUP, "at most {MAX_GROUP} query heads per kv head");
+    assert!(
+        group <= MAX_GROUP,
+        "at most {MAX_GROUP} query heads per kv head"
+    );
 
-    // Serial phase: rotate q into a scratch copy, rotate k and store k/v into the caches.
+    // Phase 1, parallel over rows: rotate q into a scratch copy, rotate k and store k/v into
+    // the caches (each row writes its own slot).
     let mut q = vec![0f32; rows * q_dim];
-    let mut k_rot = vec![0f32; hd];
-    for span in spans {
-        for i in 0..span.len {
-            let row = span.row + i;
+    let q_ptr = pool::SyncPtr::new(q.as_mut_ptr());
+    let row_span: Vec<(usize, usize)> = spans
+        .iter()
+        .flat_map(|s| (0..s.len).map(move |i| (s.start + i, s.row + i)))
+        .collect();
+    let span_of: Vec<&SeqSpan> = spans
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(s, s.len))
+        .collect();
+    let parallel = if rows >= 8 { pool.n_threads() } else { 1 };
+    pool.run(parallel, |i, n| {
+        let mut k_rot = vec![0f32; hd];
+        let mut k_elems = vec![E::from_f32(0.0); hd];
+        for idx in split_range(rows, i, n) {
+            let (pos, row) = row_span[idx];
             let src = &qkv[row * width..][..width];
-            let qr = &mut q[row * q_dim..][..q_dim];
+            // SAFETY: each row of `q` is written by one participant.
+            let qr = unsafe { std::slice::from_raw_parts_mut(q_ptr.get().add(row * q_dim), q_dim) };
             qr.copy_from_slice(&src[..q_dim]);
             for h in qr.chunks_exact_mut(hd) {
                 rope.apply(h, row);
             }
-            let pos = span.start + i;
-            let block = span.blocks[pos / BLOCK_TOKENS];
+            let block = span_of[idx].blocks[pos / BLOCK_TOKENS] as *mut E;
             let slot = pos % BLOCK_TOKENS;
             for g in 0..geo.n_kv_heads {
                 k_rot.copy_from_slice(&src[q_dim + g * hd..][..hd]);
                 rope.apply(&mut k_rot, row);
-                // SAFETY: `block` holds `block_len` f32s; offsets stay within (layer, head).
+                E::convert(&k_rot, &mut k_elems);
+                // SAFETY: `block` holds `block_len` elements; this row owns slot `slot`.
                 unsafe {
                     let kt = block.add(geo.k_offset(layer, g));
-                    for (d, &x) in k_rot.iter().enumerate() {
+                    for (d, &x) in k_elems.iter().enumerate() {
                         *kt.add(d * BLOCK_TOKENS + slot) = x;
                     }
-                    let v = std::slice::from_raw_parts_mut(block.add(geo.v_offset(layer, g) + slot * hd), hd);
-                    v.copy_from_slice(&src[q_dim + kv_dim + g * hd..][..hd]);
+                    let v = std::slice::from_raw_parts_mut(
+                        block.add(geo.v_offset(layer, g) + slot * hd),
+                        hd,
+                    );
+                    E::convert(&src[q_dim + kv_dim + g * hd..][..hd], v);
                 }
             }
         }
-    }
+    });
 
     // Parallel phase.
-    let by_group: usize = spans.iter().map(|s| geo.n_kv_heads * s.len.div_ceil(QUERY_CHUNK)).sum();
+    let by_group: usize = spans
+        .iter()
+        .map(|s| geo.n_kv_heads * s.len.div_ceil(QUERY_CHUNK))
+        .sum();
     let split_heads = by_group < 2 * pool.n_threads();
     let mut items = Vec::new();
     for (si, span) in spans.iter().enumerate() {
@@ -195,22 +350,31 @@ pub fn paged_attention_with(
                 let heads = g * group..(g + 1) * group;
                 if split_heads {
                     for h in heads {
-                        items.push(Item { span: si, kv_head: g, heads: h..h + 1, queries: queries.clone() });
+                        items.push(Item {
+                            span: si,
+                            kv_head: g,
+                            heads: h..h + 1,
+                            queries: queries.clone(),
+                        });
                     }
                 } else {
-                    items.push(Item { span: si, kv_head: g, heads, queries });
+                    items.push(Item {
+                        span: si,
+                        kv_head: g,
+                        heads,
+                        queries,
+                    });
                 }
             }
         }
     }
     let next = AtomicUsize::new(0);
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = pool::SyncPtr::new(out.as_mut_ptr());
     let max_keys = spans.iter().map(|s| s.start + s.len).max().unwrap_or(0);
     let parallel = if items.len() > 1 { pool.n_threads() } else { 1 };
     pool.run(parallel, |_, _| {
-        let out_ptr = out_ptr;
-        // Scores of up to MAX_GROUP heads, padded to whole blocks.
-        let mut scores = vec![0f32; MAX_GROUP * max_keys.div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS];
+        // Scores of up to MAX_GROUP heads, padded to whole 16-key chunks.
+        let mut scores = vec![0f32; MAX_GROUP * max_keys.div_ceil(16) * 16];
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(item) = items.get(i) else { break };
@@ -228,28 +392,28 @@ pub fn paged_attention_with(
                 };
                 // SAFETY: each (row, head) output slice is written by exactly one item.
                 let o = unsafe {
-                    std::slice::from_raw_parts_mut(out_ptr.0.add(row * q_dim + item.heads.start * hd), item.heads.len() * hd)
+                    std::slice::from_raw_parts_mut(
+                        out_ptr.get().add(row * q_dim + item.heads.start * hd),
+                        item.heads.len() * hd,
+                    )
                 };
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    super::Isa::Avx512Vnni if hd.is_multiple_of(16) => unsafe { avx512::attend(&args, &mut scores, o) },
-                    _ => portable::attend(&args, &mut scores, o),
+                    super::Isa::Avx512Vnni if hd.is_multiple_of(16) => unsafe {
+                        avx512::attend::<E>(&args, &mut scores, o)
+                    },
+                    _ => portable::attend::<E>(&args, &mut scores, o),
                 }
             }
         }
     });
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// One query position of `n_heads` heads sharing kv head `kv_head`.
 struct QueryArgs<'a> {
     geo: &'a KvGeometry,
     layer: usize,
-    blocks: &'a [*mut f32],
+    blocks: &'a [*mut u8],
     kv_head: usize,
     /// `[n_heads][head_dim]`, rotated.
     q: &'a [f32],
@@ -262,7 +426,7 @@ mod portable {
     use super::*;
 
     /// softmax(q·Kᵀ/√d)·V for each head, scalar reference implementation of the same layout.
-    pub fn attend(a: &QueryArgs, scores: &mut [f32], out: &mut [f32]) {
+    pub fn attend<E: KvElem>(a: &QueryArgs, scores: &mut [f32], out: &mut [f32]) {
         let hd = a.geo.head_dim;
         let scale = 1.0 / (hd as f32).sqrt();
         let n = a.n_keys;
@@ -270,11 +434,13 @@ mod portable {
             let q = &a.q[h * hd..][..hd];
             let s = &mut scores[h * n..][..n];
             for (t, sc) in s.iter_mut().enumerate() {
-                let kt = unsafe { a.blocks[t / BLOCK_TOKENS].add(a.geo.k_offset(a.layer, a.kv_head)) };
+                let kt = unsafe {
+                    (a.blocks[t / BLOCK_TOKENS] as *const E).add(a.geo.k_offset(a.layer, a.kv_head))
+                };
                 let slot = t % BLOCK_TOKENS;
                 let mut dot = 0f32;
                 for (d, &qd) in q.iter().enumerate() {
-                    dot += qd * unsafe { *kt.add(d * BLOCK_TOKENS + slot) };
+                    dot += qd * unsafe { *kt.add(d * BLOCK_TOKENS + slot) }.to_f32();
                 }
                 *sc = dot * scale;
             }
@@ -289,12 +455,13 @@ mod portable {
             for (t, &w) in s.iter().enumerate() {
                 let v = unsafe {
                     std::slice::from_raw_parts(
-                        a.blocks[t / BLOCK_TOKENS].add(a.geo.v_offset(a.layer, a.kv_head) + (t % BLOCK_TOKENS) * hd),
+                        (a.blocks[t / BLOCK_TOKENS] as *const E)
+                            .add(a.geo.v_offset(a.layer, a.kv_head) + (t % BLOCK_TOKENS) * hd),
                         hd,
                     )
                 };
                 for (od, &vd) in o.iter_mut().zip(v) {
-                    *od += w * vd;
+                    *od += w * vd.to_f32();
                 }
             }
             let inv = 1.0 / sum;
@@ -306,39 +473,71 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::*;
-    use crate::model::kernels::simd::exp16;
+    use crate::simd::exp16;
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn attend(a: &QueryArgs, scores: &mut [f32], out: &mut [f32]) {
+    /// Hints the cache to load `len` bytes from `p`.
+    #[inline(always)]
+    unsafe fn prefetch_region(p: *const u8, len: usize) {
+        unsafe {
+            let mut off = 0;
+            while off < len {
+                _mm_prefetch::<_MM_HINT_T0>(p.add(off) as *const i8);
+                off += 64;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn attend<E: KvElem>(a: &QueryArgs, scores: &mut [f32], out: &mut [f32]) {
         unsafe {
             let hd = a.geo.head_dim;
             let nh = a.n_heads;
             let n = a.n_keys;
-            let n_blocks = n.div_ceil(BLOCK_TOKENS);
-            let stride = n_blocks * BLOCK_TOKENS;
+            // Keys are scored 16 at a time (one register of lanes); a block may hold several chunks.
+            let n_chunks = n.div_ceil(16);
+            let stride = n_chunks * 16;
             let scale = _mm512_set1_ps(1.0 / (hd as f32).sqrt());
             let k_off = a.geo.k_offset(a.layer, a.kv_head);
             let v_off = a.geo.v_offset(a.layer, a.kv_head);
             let q = a.q.as_ptr();
             let sp = scores.as_mut_ptr();
 
-            // Scores, 16 keys per block, all heads of the group per loaded key vector.
+            // Scores, all heads of the group per loaded key vector.
             let mut maxv = [_mm512_set1_ps(f32::NEG_INFINITY); MAX_GROUP];
-            for b in 0..n_blocks {
-                let kt = a.blocks[b].add(k_off);
+            let region = BLOCK_TOKENS * hd * std::mem::size_of::<E>();
+            // The values of the first block are needed right after the scores: start loading them.
+            prefetch_region((a.blocks[0] as *const E).add(v_off) as *const u8, region);
+            for c in 0..n_chunks {
+                let (b, sub) = (c * 16 / BLOCK_TOKENS, (c * 16) % BLOCK_TOKENS / 16);
+                // Blocks are separate allocations: ask for the next block's keys ahead of time.
+                if sub == 0 && (b + 1) * BLOCK_TOKENS < n {
+                    prefetch_region(
+                        (a.blocks[b + 1] as *const E).add(k_off) as *const u8,
+                        region,
+                    );
+                }
+                let kt = (a.blocks[b] as *const E).add(k_off + sub * 16);
                 let mut acc = [_mm512_setzero_ps(); MAX_GROUP];
                 for d in 0..hd {
-                    let k = _mm512_loadu_ps(kt.add(d * BLOCK_TOKENS));
+                    let k = E::load16(kt.add(d * BLOCK_TOKENS));
                     for h in 0..nh {
                         acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(h * hd + d)), k, acc[h]);
                     }
                 }
-                let valid = n - b * BLOCK_TOKENS;
-                let mask: __mmask16 = if valid >= 16 { 0xFFFF } else { (1u16 << valid) - 1 };
+                let valid = n - c * 16;
+                let mask: __mmask16 = if valid >= 16 {
+                    0xFFFF
+                } else {
+                    (1u16 << valid) - 1
+                };
                 for h in 0..nh {
-                    let s = _mm512_mask_mov_ps(_mm512_set1_ps(f32::NEG_INFINITY), mask, _mm512_mul_ps(acc[h], scale));
-                    _mm512_storeu_ps(sp.add(h * stride + b * BLOCK_TOKENS), s);
+                    let s = _mm512_mask_mov_ps(
+                        _mm512_set1_ps(f32::NEG_INFINITY),
+                        mask,
+                        _mm512_mul_ps(acc[h], scale),
+                    );
+                    _mm512_storeu_ps(sp.add(h * stride + c * 16), s);
                     maxv[h] = _mm512_max_ps(maxv[h], s);
                 }
             }
@@ -347,8 +546,8 @@ mod avx512 {
             for h in 0..nh {
                 let m = _mm512_set1_ps(_mm512_reduce_max_ps(maxv[h]));
                 let mut sum = _mm512_setzero_ps();
-                for b in 0..n_blocks {
-                    let p = sp.add(h * stride + b * BLOCK_TOKENS);
+                for c in 0..n_chunks {
+                    let p = sp.add(h * stride + c * 16);
                     let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p), m));
                     _mm512_storeu_ps(p, e);
                     sum = _mm512_add_ps(sum, e);
@@ -357,20 +556,28 @@ mod avx512 {
             }
             // Weighted sum of values, 16 dimensions per register, accumulators kept in registers.
             match hd / 16 {
-                2 => weighted_values::<2>(a, sp, stride, &inv, out),
-                4 => weighted_values::<4>(a, sp, stride, &inv, out),
-                8 => weighted_values::<8>(a, sp, stride, &inv, out),
+                2 => weighted_values::<E, 2>(a, sp, stride, &inv, out),
+                4 => weighted_values::<E, 4>(a, sp, stride, &inv, out),
+                8 => weighted_values::<E, 8>(a, sp, stride, &inv, out),
                 c => {
                     // Other head sizes: a generic loop through memory.
                     for h in 0..nh {
                         let o = &mut out[h * hd..][..hd];
                         o.fill(0.0);
                         for t in 0..n {
-                            let v = a.blocks[t / BLOCK_TOKENS].add(v_off + (t % BLOCK_TOKENS) * hd);
+                            let v = (a.blocks[t / BLOCK_TOKENS] as *const E)
+                                .add(v_off + (t % BLOCK_TOKENS) * hd);
                             let w = _mm512_set1_ps(*sp.add(h * stride + t) * inv[h]);
                             for ci in 0..c {
                                 let op = o.as_mut_ptr().add(ci * 16);
-                                _mm512_storeu_ps(op, _mm512_fmadd_ps(w, _mm512_loadu_ps(v.add(ci * 16)), _mm512_loadu_ps(op)));
+                                _mm512_storeu_ps(
+                                    op,
+                                    _mm512_fmadd_ps(
+                                        w,
+                                        E::load16(v.add(ci * 16)),
+                                        _mm512_loadu_ps(op),
+                                    ),
+                                );
                             }
                         }
                     }
@@ -380,27 +587,44 @@ mod avx512 {
     }
 
     #[inline(always)]
-    unsafe fn weighted_values<const C: usize>(a: &QueryArgs, sp: *const f32, stride: usize, inv: &[f32; MAX_GROUP], out: &mut [f32]) {
+    unsafe fn weighted_values<E: KvElem, const C: usize>(
+        a: &QueryArgs,
+        sp: *const f32,
+        stride: usize,
+        inv: &[f32; MAX_GROUP],
+        out: &mut [f32],
+    ) {
         unsafe {
             let hd = a.geo.head_dim;
             let v_off = a.geo.v_offset(a.layer, a.kv_head);
             for h in 0..a.n_heads {
                 let mut acc = [_mm512_setzero_ps(); C];
                 let w_row = sp.add(h * stride);
-                for b in 0..a.n_keys.div_ceil(BLOCK_TOKENS) {
-                    let vb = a.blocks[b].add(v_off);
+                let n_blocks = a.n_keys.div_ceil(BLOCK_TOKENS);
+                for b in 0..n_blocks {
+                    let vb = (a.blocks[b] as *const E).add(v_off);
+                    if h == 0 && b + 1 < n_blocks {
+                        let region = BLOCK_TOKENS * hd * std::mem::size_of::<E>();
+                        prefetch_region(
+                            (a.blocks[b + 1] as *const E).add(v_off) as *const u8,
+                            region,
+                        );
+                    }
                     let n_in_block = (a.n_keys - b * BLOCK_TOKENS).min(BLOCK_TOKENS);
                     for s in 0..n_in_block {
                         let w = _mm512_set1_ps(*w_row.add(b * BLOCK_TOKENS + s));
                         let v = vb.add(s * hd);
                         for c in 0..C {
-                            acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v.add(c * 16)), acc[c]);
+                            acc[c] = _mm512_fmadd_ps(w, E::load16(v.add(c * 16)), acc[c]);
                         }
                     }
                 }
                 let iv = _mm512_set1_ps(inv[h]);
                 for c in 0..C {
-                    _mm512_storeu_ps(out.as_mut_ptr().add(h * hd + c * 16), _mm512_mul_ps(acc[c], iv));
+                    _mm512_storeu_ps(
+                        out.as_mut_ptr().add(h * hd + c * 16),
+                        _mm512_mul_ps(acc[c], iv),
+                    );
                 }
             }
         }
@@ -416,30 +640,56 @@ mod tests {
     /// and both head groupings.
     #[test]
     fn kernels_match_reference() {
-        let geo = KvGeometry { n_layers: 2, n_heads: 6, n_kv_heads: 2, head_dim: 32 };
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            check_dtype(dtype);
+        }
+    }
+
+    fn check_dtype(dtype: KvDtype) {
+        let geo = KvGeometry {
+            n_layers: 2,
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 32,
+            dtype,
+        };
+        let tol = if dtype == KvDtype::F16 { 2e-3 } else { 1e-5 };
         let hd = geo.head_dim;
         let (q_dim, kv_dim) = (geo.n_heads * hd, geo.n_kv_heads * hd);
         let width = q_dim + 2 * kv_dim;
         let mut rng = crate::sampling::Rng::new(5);
         let lens = [37usize, 1, 16, 5];
         let rows: usize = lens.iter().sum();
-        let qkv: Vec<f32> = (0..rows * width).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+        let qkv: Vec<f32> = (0..rows * width)
+            .map(|_| rng.next_f32() * 2.0 - 1.0)
+            .collect();
         let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
-        let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+            .collect();
         let rope = RopeRows::new(&positions, &inv, RopeStyle::Half);
         for isa in [Isa::Portable, Isa::detect()] {
             for threads in [1, 2] {
                 let pool = ThreadPool::new(threads);
-                let mut storage: Vec<Vec<Vec<f32>>> = lens
+                let mut storage: Vec<Vec<Vec<u8>>> = lens
                     .iter()
-                    .map(|&l| (0..l.div_ceil(BLOCK_TOKENS)).map(|_| vec![0f32; geo.block_len()]).collect())
+                    .map(|&l| {
+                        (0..l.div_ceil(BLOCK_TOKENS))
+                            .map(|_| vec![0u8; geo.block_bytes()])
+                            .collect()
+                    })
                     .collect();
                 let mut row = 0;
                 let spans: Vec<SeqSpan> = storage
                     .iter_mut()
                     .zip(lens)
                     .map(|(blocks, len)| {
-                        let s = SeqSpan { blocks: blocks.iter_mut().map(|b| b.as_mut_ptr()).collect(), start: 0, len, row };
+                        let s = SeqSpan {
+                            blocks: blocks.iter_mut().map(|b| b.as_mut_ptr()).collect(),
+                            start: 0,
+                            len,
+                            row,
+                        };
                         row += len;
                         s
                     })
@@ -456,9 +706,14 @@ mod tests {
                             rope.apply(&mut qv, row0 + i);
                             let mut s: Vec<f64> = (0..=i)
                                 .map(|t| {
-                                    let mut k = qkv[(row0 + t) * width + q_dim + g * hd..][..hd].to_vec();
+                                    let mut k =
+                                        qkv[(row0 + t) * width + q_dim + g * hd..][..hd].to_vec();
                                     rope.apply(&mut k, row0 + t);
-                                    qv.iter().zip(&k).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() / (hd as f64).sqrt()
+                                    qv.iter()
+                                        .zip(&k)
+                                        .map(|(a, b)| (*a as f64) * (*b as f64))
+                                        .sum::<f64>()
+                                        / (hd as f64).sqrt()
                                 })
                                 .collect();
                             let m = s.iter().cloned().fold(f64::MIN, f64::max);
@@ -466,10 +721,18 @@ mod tests {
                             let z: f64 = s.iter().sum();
                             for d in 0..hd {
                                 let want: f64 = (0..=i)
-                                    .map(|t| s[t] / z * qkv[(row0 + t) * width + q_dim + kv_dim + g * hd + d] as f64)
+                                    .map(|t| {
+                                        s[t] / z
+                                            * qkv[(row0 + t) * width + q_dim + kv_dim + g * hd + d]
+                                                as f64
+                                    })
                                     .sum();
                                 let got = out[(row0 + i) * q_dim + h * hd + d] as f64;
-                                assert!((got - want).abs() < 1e-5, "{isa:?} t{threads} row {} head {h} dim {d}: {got} vs {want}", row0 + i);
+                                assert!(
+                                    (got - want).abs() < tol,
+                                    "{dtype:?} {isa:?} t{threads} row {} head {h} dim {d}: {got} vs {want}",
+                                    row0 + i
+                                );
                             }
                         }
                     }

@@ -71,22 +71,20 @@ fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// Runs `f(row, out_row)` over rows, on the pool when the tensor is large (prefill).
 fn rows_parallel(total: usize, cols: usize, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
     let rows = out.len() / cols;
-    let ptr = OutPtr(out.as_mut_ptr());
-    let parallel = if total >= PAR_MIN_ELEMS { pool::global().n_threads() } else { 1 };
+    let ptr = pool::SyncPtr::new(out.as_mut_ptr());
+    let parallel = if total >= PAR_MIN_ELEMS {
+        pool::global().n_threads()
+    } else {
+        1
+    };
     pool::global().run(parallel, |i, n| {
-        let ptr = ptr;
         for r in split_range(rows, i, n) {
             // SAFETY: row ranges are disjoint between participants.
-            let o = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(r * cols), cols) };
+            let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * cols), cols) };
             f(r, o);
         }
     });
 }
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 /// Runs `f` compiled for AVX-512 when the CPU has it (the body is inlined into a
 /// `target_feature` function, so plain loops vectorise to 512-bit registers).
@@ -105,7 +103,7 @@ fn dispatch<R>(f: impl FnOnce() -> R) -> R {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use crate::model::kernels::simd::exp16;
+    use crate::simd::exp16;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f")]
@@ -137,7 +135,9 @@ mod tests {
     fn kernels_match_scalar_definitions() {
         let mut rng = crate::sampling::Rng::new(3);
         let (rows, cols) = (5, 100);
-        let x: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() * 8.0 - 4.0).collect();
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.next_f32() * 8.0 - 4.0)
+            .collect();
         let w: Vec<f32> = (0..cols).map(|_| rng.next_f32() + 0.5).collect();
         let mut out = vec![0f32; rows * cols];
         rms_norm(&x, &w, 1e-5, &mut out);
@@ -156,7 +156,11 @@ mod tests {
             for c in 0..f {
                 let (g, u) = (x[r * cols + c] as f64, x[r * cols + f + c] as f64);
                 let want = g / (1.0 + (-g).exp()) * u;
-                assert!((act[r * f + c] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "{} vs {want}", act[r * f + c]);
+                assert!(
+                    (act[r * f + c] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "{} vs {want}",
+                    act[r * f + c]
+                );
             }
         }
     }

@@ -3,8 +3,9 @@
 //!
 //! Quantized formats first quantize the activations to 8 bits per 32-block (llama.cpp's Q8_0 /
 //! Q8_1 scheme: an f16 scale, 32 × i8 and the block's sum), then run integer dot products. Scales
-//! are rounded through f16 exactly as GGUF's Q8_1 blocks store them, so our results track
-//! llama.cpp's and candle's to float-summation noise (the parity test relies on it).
+//! are rounded through f16 exactly as GGUF's Q8_1 blocks store them, so our integer sums are
+//! llama.cpp's and candle's, and results differ from theirs only by float summation order (the
+//! parity test relies on it).
 //! Two implementations compute the same integer sums: an AVX-512 VNNI one (runtime-detected) and a
 //! portable one that the compiler vectorises; tests check they agree.
 //!
@@ -76,6 +77,13 @@ fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
     (f16::from_f32(exact).to_f32(), sum)
 }
 
+/// `x · Wᵀ` into a new `[m, n]` vector.
+pub fn matmul_new(w: &PackedMatrix, x: &[f32], m: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * w.n];
+    matmul(w, x, m, &mut y);
+    y
+}
+
 /// `y[m, n] = x[m, k] · Wᵀ` using the global kernel pool.
 pub fn matmul(w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32]) {
     matmul_with(pool::global(), w, x, m, y, Isa::detect())
@@ -117,12 +125,6 @@ impl Isa {
     }
 }
 
-/// Raw pointer wrapper so disjoint output tiles can be written from several threads.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 pub fn matmul_with(
     pool: &pool::ThreadPool,
     w: &PackedMatrix,
@@ -142,12 +144,15 @@ pub fn matmul_with(
         _ => Some(QuantizedActs::quantize(x, m, k)),
     };
     let tiles = w.n_tiles();
-    let out = OutPtr(y.as_mut_ptr());
+    let out = pool::SyncPtr::new(y.as_mut_ptr());
     // Tiny products are not worth a thread hand-off.
     let work = m * n * k;
-    let parallel = if work < 64 * 1024 { 1 } else { pool.n_threads() };
+    let parallel = if work < 64 * 1024 {
+        1
+    } else {
+        pool.n_threads()
+    };
     pool.run(parallel, |i, nt| {
-        let out = out;
         let mut buf = [[0f32; TILE]; MR];
         for t in split_range(tiles, i, nt) {
             let mut row0 = 0;
@@ -158,7 +163,7 @@ pub fn matmul_with(
                 for (r, vals) in buf.iter().enumerate().take(rows) {
                     // SAFETY: tile `t` of rows `row0..row0+rows` is written by this participant only.
                     unsafe {
-                        let dst = out.0.add((row0 + r) * n + t * TILE);
+                        let dst = out.get().add((row0 + r) * n + t * TILE);
                         std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, cols);
                     }
                 }
@@ -189,7 +194,9 @@ fn compute_tile(
             avx512::q4_1_tile(w, acts.unwrap(), t, row0, rows, out)
         },
         #[cfg(target_arch = "x86_64")]
-        (PackedFormat::F32, Isa::Avx512Vnni) => unsafe { avx512::f32_tile(w, x, t, row0, rows, out) },
+        (PackedFormat::F32, Isa::Avx512Vnni) => unsafe {
+            avx512::f32_tile(w, x, t, row0, rows, out)
+        },
         (PackedFormat::Q8_0, _) => portable::q8_0_tile(w, acts.unwrap(), t, row0, rows, out),
         (PackedFormat::Q4_1, _) => portable::q4_1_tile(w, acts.unwrap(), t, row0, rows, out),
         (PackedFormat::F32, _) => portable::f32_tile(w, x, t, row0, rows, out),
@@ -214,7 +221,7 @@ mod portable {
     ) {
         let kb = w.k_blocks();
         let data = w.data.as_slice();
-        for r in 0..rows {
+        for (r, o) in out.iter_mut().enumerate().take(rows) {
             let row = row0 + r;
             let mut acc = [0f32; TILE];
             for b in 0..kb {
@@ -233,10 +240,10 @@ mod portable {
                 let da = a.d[row * kb + b];
                 let dw = f16x16(&w.scales[tb * TILE..]);
                 for l in 0..TILE {
-                    acc[l] += (s[l] - corr) as f32 * dw[l] * da;
+                    acc[l] += (s[l] - corr) as f32 * (dw[l] * da);
                 }
             }
-            out[r] = acc;
+            *o = acc;
         }
     }
 
@@ -253,6 +260,7 @@ mod portable {
         for r in 0..rows {
             let row = row0 + r;
             let mut acc = [0f32; TILE];
+            let mut accm = [0f32; TILE];
             for b in 0..kb {
                 let tb = t * kb + b;
                 let q = &data[tb * QBLOCK * TILE / 2..][..QBLOCK * TILE / 2];
@@ -270,10 +278,11 @@ mod portable {
                 let dw = f16x16(&w.scales[tb * TILE..]);
                 let mw = f16x16(&w.mins[tb * TILE..]);
                 for l in 0..TILE {
-                    acc[l] += s[l] as f32 * dw[l] * da + mw[l] * sa;
+                    acc[l] += s[l] as f32 * (dw[l] * da);
+                    accm[l] += mw[l] * sa;
                 }
             }
-            out[r] = acc;
+            out[r] = std::array::from_fn(|l| acc[l] + accm[l]);
         }
     }
 
@@ -321,12 +330,16 @@ mod avx512 {
                 let frac = _mm512_sub_ps(r, t);
                 // Half away from zero: |frac| ≥ 0.5 moves one step in the sign of r.
                 let away = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.5), _CMP_GE_OQ);
-                let step = _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(r, _mm512_set1_ps(-0.0)));
+                let step =
+                    _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(r, _mm512_set1_ps(-0.0)));
                 _mm512_cvttps_epi32(_mm512_mask_add_ps(t, away, t, step))
             };
             let (qa, qb) = (round(lo), round(hi));
             _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
-            _mm_storeu_si128(dst.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qb));
+            _mm_storeu_si128(
+                dst.as_mut_ptr().add(16) as *mut __m128i,
+                _mm512_cvtsepi32_epi8(qb),
+            );
             let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
             (f16::from_f32(exact).to_f32(), sum)
         }
@@ -401,10 +414,8 @@ mod avx512 {
                 for r in 0..R {
                     let s = _mm512_add_epi32(s0[r], s1[r]);
                     let s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * *xs[r].add(b)));
-                    // ((s·dw)·da), then add: the exact operation order of ggml's scalar
-                    // vec_dot, so results match llama.cpp/candle bit for bit where sums agree.
-                    let t = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), dw), _mm512_set1_ps(*xd[r].add(b)));
-                    acc[r] = _mm512_add_ps(acc[r], t);
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b)));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
                 }
             }
             for r in 0..R {
@@ -440,35 +451,40 @@ mod avx512 {
             let mins = w.mins.as_ptr().add(t * kb * TILE);
             let xq: [*const i8; R] = std::array::from_fn(|r| a.qs.as_ptr().add((row0 + r) * a.k));
             let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
-            let xs: [*const f32; R] = std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
+            let xs: [*const f32; R] =
+                std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
             let nib = _mm512_set1_epi8(0x0F);
+            // Block terms (d·s) and min terms (m·s) accumulate separately: two independent
+            // FMA chains per row.
             let mut acc = [_mm512_setzero_ps(); R];
+            let mut accm = [_mm512_setzero_ps(); R];
             for b in 0..kb {
                 let qb = q.add(b * QBLOCK * TILE / 2);
-                let mut s0 = [_mm512_setzero_si512(); R];
-                let mut s1 = [_mm512_setzero_si512(); R];
+                let mut s = [_mm512_setzero_si512(); R];
                 for g in 0..4 {
                     let v = _mm512_load_si512(qb.add(g * 64) as *const __m512i);
                     let lo = _mm512_and_si512(v, nib);
                     let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
                     for r in 0..R {
                         let xb = xq[r].add(b * QBLOCK + g * 8);
-                        s0[r] = _mm512_dpbusd_epi32(s0[r], lo, bcast4(xb));
-                        s1[r] = _mm512_dpbusd_epi32(s1[r], hi, bcast4(xb.add(4)));
+                        s[r] = _mm512_dpbusd_epi32(s[r], lo, bcast4(xb));
+                        s[r] = _mm512_dpbusd_epi32(s[r], hi, bcast4(xb.add(4)));
                     }
                 }
                 let dw = load_f16x16(scales.add(b * TILE));
                 let mw = load_f16x16(mins.add(b * TILE));
                 for r in 0..R {
-                    let da = *xd[r].add(b);
-                    let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[r], s1[r]));
-                    let t = _mm512_mul_ps(_mm512_mul_ps(s, dw), _mm512_set1_ps(da));
-                    let u = _mm512_mul_ps(mw, _mm512_set1_ps(*xs[r].add(b)));
-                    acc[r] = _mm512_add_ps(acc[r], _mm512_add_ps(t, u));
+                    let sf = _mm512_cvtepi32_ps(s[r]);
+                    acc[r] = _mm512_fmadd_ps(
+                        sf,
+                        _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b))),
+                        acc[r],
+                    );
+                    accm[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*xs[r].add(b)), accm[r]);
                 }
             }
             for r in 0..R {
-                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+                _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(acc[r], accm[r]));
             }
         }
     }
@@ -531,7 +547,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -541,7 +559,9 @@ mod tests {
         let mut y = vec![0f32; m * n];
         for r in 0..m {
             for c in 0..n {
-                y[r * n + c] = (0..k).map(|i| x[r * k + i] as f64 * w[c * k + i] as f64).sum::<f64>() as f32;
+                y[r * n + c] = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         y
@@ -550,7 +570,9 @@ mod tests {
     fn q4_1_raw(w: &[f32]) -> Vec<u8> {
         let mut raw = Vec::new();
         for blk in w.chunks_exact(32) {
-            let (mn, mx) = blk.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            let (mn, mx) = blk
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
             let d = (mx - mn) / 15.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             raw.extend_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -571,7 +593,11 @@ mod tests {
             let mut y = vec![0f32; m * w.n];
             matmul_with(&pool, w, x, m, &mut y, isa);
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{:?} {isa:?} m={m} i={i}: {a} vs {b}", w.format);
+                assert!(
+                    (a - b).abs() <= tol * (1.0 + b.abs()),
+                    "{:?} {isa:?} m={m} i={i}: {a} vs {b}",
+                    w.format
+                );
             }
         }
     }
@@ -589,7 +615,11 @@ mod tests {
             let x = rand_vec(m * k, 100 + m as u64);
             for w in &formats {
                 // Activation quantization error dominates for the 8-bit formats.
-                let tol = if w.format == PackedFormat::F32 { 1e-5 } else { 0.05 };
+                let tol = if w.format == PackedFormat::F32 {
+                    1e-5
+                } else {
+                    0.05
+                };
                 check_all_isas(w, &x, m, tol);
             }
         }

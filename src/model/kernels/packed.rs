@@ -168,7 +168,9 @@ impl PackedMatrix {
     /// Quantizes an f32 `[n, k]` row-major matrix to packed Q8_0 (llama.cpp's rounding).
     pub fn quantize_q8_0(w: &[f32], n: usize, k: usize) -> Result<Self, String> {
         if !k.is_multiple_of(QBLOCK) {
-            return Err(format!("cannot quantize to q8_0: {k} inputs is not a multiple of 32"));
+            return Err(format!(
+                "cannot quantize to q8_0: {k} inputs is not a multiple of 32"
+            ));
         }
         if w.len() != n * k {
             return Err(format!("expected {} values, got {}", n * k, w.len()));
@@ -204,9 +206,16 @@ impl PackedMatrix {
         let tiles = n.div_ceil(TILE);
         let (data_len, n_scales) = match format {
             PackedFormat::F32 => (tiles * TILE * k * 4, 0),
-            _ => (tiles * (k / QBLOCK) * Self::tile_block_bytes(format), tiles * TILE * (k / QBLOCK)),
+            _ => (
+                tiles * (k / QBLOCK) * Self::tile_block_bytes(format),
+                tiles * TILE * (k / QBLOCK),
+            ),
         };
-        let n_mins = if format == PackedFormat::Q4_1 { n_scales } else { 0 };
+        let n_mins = if format == PackedFormat::Q4_1 {
+            n_scales
+        } else {
+            0
+        };
         Self {
             format,
             n,
@@ -247,7 +256,11 @@ impl PackedMatrix {
                     let src = &data[(t * kb + b) * QBLOCK * TILE / 2..];
                     for i in 0..QBLOCK {
                         let (byte, high) = q4_index(i, r);
-                        let q = if high { src[byte] >> 4 } else { src[byte] & 0x0F };
+                        let q = if high {
+                            src[byte] >> 4
+                        } else {
+                            src[byte] & 0x0F
+                        };
                         out[b * QBLOCK + i] = d * q as f32 + m;
                     }
                 }
@@ -269,7 +282,10 @@ impl PackedMatrix {
     /// Each part must have a multiple of 16 rows so tiles do not straddle parts.
     pub fn concat_rows(parts: &[&PackedMatrix]) -> Result<Self, String> {
         let first = parts.first().ok_or("nothing to concatenate")?;
-        if parts.iter().any(|p| p.k != first.k || p.format != first.format) {
+        if parts
+            .iter()
+            .any(|p| p.k != first.k || p.format != first.format)
+        {
             return Err("concatenated matrices differ in input size or format".into());
         }
         if parts.iter().any(|p| !p.n.is_multiple_of(TILE)) {
@@ -317,7 +333,10 @@ fn check_raw_len(raw: &[u8], n: usize, k: usize, block_bytes: usize) -> Result<(
     }
     let want = n * k / QBLOCK * block_bytes;
     if raw.len() != want {
-        return Err(format!("expected {want} bytes of blocks, got {}", raw.len()));
+        return Err(format!(
+            "expected {want} bytes of blocks, got {}",
+            raw.len()
+        ));
     }
     Ok(())
 }
@@ -330,7 +349,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
             })
             .collect()

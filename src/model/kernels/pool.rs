@@ -145,7 +145,7 @@ fn worker_loop(s: Arc<Shared>, w: usize) {
                 return;
             }
             spins += 1;
-            if spins % 64 != 0 || start.elapsed() < SPIN {
+            if !spins.is_multiple_of(64) || start.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }
@@ -179,7 +179,9 @@ static GLOBAL: OnceLock<ThreadPool> = OnceLock::new();
 /// Sets the number of kernel threads. Only the first call (before any kernel ran) has an effect;
 /// returns the number actually in use.
 pub fn init_global(n_threads: usize) -> usize {
-    GLOBAL.get_or_init(|| ThreadPool::new(n_threads)).n_threads()
+    GLOBAL
+        .get_or_init(|| ThreadPool::new(n_threads))
+        .n_threads()
 }
 
 /// The process-wide kernel pool; defaults to one thread per available core.
@@ -194,6 +196,24 @@ pub fn default_threads() -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|&n: &usize| n > 0)
         .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// A raw pointer that may be shared with pool participants which write disjoint parts of the
+/// buffer behind it (every use states why the parts are disjoint).
+#[derive(Clone, Copy)]
+pub struct SyncPtr<T>(*mut T);
+
+// SAFETY: only used to hand disjoint output regions to pool participants.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    pub fn new(p: *mut T) -> Self {
+        Self(p)
+    }
+    pub fn get(&self) -> *mut T {
+        self.0
+    }
 }
 
 /// Splits `0..len` into `n` nearly equal contiguous parts and returns part `i`.

@@ -85,7 +85,8 @@ impl LoadOptions {
             (Backend::Auto, cpu) => Ok(cpu),
             (Backend::Native, true) => Ok(true),
             (Backend::Native, false) => Err(ModelError::Config(
-                "the native backend runs on the CPU only; use --backend candle (or auto) on a GPU".into(),
+                "the native backend runs on the CPU only; use --backend candle (or auto) on a GPU"
+                    .into(),
             )),
             (Backend::Candle, _) => Ok(false),
         }
@@ -130,7 +131,9 @@ impl WeightName {
     /// The tensor's name in an HF checkpoint.
     pub fn hf(&self) -> String {
         let module = |k: ProjKind| match k {
-            ProjKind::Q | ProjKind::K | ProjKind::V | ProjKind::O => format!("self_attn.{}", k.hf_name()),
+            ProjKind::Q | ProjKind::K | ProjKind::V | ProjKind::O => {
+                format!("self_attn.{}", k.hf_name())
+            }
             _ => format!("mlp.{}", k.hf_name()),
         };
         match *self {
@@ -164,7 +167,9 @@ impl RawWeight {
     pub fn to_f32_cpu(&self) -> Result<Tensor> {
         Ok(match self {
             Self::Quantized(q) => q.dequantize(&Device::Cpu)?,
-            Self::Float(t) => t.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?,
+            Self::Float(t) => t
+                .to_device(&Device::Cpu)?
+                .to_dtype(candle_core::DType::F32)?,
         })
     }
 }
@@ -212,9 +217,16 @@ impl ModelFiles {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         let reason = match ext {
             "gguf" => "the file does not start with the GGUF magic bytes".to_string(),
-            "safetensors" => "pass the directory holding config.json and the .safetensors files".into(),
-            "bin" | "pt" | "pth" => "PyTorch pickles are not supported (they can run code); use safetensors or GGUF".into(),
-            _ => "expected a .gguf file or an HF directory with config.json and *.safetensors".into(),
+            "safetensors" => {
+                "pass the directory holding config.json and the .safetensors files".into()
+            }
+            "bin" | "pt" | "pth" => {
+                "PyTorch pickles are not supported (they can run code); use safetensors or GGUF"
+                    .into()
+            }
+            _ => {
+                "expected a .gguf file or an HF directory with config.json and *.safetensors".into()
+            }
         };
         Err(ModelError::UnrecognizedFormat {
             path: path.to_path_buf(),
@@ -239,8 +251,14 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 Some(rest) => rest
                     .strip_prefix(':')
                     .and_then(|n| n.parse().ok())
-                    .ok_or_else(|| ModelError::Config(format!("bad device {s:?} (cpu, cuda, cuda:N)")))?,
-                None => return Err(ModelError::Config(format!("unknown device {s:?} (cpu, cuda, cuda:N)"))),
+                    .ok_or_else(|| {
+                        ModelError::Config(format!("bad device {s:?} (cpu, cuda, cuda:N)"))
+                    })?,
+                None => {
+                    return Err(ModelError::Config(format!(
+                        "unknown device {s:?} (cpu, cuda, cuda:N)"
+                    )));
+                }
             };
             if !candle_core::utils::cuda_is_available() {
                 return Err(ModelError::Config(format!(

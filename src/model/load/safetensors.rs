@@ -54,14 +54,23 @@ impl SafetensorsDir {
             let file = std::fs::File::open(&path).map_err(io(&path))?;
             // SAFETY: the file is opened read-only; lethe never writes model files it serves.
             let map = unsafe { Mmap::map(&file) }.map_err(io(&path))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| ModelError::Corrupt {
-                path: path.clone(),
-                reason: format!("{e:?}"),
-            })?;
+            let (header_len, metadata) =
+                SafeTensors::read_metadata(&map).map_err(|e| ModelError::Corrupt {
+                    path: path.clone(),
+                    reason: format!("{e:?}"),
+                })?;
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
                 let (a, b) = info.data_offsets;
-                index.insert(name, (fi, info.dtype, info.shape.clone(), data_start + a..data_start + b));
+                index.insert(
+                    name,
+                    (
+                        fi,
+                        info.dtype,
+                        info.shape.clone(),
+                        data_start + a..data_start + b,
+                    ),
+                );
             }
             maps.push((path, map));
         }
@@ -74,7 +83,12 @@ impl SafetensorsDir {
     }
 
     pub fn config(&self) -> Result<ModelConfig> {
-        let name = self.dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = self
+            .dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         self.hf_config.to_config(name)
     }
 
@@ -104,7 +118,12 @@ impl SafetensorsDir {
             }
         };
         let bytes = &self.maps[*fi].1[range.clone()];
-        Ok(Some(Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?))
+        Ok(Some(Tensor::from_raw_buffer(
+            bytes,
+            dtype,
+            shape,
+            &Device::Cpu,
+        )?))
     }
 }
 
