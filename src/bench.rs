@@ -3,7 +3,7 @@
 
 use crate::engine::{EngineConfig, EngineHandle, Event, Request, SchedulerConfig};
 use crate::guidance::{Guidance, GuidanceMode};
-use crate::model::{BatchEntry, Llama, RaggedBatch, SeqId};
+use crate::model::{BatchEntry, KvDtype, Llama, RaggedBatch, SeqId};
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
 use std::sync::Arc;
@@ -51,10 +51,11 @@ pub fn decode(
     batches: &[usize],
     prompt_tokens: usize,
     gen_tokens: usize,
+    kv_dtype: KvDtype,
 ) -> anyhow::Result<Vec<DecodeReport>> {
     const ROUNDS: usize = 8;
     let vocab = model.config().vocab_size;
-    let mut kv = model.new_kv_cache(usize::MAX / 2);
+    let mut kv = model.new_kv_cache_with_dtype(usize::MAX / 2, kv_dtype);
     // Warm-up on a throwaway sequence: first-touch page faults and thread start-up.
     let w = kv.add_sequence();
     model.forward(
@@ -197,6 +198,7 @@ pub fn engine(
     prompt_tokens: usize,
     gen_tokens: usize,
     rounds: usize,
+    kv_dtype: KvDtype,
 ) -> anyhow::Result<Vec<EngineReport>> {
     let vocab = model.config().vocab_size;
     let max_rows = cases
@@ -217,7 +219,7 @@ pub fn engine(
         model.config().name.clone(),
         model.weights_desc().to_string(),
     );
-    let engine = EngineHandle::spawn(model, tokenizer, cfg);
+    let engine = EngineHandle::spawn_with_kv_dtype(model, tokenizer, cfg, kv_dtype);
     let make = |i: usize, guided: Option<Guidance>| {
         let mut r = Request::new(synthetic_prompt(prompt_tokens, vocab, i as u64), gen_tokens);
         r.ignore_eos = true;
@@ -283,28 +285,25 @@ fn run_requests(engine: &EngineHandle, reqs: Vec<Request>) -> anyhow::Result<Rou
         .into_iter()
         .map(|r| engine.submit(r))
         .collect::<Result<_, _>>()?;
-    let handles: Vec<_> = streams
-        .into_iter()
-        .map(|mut s| {
-            std::thread::spawn(move || -> anyhow::Result<Vec<Instant>> {
-                let mut stamps = Vec::new();
-                while let Some(e) = s.blocking_next() {
-                    match e {
-                        Event::Token { .. } => stamps.push(Instant::now()),
-                        Event::Finished { .. } => break,
-                        Event::Error(m) => anyhow::bail!(m),
-                    }
+    // One collector thread for all streams (a thread per stream would compete with the engine
+    // for the cores on every token). All requests advance one token per step, so reading the
+    // streams in turn loses no time.
+    let mut streams = streams;
+    let mut all: Vec<Vec<Instant>> = vec![Vec::new(); streams.len()];
+    let mut open: Vec<usize> = (0..streams.len()).collect();
+    while !open.is_empty() {
+        let mut still = Vec::with_capacity(open.len());
+        for i in open {
+            match streams[i].blocking_next() {
+                Some(Event::Token { .. }) => {
+                    all[i].push(Instant::now());
+                    still.push(i);
                 }
-                Ok(stamps)
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for h in handles {
-        all.push(
-            h.join()
-                .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
-        );
+                Some(Event::Finished { .. }) | None => {}
+                Some(Event::Error(m)) => anyhow::bail!(m),
+            }
+        }
+        open = still;
     }
     let wall = t0.elapsed().as_secs_f64();
     let steps = engine
@@ -360,4 +359,272 @@ pub fn default_guidance() -> Guidance {
         gamma: 3.0,
         mode: GuidanceMode::Log,
     }
+}
+
+/// One configuration of the HTTP load generator.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    pub concurrency: usize,
+    pub requests: usize,
+    pub guidance: Option<Guidance>,
+    /// Words of the synthetic user message (≈ tokens).
+    pub prompt_words: usize,
+    pub max_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub concurrency: usize,
+    pub requests: usize,
+    pub guided: bool,
+    pub errors: usize,
+    pub ttft_p50_ms: f64,
+    pub ttft_p99_ms: f64,
+    pub itl_p50_ms: f64,
+    pub itl_p99_ms: f64,
+    /// Mean over requests of tokens / (last − first token).
+    pub per_request_tok_s: f64,
+    /// All output tokens / wall time.
+    pub output_tok_s: f64,
+}
+
+/// What one streamed request measured.
+struct Sample {
+    ttft: f64,
+    gaps: Vec<f64>,
+    tokens: usize,
+    decode_s: f64,
+}
+
+/// `lethe bench serve`: `requests` streaming chat requests, `concurrency` at a time, against an
+/// OpenAI-compatible server at `base` (e.g. `http://127.0.0.1:8080`).
+pub async fn serve_load(base: &str, model: &str, cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(cfg.concurrency.max(1))
+        .build()?;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..cfg.concurrency.max(1) {
+        let (client, next, cfg) = (client.clone(), next.clone(), cfg.clone());
+        let url = format!("{}/v1/chat/completions", base.trim_end_matches('/'));
+        let model = model.to_string();
+        workers.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut errors = 0;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= cfg.requests {
+                    break;
+                }
+                match one_streamed_request(&client, &url, &model, &cfg, i).await {
+                    Ok(s) => samples.push(s),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "load request failed");
+                        errors += 1;
+                    }
+                }
+            }
+            (samples, errors)
+        }));
+    }
+    let mut samples = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        let (s, e) = w.await?;
+        samples.extend(s);
+        errors += e;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let mut ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
+    let mut itl: Vec<f64> = samples
+        .iter()
+        .flat_map(|s| s.gaps.iter().copied())
+        .collect();
+    let pct = |v: &mut Vec<f64>, p: f64| -> f64 {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * p).round() as usize] * 1e3
+    };
+    let rates: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.tokens > 1 && s.decode_s > 0.0)
+        .map(|s| (s.tokens - 1) as f64 / s.decode_s)
+        .collect();
+    Ok(LoadReport {
+        concurrency: cfg.concurrency,
+        requests: cfg.requests,
+        guided: cfg.guidance.is_some(),
+        errors,
+        ttft_p50_ms: pct(&mut ttft, 0.5),
+        ttft_p99_ms: pct(&mut ttft, 0.99),
+        itl_p50_ms: pct(&mut itl, 0.5),
+        itl_p99_ms: pct(&mut itl, 0.99),
+        per_request_tok_s: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
+        output_tok_s: samples.iter().map(|s| s.tokens).sum::<usize>() as f64 / wall,
+    })
+}
+
+async fn one_streamed_request(
+    client: &reqwest::Client,
+    url: &str,
+    model: &str,
+    cfg: &LoadConfig,
+    i: usize,
+) -> anyhow::Result<Sample> {
+    use futures::StreamExt;
+    let words: Vec<&str> = [
+        "customer", "order", "phone", "address", "forget", "guidance", "model", "secret",
+    ]
+    .to_vec();
+    let text: String = (0..cfg.prompt_words)
+        .map(|w| words[(w * 7 + i) % words.len()])
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": cfg.max_tokens,
+        "temperature": 0,
+        "stream": true,
+        "ignore_eos": true,
+    });
+    if let Some(g) = cfg.guidance {
+        body["guidance"] = serde_json::json!({"gamma": g.gamma, "mode": g.mode.as_str()});
+    }
+    let start = Instant::now();
+    let resp = client.post(url).json(&body).send().await?;
+    anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let (mut first, mut last) = (None, start);
+    let mut gaps = Vec::new();
+    let mut tokens = 0;
+    while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk?);
+        while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..pos + 2).collect();
+            let line = String::from_utf8_lossy(&event);
+            let Some(data) = line.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(data)?;
+            let has_content = v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty());
+            if has_content {
+                let now = Instant::now();
+                match first {
+                    None => first = Some(now),
+                    Some(_) => gaps.push((now - last).as_secs_f64()),
+                }
+                last = now;
+                tokens += 1;
+            }
+        }
+    }
+    let first = first.ok_or_else(|| anyhow::anyhow!("no tokens streamed"))?;
+    Ok(Sample {
+        ttft: (first - start).as_secs_f64(),
+        gaps,
+        tokens,
+        decode_s: (last - first).as_secs_f64(),
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TtftReport {
+    pub long_prompt_tokens: usize,
+    pub short_prompt_tokens: usize,
+    pub max_batch_tokens: usize,
+    /// Median time to first token of the short request with nothing else running.
+    pub idle_ttft_ms: f64,
+    /// Median time to first token of the short request submitted while the long prompt is
+    /// being prefilled.
+    pub loaded_ttft_ms: f64,
+    pub ratio: f64,
+    /// Median time to first token of the long request itself (its prefill time).
+    pub long_ttft_ms: f64,
+}
+
+/// Time to first token of a short request, idle and while a long prompt is prefilling (chunked
+/// prefill at work), alternating over `rounds`.
+pub fn ttft_under_prefill(
+    model: Arc<Llama>,
+    tokenizer: Arc<Tokenizer>,
+    scheduler: SchedulerConfig,
+    long_tokens: usize,
+    short_tokens: usize,
+    rounds: usize,
+) -> anyhow::Result<TtftReport> {
+    let vocab = model.config().vocab_size;
+    let budget = scheduler.max_batch_tokens;
+    let engine = EngineHandle::spawn(
+        model,
+        tokenizer,
+        EngineConfig {
+            scheduler,
+            kv_cache_bytes: 2 << 30,
+        },
+    );
+    let ttft = |s: &mut crate::engine::RequestStream, t0: Instant| -> anyhow::Result<f64> {
+        match s.blocking_next() {
+            Some(Event::Token { .. }) => Ok(t0.elapsed().as_secs_f64() * 1e3),
+            Some(Event::Error(e)) => anyhow::bail!(e),
+            Some(Event::Finished { .. }) | None => anyhow::bail!("no token"),
+        }
+    };
+    let short = |i: usize| Request::new(synthetic_prompt(short_tokens, vocab, 500 + i as u64), 1);
+    let (mut idle, mut loaded, mut longs) = (Vec::new(), Vec::new(), Vec::new());
+    // Warm-up.
+    let mut s = engine.submit(short(0))?;
+    ttft(&mut s, Instant::now())?;
+    for round in 0..rounds.max(1) {
+        let t0 = Instant::now();
+        let mut s = engine.submit(short(round))?;
+        idle.push(ttft(&mut s, t0)?);
+        drop(s);
+        let t_long = Instant::now();
+        let mut long = engine.submit(Request::new(
+            synthetic_prompt(long_tokens, vocab, 900 + round as u64),
+            1,
+        ))?;
+        // Let the long prompt get going: wait for its first few steps.
+        let steps0 = engine
+            .stats()
+            .steps
+            .load(std::sync::atomic::Ordering::Relaxed);
+        while engine
+            .stats()
+            .steps
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < steps0 + 2
+        {
+            std::thread::yield_now();
+        }
+        let t0 = Instant::now();
+        let mut s = engine.submit(short(round))?;
+        loaded.push(ttft(&mut s, t0)?);
+        longs.push(ttft(&mut long, t_long)?);
+    }
+    engine.shutdown(std::time::Duration::from_secs(5));
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (i, l) = (median(idle), median(loaded));
+    Ok(TtftReport {
+        long_prompt_tokens: long_tokens,
+        short_prompt_tokens: short_tokens,
+        max_batch_tokens: budget,
+        idle_ttft_ms: i,
+        loaded_ttft_ms: l,
+        ratio: l / i,
+        long_ttft_ms: median(longs),
+    })
 }

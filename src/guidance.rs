@@ -49,20 +49,9 @@ const LOG_FLOOR: f32 = -1.0e9;
 
 /// `log_softmax(x)` into `out`, numerically stable; −∞ (or NaN) inputs give [`LOG_FLOOR`].
 pub fn log_softmax(x: &[f32], out: &mut [f32]) {
-    let max = simd::max_finite(x);
-    if !max.is_finite() {
-        // No finite logit at all: uniform.
-        let v = -(x.len() as f32).ln();
-        out.fill(v);
-        return;
-    }
-    let lse = max + simd::exp_shifted_sum(x, max).ln();
+    let l = RowLse::of(x);
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = if v.is_finite() {
-            (v - lse).max(LOG_FLOOR)
-        } else {
-            LOG_FLOOR
-        };
+        *o = l.log_prob(v);
     }
 }
 
@@ -84,27 +73,55 @@ pub fn softmax(x: &[f32], out: &mut [f32]) {
 /// with impossible tokens at [`LOG_FLOOR`].
 pub fn mix_log(cond: &[f32], uncond: &[f32], gamma: f32, out: &mut [f32]) {
     assert_eq!(cond.len(), uncond.len());
-    let lse = |x: &[f32]| -> Option<f32> {
-        let max = simd::max_finite(x);
-        max.is_finite()
-            .then(|| max + simd::exp_shifted_sum(x, max).ln())
-    };
-    let uniform = -(cond.len() as f32).ln();
-    let (lse_c, lse_u) = (lse(cond), lse(uncond));
+    let (lc, lu) = (RowLse::of(cond), RowLse::of(uncond));
     let rest = 1.0 - gamma;
     for ((o, &c), &u) in out.iter_mut().zip(cond).zip(uncond) {
-        let lc = match lse_c {
-            Some(l) if c.is_finite() => (c - l).max(LOG_FLOOR),
-            Some(_) => LOG_FLOOR,
-            None => uniform,
-        };
-        let lu = match lse_u {
-            Some(l) if u.is_finite() => (u - l).max(LOG_FLOOR),
-            Some(_) => LOG_FLOOR,
-            None => uniform,
-        };
-        *o = gamma * lc + rest * lu;
+        *o = gamma * lc.log_prob(c) + rest * lu.log_prob(u);
     }
+}
+
+/// The log-sum-exp of a row of logits, to turn logits into log-probabilities one at a time.
+struct RowLse {
+    /// `None` when the row has no finite logit (then every token is equally likely).
+    lse: Option<f32>,
+    uniform: f32,
+}
+
+impl RowLse {
+    fn of(x: &[f32]) -> Self {
+        let max = simd::max_finite(x);
+        let lse = max
+            .is_finite()
+            .then(|| max + simd::exp_shifted_sum(x, max).ln());
+        Self {
+            lse,
+            uniform: -(x.len() as f32).ln(),
+        }
+    }
+
+    #[inline(always)]
+    fn log_prob(&self, x: f32) -> f32 {
+        match self.lse {
+            Some(l) if x.is_finite() => (x - l).max(LOG_FLOOR),
+            Some(_) => LOG_FLOOR,
+            None => self.uniform,
+        }
+    }
+}
+
+/// `argmax` of [`mix_log`]'s scores without materialising them (the greedy hot path).
+pub fn argmax_log_mix(cond: &[f32], uncond: &[f32], gamma: f32) -> u32 {
+    let (lc, lu) = (RowLse::of(cond), RowLse::of(uncond));
+    let rest = 1.0 - gamma;
+    let (mut best, mut best_v) = (0, f32::NEG_INFINITY);
+    for (i, (&c, &u)) in cond.iter().zip(uncond).enumerate() {
+        let v = gamma * lc.log_prob(c) + rest * lu.log_prob(u);
+        if v > best_v {
+            best_v = v;
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// `prob` mode distribution: `softmax(u) + γ·(softmax(c) − softmax(u))`, clamped at 0 and
@@ -147,6 +164,9 @@ pub fn sample_guided(
     rng: &mut Rng,
     scratch: &mut Vec<f32>,
 ) -> u32 {
+    if params.is_greedy() && g.mode == GuidanceMode::Log {
+        return argmax_log_mix(cond, uncond, g.gamma);
+    }
     scratch.resize(cond.len(), 0.0);
     match g.mode {
         GuidanceMode::Log => {
@@ -255,6 +275,15 @@ mod tests {
                 let t = sample_guided(&c, &u, Guidance { gamma: g, mode }, &params, &mut rng, &mut scratch);
                 prop_assert!((t as usize) < n);
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn fused_greedy_equals_mix_then_argmax((c, u) in logits_strategy(), g in 0f32..8.0) {
+            let mut s = vec![0f32; c.len()];
+            mix_log(&c, &u, g, &mut s);
+            prop_assert_eq!(argmax_log_mix(&c, &u, g), argmax(&s));
         }
     }
 

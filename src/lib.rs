@@ -7,15 +7,18 @@
 //! - [`guidance`]: classifier-free guidance mixing (pure);
 //! - [`sampling`]: picking the next token from logits (pure);
 //! - [`engine`]: the scheduler and loop that run requests (CFG pairs) in batched steps;
-//! - [`loader`]: a model and its tokenizer, loaded together.
+//! - [`loader`]: a model and its tokenizer, loaded together;
+//! - [`server`]: the OpenAI-compatible HTTP/SSE layer; [`config`]: its settings.
 
 pub mod bench;
+pub mod config;
 pub mod engine;
 pub mod fixtures;
 pub mod guidance;
 pub mod loader;
 pub mod model;
 pub mod sampling;
+pub mod server;
 pub mod simd;
 pub mod telemetry;
 pub mod tokenizer;

@@ -21,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API (default model: SmolLM2-135M-Instruct).
+    Serve(lethe::config::ServeArgs),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(GenerateArgs),
     /// Measure speed.
@@ -33,6 +35,41 @@ enum BenchCommand {
     /// Prefill and decode speed for a batch of sequences (model level), or through the engine
     /// with `--concurrency`.
     Decode(BenchDecodeArgs),
+    /// Load-test an OpenAI-compatible server with streaming requests (TTFT, inter-token latency,
+    /// throughput). Without --url, starts lethe in-process on loopback.
+    Serve(BenchServeArgs),
+}
+
+#[derive(Args)]
+struct BenchServeArgs {
+    /// A running server, e.g. http://127.0.0.1:8080 (default: start one in-process).
+    #[arg(long)]
+    url: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Simultaneous streams; a list (`1,4,16`) runs each.
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Requests per concurrency level (default: 4 × concurrency, at least 8).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Guided requests (γ = 3, log mode).
+    #[arg(long)]
+    guided: bool,
+    /// Run every level both unguided and guided.
+    #[arg(long, conflicts_with = "guided")]
+    both: bool,
+    /// Words in the user message (≈ prompt tokens).
+    #[arg(long, default_value_t = 100)]
+    prompt_words: usize,
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// In-process only: also measure single-request decode speed through the engine directly,
+    /// interleaved with single-stream HTTP runs, and report the HTTP/engine ratio.
+    #[arg(long, conflicts_with = "url")]
+    compare_engine: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 /// Where the model comes from and how it runs.
@@ -56,6 +93,9 @@ struct ModelArgs {
     /// Kernel threads (default: one per core).
     #[arg(long, env = "LETHE_THREADS")]
     threads: Option<usize>,
+    /// KV cache element type: f16, q8 (int8 + scale per token and head) or f32.
+    #[arg(long, default_value = "f16")]
+    kv_dtype: lethe::model::KvDtype,
 }
 
 impl ModelArgs {
@@ -147,6 +187,13 @@ struct BenchDecodeArgs {
     /// Interleaved rounds for engine benchmarks (medians are reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Instead: time to first token of a short request (--prompt-tokens) while a prompt of this
+    /// many tokens is being prefilled, against the same request on an idle engine.
+    #[arg(long)]
+    ttft_under_prefill: Option<usize>,
+    /// Engine step budget for --ttft-under-prefill (prefill chunk size).
+    #[arg(long, default_value_t = lethe::engine::SchedulerConfig::default().max_batch_tokens)]
+    max_batch_tokens: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -162,9 +209,28 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Serve(a) => serve(a),
         Command::Generate(a) => generate(a),
         Command::Bench(BenchCommand::Decode(a)) => bench_decode(a),
+        Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
     }
+}
+
+fn serve(args: lethe::config::ServeArgs) -> Result<()> {
+    let config = lethe::config::ServeConfig::resolve(&args)?;
+    let addr = std::net::SocketAddr::new(config.host, config.port);
+    let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
+    let state = lethe::server::AppState::load(config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        tracing::info!(model = %state.model_id, fingerprint = %state.fingerprint, "serving on http://{addr} (Ctrl-C to stop)");
+        lethe::server::serve(listener, state, lethe::server::shutdown_signal(), grace).await?;
+        anyhow::Ok(())
+    })
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
@@ -259,13 +325,47 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let bundle = a.model.load()?;
+    if let Some(long) = a.ttft_under_prefill {
+        let sched = lethe::engine::SchedulerConfig {
+            max_batch_tokens: a.max_batch_tokens,
+            ..Default::default()
+        };
+        let r = lethe::bench::ttft_under_prefill(
+            bundle.model.clone(),
+            bundle.tokenizer.clone(),
+            sched,
+            long,
+            a.prompt_tokens,
+            a.rounds.max(5),
+        )?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "TTFT of a {}-token request: {:.1} ms idle, {:.1} ms while a {}-token prompt prefills ({:.2}x); that prompt's own TTFT {:.0} ms; step budget {} tokens",
+                r.short_prompt_tokens,
+                r.idle_ttft_ms,
+                r.loaded_ttft_ms,
+                r.long_prompt_tokens,
+                r.ratio,
+                r.long_ttft_ms,
+                r.max_batch_tokens
+            );
+        }
+        return Ok(());
+    }
     let json = match a.concurrency {
         None => {
             if a.guided {
                 bail!("--guided needs --concurrency (guided requests run through the engine)");
             }
-            let runs =
-                lethe::bench::decode(&bundle.model, &a.batch, a.prompt_tokens, a.gen_tokens)?;
+            let runs = lethe::bench::decode(
+                &bundle.model,
+                &a.batch,
+                a.prompt_tokens,
+                a.gen_tokens,
+                a.model.kv_dtype,
+            )?;
             let base = runs[0].step_ms;
             if !a.json {
                 for r in &runs {
@@ -316,6 +416,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 a.prompt_tokens,
                 a.gen_tokens,
                 a.rounds,
+                a.model.kv_dtype,
             )?;
             if !a.json {
                 for r in &runs {
@@ -366,4 +467,93 @@ fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
+}
+
+fn bench_serve(a: BenchServeArgs) -> Result<()> {
+    use lethe::bench::{LoadConfig, serve_load};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        // The server: given, or started here on a free loopback port.
+        let local = match &a.url {
+            Some(_) => None,
+            None => {
+                let args = lethe::config::ServeArgs {
+                    model: Some(a.model.model.clone()),
+                    tokenizer: a.model.tokenizer.clone(),
+                    device: Some(a.model.device.clone()),
+                    backend: Some(a.model.backend),
+                    weights: Some(a.model.weights),
+                    threads: a.model.threads,
+                    max_running_rows: Some(64),
+                    kv_dtype: Some(a.model.kv_dtype),
+                    ..Default::default()
+                };
+                let config = lethe::config::ServeConfig::resolve(&args)?;
+                let state = tokio::task::spawn_blocking(move || lethe::server::AppState::load(config)).await??;
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                let s = state.clone();
+                tokio::spawn(lethe::server::serve(listener, s, std::future::pending(), std::time::Duration::from_secs(1)));
+                Some((state, format!("http://{addr}")))
+            }
+        };
+        let base = a.url.clone().unwrap_or_else(|| local.as_ref().map(|(_, u)| u.clone()).unwrap_or_default());
+        let models: serde_json::Value = reqwest::get(format!("{base}/v1/models")).await?.json().await?;
+        let model = models["data"][0]["id"].as_str().context("the server lists no model")?.to_string();
+        let guided_levels: Vec<bool> = if a.both { vec![false, true] } else { vec![a.guided] };
+        let mut reports = Vec::new();
+        for &c in &a.concurrency {
+            for &guided in &guided_levels {
+                let cfg = LoadConfig {
+                    concurrency: c,
+                    requests: a.requests.unwrap_or((4 * c).max(8)),
+                    guidance: guided.then(lethe::bench::default_guidance),
+                    prompt_words: a.prompt_words,
+                    max_tokens: a.gen_tokens,
+                };
+                serve_load(&base, &model, &LoadConfig { requests: c, ..cfg.clone() }).await?; // warm-up
+                let r = serve_load(&base, &model, &cfg).await?;
+                if !a.json {
+                    println!(
+                        "{model}: concurrency {c}{}: {} requests, {} errors | TTFT p50 {:.1} ms p99 {:.1} ms | ITL p50 {:.2} ms p99 {:.2} ms | {:.1} tok/s per request, {:.1} tok/s total",
+                        if guided { " guided" } else { "" }, r.requests, r.errors, r.ttft_p50_ms, r.ttft_p99_ms, r.itl_p50_ms, r.itl_p99_ms,
+                        r.per_request_tok_s, r.output_tok_s
+                    );
+                }
+                reports.push(serde_json::to_value(&r)?);
+            }
+        }
+        let mut out = serde_json::json!({ "model": model, "runs": reports });
+        if a.compare_engine
+            && let Some((state, _)) = &local
+        {
+            // Single stream through HTTP vs the engine's own figure, interleaved rounds.
+            let (mut http, mut direct) = (Vec::new(), Vec::new());
+            let cfg = LoadConfig { concurrency: 1, requests: 3, guidance: None, prompt_words: a.prompt_words, max_tokens: a.gen_tokens };
+            let prompt_tokens = state.tokenizer.encode_plain(&"word ".repeat(a.prompt_words))?.len();
+            let bundle = (a.model.load()?.model, state.tokenizer.clone());
+            for _ in 0..5 {
+                http.push(serve_load(&base, &model, &cfg).await?.per_request_tok_s);
+                let (m, t) = (bundle.0.clone(), bundle.1.clone());
+                let case = [lethe::bench::EngineCase { concurrency: 1, guided: None }];
+                let gen_tokens = a.gen_tokens;
+                let kv = a.model.kv_dtype;
+                let r = tokio::task::spawn_blocking(move || lethe::bench::engine(m, t, &case, prompt_tokens, gen_tokens, 1, kv)).await??;
+                direct.push(r[0].per_request_tok_s);
+            }
+            let median = |mut v: Vec<f64>| { v.sort_by(f64::total_cmp); v[v.len() / 2] };
+            let (h, d) = (median(http), median(direct));
+            if !a.json {
+                println!("single stream: {h:.1} tok/s through HTTP/SSE vs {d:.1} tok/s engine-direct = {:.3}", h / d);
+            }
+            out["http_vs_engine"] = serde_json::json!({ "http_tok_s": h, "engine_tok_s": d, "ratio": h / d });
+        }
+        if a.json {
+            println!("{out}");
+        }
+        anyhow::Ok(())
+    })
 }

@@ -4,6 +4,8 @@
 //! skipped with a message, unless `LETHE_REQUIRE_MODEL=1` (set in CI), which makes a missing model
 //! a failure so the suite can never pass vacuously.
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use lethe::fixtures::TempDir;
@@ -14,22 +16,7 @@ use lethe::tokenizer::{ChatMessage, Tokenizer};
 use std::path::{Path, PathBuf};
 
 fn model_path() -> Option<PathBuf> {
-    let p = std::env::var("LETHE_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("LETHE_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-        panic!("{} is missing; run scripts/fetch-model.sh", p.display());
-    }
-    eprintln!(
-        "skipping: {} not found (run scripts/fetch-model.sh)",
-        p.display()
-    );
-    None
+    common::default_model()
 }
 
 const PROMPTS: [&str; 3] = [

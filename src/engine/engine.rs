@@ -9,7 +9,7 @@ use super::request::{Event, FinishReason, Request, Timing, Usage};
 use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig};
 use super::sequence::{Group, RowLogits};
 use crate::guidance::{self, GuidanceMode};
-use crate::model::{BatchEntry, BatchLogits, KvCache, Llama, RaggedBatch};
+use crate::model::{BatchEntry, BatchLogits, KvCache, KvDtype, Llama, RaggedBatch};
 use crate::sampling::{StopOutcome, sample_logits};
 use crate::telemetry as t;
 use crate::tokenizer::Tokenizer;
@@ -100,9 +100,19 @@ impl RequestStream {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread for `model`.
+    /// Starts the engine thread for `model` (f16 KV cache on the native backend).
     pub fn spawn(model: Arc<Llama>, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Self {
-        let kv = model.new_kv_cache(cfg.kv_cache_bytes);
+        Self::spawn_with_kv_dtype(model, tokenizer, cfg, KvDtype::default())
+    }
+
+    /// Starts the engine thread with an explicit KV cache element type.
+    pub fn spawn_with_kv_dtype(
+        model: Arc<Llama>,
+        tokenizer: Arc<Tokenizer>,
+        cfg: EngineConfig,
+        kv_dtype: KvDtype,
+    ) -> Self {
+        let kv = model.new_kv_cache_with_dtype(cfg.kv_cache_bytes, kv_dtype);
         let stats = Arc::new(EngineStats::default());
         stats
             .kv_limit_bytes

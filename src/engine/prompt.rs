@@ -99,8 +99,12 @@ pub fn text_rows(
     })
 }
 
-/// The conversation with `condition` leading its system message (one is added if absent).
+/// The conversation with `condition` leading its system message (one is added if absent). An
+/// empty condition leaves the conversation as it is ("no condition").
 pub fn with_condition(messages: &[ChatMessage], condition: &str) -> Vec<ChatMessage> {
+    if condition.is_empty() {
+        return messages.to_vec();
+    }
     let mut out = Vec::with_capacity(messages.len() + 1);
     match messages.first() {
         Some(first) if first.role == "system" => {

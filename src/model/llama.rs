@@ -15,7 +15,7 @@ use super::linear::{Linear, LinearWeight};
 use super::load::{LoadOptions, ModelFiles, RawWeight, WeightFormat, WeightName, WeightSource};
 use super::{BatchLogits, ModelConfig, ModelError, ProjKind, RaggedBatch, Result};
 use crate::model::kernels::attention::KvDtype;
-use crate::model::kernels::{PackedFormat, PackedMatrix, elementwise};
+use crate::model::kernels::{self, PackedFormat, PackedMatrix, elementwise};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -229,11 +229,18 @@ impl Llama {
             x.index_select(&rows, 0)?
         };
         let x = self.rms_norm(&x, &self.norm)?;
-        let logits = self.lm_head.forward(&x)?;
-        let data = logits
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let data = match &self.lm_head.weight {
+            // Native: the kernel's output vector becomes the logits, no copy.
+            LinearWeight::Packed(w) => with_cpu_f32(&x, |xs| {
+                kernels::matmul::matmul_new(w, xs, plan.logit_rows.len())
+            })?,
+            _ => self
+                .lm_head
+                .forward(&x)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        };
         kv.commit(&plan);
         Ok(BatchLogits {
             vocab: self.cfg.vocab_size,

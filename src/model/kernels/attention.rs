@@ -18,7 +18,6 @@
 use super::pool::{self, ThreadPool, split_range};
 use crate::model::RopeStyle;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Positions per KV block.
 pub const BLOCK_TOKENS: usize = 16;
@@ -34,16 +33,25 @@ pub enum KvDtype {
     /// at long contexts attention reads more KV bytes per step than weights.
     #[default]
     F16,
+    /// 8-bit integers with one f32 scale per (token, head): half of f16's traffic again, for
+    /// many concurrent or long sequences where attention is bound by reading the cache.
+    Q8,
     /// Exact; for reference comparisons.
     F32,
 }
 
 impl KvDtype {
+    /// Bytes per cached value (scales excluded).
     pub fn size(self) -> usize {
         match self {
             Self::F16 => 2,
+            Self::Q8 => 1,
             Self::F32 => 4,
         }
+    }
+    /// Whether each (token, head) vector carries a scale.
+    pub fn scaled(self) -> bool {
+        self == Self::Q8
     }
 }
 
@@ -52,19 +60,22 @@ impl std::str::FromStr for KvDtype {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "f16" => Ok(Self::F16),
+            "q8" | "q8_0" | "int8" => Ok(Self::Q8),
             "f32" => Ok(Self::F32),
-            _ => Err(format!("unknown KV cache type {s:?} (f16, f32)")),
+            _ => Err(format!("unknown KV cache type {s:?} (f16, q8, f32)")),
         }
     }
 }
 
-/// A cached element: f32 or f16.
+/// A cached element type.
 pub trait KvElem: Copy + Send + Sync + 'static {
-    fn from_f32(x: f32) -> Self;
+    /// Each (token, head) vector has a scale stored beside it.
+    const SCALED: bool;
+    fn zero() -> Self;
     fn to_f32(self) -> f32;
-    /// Converts a slice (vectorised where the CPU allows).
-    fn convert(src: &[f32], dst: &mut [Self]);
-    /// Loads 16 consecutive elements as f32 lanes.
+    /// Stores one head vector; returns its scale (1 for unscaled types).
+    fn quantize(src: &[f32], dst: &mut [Self]) -> f32;
+    /// Loads 16 consecutive elements as f32 lanes (unscaled values).
     ///
     /// # Safety
     /// `p` must point to 16 readable elements, and the CPU must support AVX-512F (and F16C for
@@ -74,16 +85,17 @@ pub trait KvElem: Copy + Send + Sync + 'static {
 }
 
 impl KvElem for f32 {
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-    fn convert(src: &[f32], dst: &mut [Self]) {
-        dst.copy_from_slice(src);
+    const SCALED: bool = false;
+    fn zero() -> Self {
+        0.0
     }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+    fn quantize(src: &[f32], dst: &mut [Self]) -> f32 {
+        dst.copy_from_slice(src);
+        1.0
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -93,23 +105,51 @@ impl KvElem for f32 {
 }
 
 impl KvElem for half::f16 {
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        half::f16::from_f32(x)
-    }
-    fn convert(src: &[f32], dst: &mut [Self]) {
-        use half::slice::HalfFloatSliceExt;
-        dst.convert_from_f32_slice(src);
+    const SCALED: bool = false;
+    fn zero() -> Self {
+        half::f16::ZERO
     }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         half::f16::to_f32(self)
+    }
+    fn quantize(src: &[f32], dst: &mut [Self]) -> f32 {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+        1.0
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::*;
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+}
+
+impl KvElem for i8 {
+    const SCALED: bool = true;
+    fn zero() -> Self {
+        0
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    /// Symmetric: `scale = max|x| / 127`, `q = round(x / scale)`.
+    fn quantize(src: &[f32], dst: &mut [Self]) -> f32 {
+        let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = (x * inv).round() as i8;
+        }
+        scale
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))) }
     }
 }
 
@@ -124,23 +164,44 @@ pub struct KvGeometry {
 }
 
 impl KvGeometry {
-    /// Elements per block.
-    pub fn block_len(&self) -> usize {
-        self.n_layers * 2 * self.n_kv_heads * BLOCK_TOKENS * self.head_dim
+    /// Bytes of one (layer, k or v, kv head) region of a block: the values, then (scaled types)
+    /// one f32 scale per position.
+    fn region_bytes(&self) -> usize {
+        BLOCK_TOKENS * self.head_dim * self.dtype.size()
+            + if self.dtype.scaled() {
+                BLOCK_TOKENS * 4
+            } else {
+                0
+            }
     }
-    /// Bytes per block.
+    /// Bytes per block (all layers, keys and values).
     pub fn block_bytes(&self) -> usize {
-        self.block_len() * self.dtype.size()
+        self.n_layers * 2 * self.n_kv_heads * self.region_bytes()
     }
-    /// Start of the keys (`[head_dim][BLOCK_TOKENS]`) of (layer, kv head) within a block.
+    /// Byte offset of the keys (`[head_dim][BLOCK_TOKENS]`) of (layer, kv head) within a block.
     #[inline]
-    fn k_offset(&self, layer: usize, head: usize) -> usize {
-        ((layer * 2) * self.n_kv_heads + head) * BLOCK_TOKENS * self.head_dim
+    fn k_region(&self, layer: usize, head: usize) -> usize {
+        ((layer * 2) * self.n_kv_heads + head) * self.region_bytes()
     }
-    /// Start of the values (`[BLOCK_TOKENS][head_dim]`) of (layer, kv head) within a block.
+    /// Byte offset of the values (`[BLOCK_TOKENS][head_dim]`) of (layer, kv head) within a block.
     #[inline]
-    fn v_offset(&self, layer: usize, head: usize) -> usize {
-        ((layer * 2 + 1) * self.n_kv_heads + head) * BLOCK_TOKENS * self.head_dim
+    fn v_region(&self, layer: usize, head: usize) -> usize {
+        ((layer * 2 + 1) * self.n_kv_heads + head) * self.region_bytes()
+    }
+    /// Byte offset, within a region, of its per-position scales.
+    #[inline]
+    fn scales_in_region(&self) -> usize {
+        BLOCK_TOKENS * self.head_dim * self.dtype.size()
+    }
+}
+
+/// Typed pointers into one region of a block.
+#[inline(always)]
+fn region<E>(block: *mut u8, offset: usize, geo: &KvGeometry) -> (*mut E, *mut f32) {
+    // SAFETY: offsets come from the geometry, within the block's `block_bytes`.
+    unsafe {
+        let base = block.add(offset);
+        (base as *mut E, base.add(geo.scales_in_region()) as *mut f32)
     }
 }
 
@@ -254,6 +315,7 @@ pub fn paged_attention_with(
 ) {
     match geo.dtype {
         KvDtype::F16 => attention_impl::<half::f16>(pool, geo, layer, qkv, spans, rope, out, isa),
+        KvDtype::Q8 => attention_impl::<i8>(pool, geo, layer, qkv, spans, rope, out, isa),
         KvDtype::F32 => attention_impl::<f32>(pool, geo, layer, qkv, spans, rope, out, isa),
     }
 }
@@ -301,11 +363,15 @@ fn attention_impl<E: KvElem>(
         .iter()
         .flat_map(|s| std::iter::repeat_n(s, s.len))
         .collect();
-    let parallel = if rows >= 8 { pool.n_threads() } else { 1 };
-    pool.run(parallel, |i, n| {
+    let chunks = if rows >= 8 {
+        pool::n_chunks(rows, pool.n_threads())
+    } else {
+        1
+    };
+    pool.run_chunks(chunks, |c| {
         let mut k_rot = vec![0f32; hd];
-        let mut k_elems = vec![E::from_f32(0.0); hd];
-        for idx in split_range(rows, i, n) {
+        let mut k_elems = vec![E::zero(); hd];
+        for idx in split_range(rows, c, chunks) {
             let (pos, row) = row_span[idx];
             let src = &qkv[row * width..][..width];
             // SAFETY: each row of `q` is written by one participant.
@@ -314,23 +380,25 @@ fn attention_impl<E: KvElem>(
             for h in qr.chunks_exact_mut(hd) {
                 rope.apply(h, row);
             }
-            let block = span_of[idx].blocks[pos / BLOCK_TOKENS] as *mut E;
+            let block = span_of[idx].blocks[pos / BLOCK_TOKENS];
             let slot = pos % BLOCK_TOKENS;
             for g in 0..geo.n_kv_heads {
                 k_rot.copy_from_slice(&src[q_dim + g * hd..][..hd]);
                 rope.apply(&mut k_rot, row);
-                E::convert(&k_rot, &mut k_elems);
-                // SAFETY: `block` holds `block_len` elements; this row owns slot `slot`.
+                let k_scale = E::quantize(&k_rot, &mut k_elems);
+                let (kt, k_scales) = region::<E>(block, geo.k_region(layer, g), geo);
+                let (vr, v_scales) = region::<E>(block, geo.v_region(layer, g), geo);
+                // SAFETY: the regions lie within the block; this row owns slot `slot`.
                 unsafe {
-                    let kt = block.add(geo.k_offset(layer, g));
                     for (d, &x) in k_elems.iter().enumerate() {
                         *kt.add(d * BLOCK_TOKENS + slot) = x;
                     }
-                    let v = std::slice::from_raw_parts_mut(
-                        block.add(geo.v_offset(layer, g) + slot * hd),
-                        hd,
-                    );
-                    E::convert(&src[q_dim + kv_dim + g * hd..][..hd], v);
+                    let v = std::slice::from_raw_parts_mut(vr.add(slot * hd), hd);
+                    let v_scale = E::quantize(&src[q_dim + kv_dim + g * hd..][..hd], v);
+                    if E::SCALED {
+                        *k_scales.add(slot) = k_scale;
+                        *v_scales.add(slot) = v_scale;
+                    }
                 }
             }
         }
@@ -368,16 +436,16 @@ fn attention_impl<E: KvElem>(
             }
         }
     }
-    let next = AtomicUsize::new(0);
     let out_ptr = pool::SyncPtr::new(out.as_mut_ptr());
     let max_keys = spans.iter().map(|s| s.start + s.len).max().unwrap_or(0);
-    let parallel = if items.len() > 1 { pool.n_threads() } else { 1 };
-    pool.run(parallel, |_, _| {
-        // Scores of up to MAX_GROUP heads, padded to whole 16-key chunks.
-        let mut scores = vec![0f32; MAX_GROUP * max_keys.div_ceil(16) * 16];
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(item) = items.get(i) else { break };
+    // Scores of up to MAX_GROUP heads, padded to whole 16-key chunks; one buffer per thread.
+    let scores_len = MAX_GROUP * max_keys.div_ceil(16) * 16;
+    pool.run_chunks(items.len(), |i| {
+        let item = &items[i];
+        SCORES.with_borrow_mut(|scores| {
+            if scores.len() < scores_len {
+                scores.resize(scores_len, 0.0);
+            }
             let span = &spans[item.span];
             for qi in item.queries.clone() {
                 let row = span.row + qi;
@@ -399,14 +467,19 @@ fn attention_impl<E: KvElem>(
                 };
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    super::Isa::Avx512Vnni if hd.is_multiple_of(16) => unsafe {
-                        avx512::attend::<E>(&args, &mut scores, o)
+                    super::Isa::Avx512Vnni if matches!(hd, 32 | 64 | 128) => unsafe {
+                        avx512::attend::<E>(&args, scores, o)
                     },
-                    _ => portable::attend::<E>(&args, &mut scores, o),
+                    _ => portable::attend::<E>(&args, scores, o),
                 }
             }
-        }
+        })
     });
+}
+
+thread_local! {
+    /// Per-thread score buffer of the attention kernel (reused across calls).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One query position of `n_heads` heads sharing kv head `kv_head`.
@@ -434,15 +507,22 @@ mod portable {
             let q = &a.q[h * hd..][..hd];
             let s = &mut scores[h * n..][..n];
             for (t, sc) in s.iter_mut().enumerate() {
-                let kt = unsafe {
-                    (a.blocks[t / BLOCK_TOKENS] as *const E).add(a.geo.k_offset(a.layer, a.kv_head))
-                };
+                let (kt, k_scales) = region::<E>(
+                    a.blocks[t / BLOCK_TOKENS],
+                    a.geo.k_region(a.layer, a.kv_head),
+                    a.geo,
+                );
                 let slot = t % BLOCK_TOKENS;
                 let mut dot = 0f32;
                 for (d, &qd) in q.iter().enumerate() {
                     dot += qd * unsafe { *kt.add(d * BLOCK_TOKENS + slot) }.to_f32();
                 }
-                *sc = dot * scale;
+                let ks = if E::SCALED {
+                    unsafe { *k_scales.add(slot) }
+                } else {
+                    1.0
+                };
+                *sc = dot * ks * scale;
             }
             let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0;
@@ -453,12 +533,17 @@ mod portable {
             let o = &mut out[h * hd..][..hd];
             o.fill(0.0);
             for (t, &w) in s.iter().enumerate() {
-                let v = unsafe {
-                    std::slice::from_raw_parts(
-                        (a.blocks[t / BLOCK_TOKENS] as *const E)
-                            .add(a.geo.v_offset(a.layer, a.kv_head) + (t % BLOCK_TOKENS) * hd),
-                        hd,
-                    )
+                let (vr, v_scales) = region::<E>(
+                    a.blocks[t / BLOCK_TOKENS],
+                    a.geo.v_region(a.layer, a.kv_head),
+                    a.geo,
+                );
+                let slot = t % BLOCK_TOKENS;
+                let v = unsafe { std::slice::from_raw_parts(vr.add(slot * hd), hd) };
+                let w = if E::SCALED {
+                    w * unsafe { *v_scales.add(slot) }
+                } else {
+                    w
                 };
                 for (od, &vd) in o.iter_mut().zip(v) {
                     *od += w * vd.to_f32();
@@ -491,33 +576,98 @@ mod avx512 {
     #[target_feature(enable = "avx512f,f16c")]
     pub unsafe fn attend<E: KvElem>(a: &QueryArgs, scores: &mut [f32], out: &mut [f32]) {
         unsafe {
-            let hd = a.geo.head_dim;
+            match a.geo.head_dim / 16 {
+                2 => attend_c::<E, 2>(a, scores, out),
+                4 => attend_c::<E, 4>(a, scores, out),
+                _ => attend_c::<E, 8>(a, scores, out),
+            }
+        }
+    }
+
+    /// `out[h0 + h] = Σ_t w[h][t]·v[t] / Σ_t w[h][t]` for `NH` heads from `h0`, loading each value
+    /// vector once for all of them.
+    #[inline(always)]
+    unsafe fn weighted_values<E: KvElem, const C: usize, const NH: usize>(
+        a: &QueryArgs,
+        sp: *const f32,
+        stride: usize,
+        inv: &[f32; MAX_GROUP],
+        out: &mut [f32],
+        h0: usize,
+    ) {
+        unsafe {
+            let hd = C * 16;
+            let n = a.n_keys;
+            let v_off = a.geo.v_region(a.layer, a.kv_head);
+            let values_bytes = BLOCK_TOKENS * hd * std::mem::size_of::<E>();
+            let mut acc = [[_mm512_setzero_ps(); C]; NH];
+            let n_blocks = n.div_ceil(BLOCK_TOKENS);
+            for b in 0..n_blocks {
+                let (vb, v_scales) = region::<E>(a.blocks[b], v_off, a.geo);
+                if b + 1 < n_blocks {
+                    prefetch_region(a.blocks[b + 1].add(v_off), values_bytes);
+                }
+                let n_in_block = (n - b * BLOCK_TOKENS).min(BLOCK_TOKENS);
+                for s in 0..n_in_block {
+                    let t = b * BLOCK_TOKENS + s;
+                    let vs = if E::SCALED { *v_scales.add(s) } else { 1.0 };
+                    let vp = vb.add(s * hd);
+                    let v: [__m512; C] = std::array::from_fn(|c| E::load16(vp.add(c * 16)));
+                    for h in 0..NH {
+                        let w = _mm512_set1_ps(*sp.add((h0 + h) * stride + t) * vs);
+                        for c in 0..C {
+                            acc[h][c] = _mm512_fmadd_ps(w, v[c], acc[h][c]);
+                        }
+                    }
+                }
+            }
+            for h in 0..NH {
+                let iv = _mm512_set1_ps(inv[h0 + h]);
+                for c in 0..C {
+                    _mm512_storeu_ps(
+                        out.as_mut_ptr().add((h0 + h) * hd + c * 16),
+                        _mm512_mul_ps(acc[h][c], iv),
+                    );
+                }
+            }
+        }
+    }
+
+    /// `C` = head_dim / 16 (the dispatcher only sends head sizes 32, 64 and 128 here).
+    #[inline(always)]
+    unsafe fn attend_c<E: KvElem, const C: usize>(
+        a: &QueryArgs,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        unsafe {
+            let hd = C * 16;
             let nh = a.n_heads;
             let n = a.n_keys;
-            // Keys are scored 16 at a time (one register of lanes); a block may hold several chunks.
+            // Keys are scored 16 at a time (one register of lanes); a block may hold several.
             let n_chunks = n.div_ceil(16);
             let stride = n_chunks * 16;
             let scale = _mm512_set1_ps(1.0 / (hd as f32).sqrt());
-            let k_off = a.geo.k_offset(a.layer, a.kv_head);
-            let v_off = a.geo.v_offset(a.layer, a.kv_head);
+            let (k_off, v_off) = (
+                a.geo.k_region(a.layer, a.kv_head),
+                a.geo.v_region(a.layer, a.kv_head),
+            );
             let q = a.q.as_ptr();
             let sp = scores.as_mut_ptr();
+            let values_bytes = BLOCK_TOKENS * hd * std::mem::size_of::<E>();
 
             // Scores, all heads of the group per loaded key vector.
             let mut maxv = [_mm512_set1_ps(f32::NEG_INFINITY); MAX_GROUP];
-            let region = BLOCK_TOKENS * hd * std::mem::size_of::<E>();
             // The values of the first block are needed right after the scores: start loading them.
-            prefetch_region((a.blocks[0] as *const E).add(v_off) as *const u8, region);
+            prefetch_region(a.blocks[0].add(v_off), values_bytes);
             for c in 0..n_chunks {
                 let (b, sub) = (c * 16 / BLOCK_TOKENS, (c * 16) % BLOCK_TOKENS / 16);
                 // Blocks are separate allocations: ask for the next block's keys ahead of time.
                 if sub == 0 && (b + 1) * BLOCK_TOKENS < n {
-                    prefetch_region(
-                        (a.blocks[b + 1] as *const E).add(k_off) as *const u8,
-                        region,
-                    );
+                    prefetch_region(a.blocks[b + 1].add(k_off), values_bytes);
                 }
-                let kt = (a.blocks[b] as *const E).add(k_off + sub * 16);
+                let (kt, k_scales) = region::<E>(a.blocks[b], k_off, a.geo);
+                let kt = kt.add(sub * 16);
                 let mut acc = [_mm512_setzero_ps(); MAX_GROUP];
                 for d in 0..hd {
                     let k = E::load16(kt.add(d * BLOCK_TOKENS));
@@ -525,6 +675,12 @@ mod avx512 {
                         acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(h * hd + d)), k, acc[h]);
                     }
                 }
+                // Per-key scales (int8 cache) fold into the softmax scale.
+                let key_scale = if E::SCALED {
+                    _mm512_mul_ps(scale, _mm512_loadu_ps(k_scales.add(sub * 16)))
+                } else {
+                    scale
+                };
                 let valid = n - c * 16;
                 let mask: __mmask16 = if valid >= 16 {
                     0xFFFF
@@ -535,7 +691,7 @@ mod avx512 {
                     let s = _mm512_mask_mov_ps(
                         _mm512_set1_ps(f32::NEG_INFINITY),
                         mask,
-                        _mm512_mul_ps(acc[h], scale),
+                        _mm512_mul_ps(acc[h], key_scale),
                     );
                     _mm512_storeu_ps(sp.add(h * stride + c * 16), s);
                     maxv[h] = _mm512_max_ps(maxv[h], s);
@@ -554,77 +710,17 @@ mod avx512 {
                 }
                 inv[h] = 1.0 / _mm512_reduce_add_ps(sum);
             }
-            // Weighted sum of values, 16 dimensions per register, accumulators kept in registers.
-            match hd / 16 {
-                2 => weighted_values::<E, 2>(a, sp, stride, &inv, out),
-                4 => weighted_values::<E, 4>(a, sp, stride, &inv, out),
-                8 => weighted_values::<E, 8>(a, sp, stride, &inv, out),
-                c => {
-                    // Other head sizes: a generic loop through memory.
+            // Weighted sum of values, 16 dimensions per register, accumulators in registers. All
+            // heads of the group share each loaded value vector when their accumulators fit.
+            match (nh, C) {
+                (1, _) => weighted_values::<E, C, 1>(a, sp, stride, &inv, out, 0),
+                (2, _) if C <= 4 => weighted_values::<E, C, 2>(a, sp, stride, &inv, out, 0),
+                (3, _) if C <= 4 => weighted_values::<E, C, 3>(a, sp, stride, &inv, out, 0),
+                (4, _) if C <= 4 => weighted_values::<E, C, 4>(a, sp, stride, &inv, out, 0),
+                _ => {
                     for h in 0..nh {
-                        let o = &mut out[h * hd..][..hd];
-                        o.fill(0.0);
-                        for t in 0..n {
-                            let v = (a.blocks[t / BLOCK_TOKENS] as *const E)
-                                .add(v_off + (t % BLOCK_TOKENS) * hd);
-                            let w = _mm512_set1_ps(*sp.add(h * stride + t) * inv[h]);
-                            for ci in 0..c {
-                                let op = o.as_mut_ptr().add(ci * 16);
-                                _mm512_storeu_ps(
-                                    op,
-                                    _mm512_fmadd_ps(
-                                        w,
-                                        E::load16(v.add(ci * 16)),
-                                        _mm512_loadu_ps(op),
-                                    ),
-                                );
-                            }
-                        }
+                        weighted_values::<E, C, 1>(a, sp, stride, &inv, out, h);
                     }
-                }
-            }
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn weighted_values<E: KvElem, const C: usize>(
-        a: &QueryArgs,
-        sp: *const f32,
-        stride: usize,
-        inv: &[f32; MAX_GROUP],
-        out: &mut [f32],
-    ) {
-        unsafe {
-            let hd = a.geo.head_dim;
-            let v_off = a.geo.v_offset(a.layer, a.kv_head);
-            for h in 0..a.n_heads {
-                let mut acc = [_mm512_setzero_ps(); C];
-                let w_row = sp.add(h * stride);
-                let n_blocks = a.n_keys.div_ceil(BLOCK_TOKENS);
-                for b in 0..n_blocks {
-                    let vb = (a.blocks[b] as *const E).add(v_off);
-                    if h == 0 && b + 1 < n_blocks {
-                        let region = BLOCK_TOKENS * hd * std::mem::size_of::<E>();
-                        prefetch_region(
-                            (a.blocks[b + 1] as *const E).add(v_off) as *const u8,
-                            region,
-                        );
-                    }
-                    let n_in_block = (a.n_keys - b * BLOCK_TOKENS).min(BLOCK_TOKENS);
-                    for s in 0..n_in_block {
-                        let w = _mm512_set1_ps(*w_row.add(b * BLOCK_TOKENS + s));
-                        let v = vb.add(s * hd);
-                        for c in 0..C {
-                            acc[c] = _mm512_fmadd_ps(w, E::load16(v.add(c * 16)), acc[c]);
-                        }
-                    }
-                }
-                let iv = _mm512_set1_ps(inv[h]);
-                for c in 0..C {
-                    _mm512_storeu_ps(
-                        out.as_mut_ptr().add(h * hd + c * 16),
-                        _mm512_mul_ps(acc[c], iv),
-                    );
                 }
             }
         }
@@ -636,11 +732,26 @@ mod tests {
     use super::*;
     use crate::model::kernels::Isa;
 
+    #[test]
+    fn grouped_heads_match_single_heads() {
+        // 8 query heads over 2 kv heads (groups of 4) and 1 kv head (group of 8, the per-head path).
+        for (n_heads, n_kv_heads) in [(8, 2), (8, 1), (4, 4)] {
+            let geo = KvGeometry {
+                n_layers: 2,
+                n_heads,
+                n_kv_heads,
+                head_dim: 64,
+                dtype: KvDtype::F32,
+            };
+            check_geometry(geo, 1e-5);
+        }
+    }
+
     /// Both implementations against a direct f64 computation, for GQA groups, uneven lengths
     /// and both head groupings.
     #[test]
     fn kernels_match_reference() {
-        for dtype in [KvDtype::F32, KvDtype::F16] {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8] {
             check_dtype(dtype);
         }
     }
@@ -653,7 +764,16 @@ mod tests {
             head_dim: 32,
             dtype,
         };
-        let tol = if dtype == KvDtype::F16 { 2e-3 } else { 1e-5 };
+        let tol = match dtype {
+            KvDtype::F32 => 1e-5,
+            KvDtype::F16 => 2e-3,
+            KvDtype::Q8 => 3e-2,
+        };
+        check_geometry(geo, tol);
+    }
+
+    fn check_geometry(geo: KvGeometry, tol: f64) {
+        let dtype = geo.dtype;
         let hd = geo.head_dim;
         let (q_dim, kv_dim) = (geo.n_heads * hd, geo.n_kv_heads * hd);
         let width = q_dim + 2 * kv_dim;

@@ -72,14 +72,14 @@ fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 fn rows_parallel(total: usize, cols: usize, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
     let rows = out.len() / cols;
     let ptr = pool::SyncPtr::new(out.as_mut_ptr());
-    let parallel = if total >= PAR_MIN_ELEMS {
-        pool::global().n_threads()
+    let chunks = if total >= PAR_MIN_ELEMS {
+        pool::n_chunks(rows, pool::global().n_threads())
     } else {
         1
     };
-    pool::global().run(parallel, |i, n| {
-        for r in split_range(rows, i, n) {
-            // SAFETY: row ranges are disjoint between participants.
+    pool::global().run_chunks(chunks, |c| {
+        for r in split_range(rows, c, chunks) {
+            // SAFETY: row ranges of distinct chunks are disjoint.
             let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * cols), cols) };
             f(r, o);
         }

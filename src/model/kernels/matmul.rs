@@ -47,18 +47,40 @@ impl QuantizedActs {
             dsums: vec![0f32; m * kb],
         };
         let isa = Isa::detect();
-        let blocks = x.chunks_exact(QBLOCK).zip(a.qs.chunks_exact_mut(QBLOCK));
-        for (bi, (src, dst)) in blocks.enumerate() {
-            let (scale, sum) = match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Vnni => unsafe { avx512::quantize_block(src, dst) },
-                _ => quantize_block(src, dst),
-            };
-            a.d[bi] = scale;
-            a.sums[bi] = sum;
-            // As ggml/candle: `s = f16(sum) * f16(d)`, kept in f16.
-            a.dsums[bi] = (f16::from_f32(sum as f32) * f16::from_f32(scale)).to_f32();
-        }
+        // Rows are independent: prefill-sized inputs are quantized on the pool.
+        let rows_per_chunk = if m * k >= 64 * 1024 {
+            m.div_ceil(pool::n_chunks(m, pool::global().n_threads()))
+        } else {
+            m
+        };
+        let chunks = m.div_ceil(rows_per_chunk.max(1));
+        let (qs, d, sums, dsums) = (
+            pool::SyncPtr::new(a.qs.as_mut_ptr()),
+            pool::SyncPtr::new(a.d.as_mut_ptr()),
+            pool::SyncPtr::new(a.sums.as_mut_ptr()),
+            pool::SyncPtr::new(a.dsums.as_mut_ptr()),
+        );
+        pool::global().run_chunks(chunks, |c| {
+            let rows = c * rows_per_chunk..((c + 1) * rows_per_chunk).min(m);
+            for bi in rows.start * kb..rows.end * kb {
+                let src = &x[bi * QBLOCK..][..QBLOCK];
+                // SAFETY: chunks cover disjoint rows, hence disjoint blocks of every array.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(qs.get().add(bi * QBLOCK), QBLOCK) };
+                let (scale, sum) = match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512Vnni => unsafe { avx512::quantize_block(src, dst) },
+                    _ => quantize_block(src, dst),
+                };
+                unsafe {
+                    *d.get().add(bi) = scale;
+                    *sums.get().add(bi) = sum;
+                    // As ggml/candle: `s = f16(sum) * f16(d)`, kept in f16.
+                    *dsums.get().add(bi) =
+                        (f16::from_f32(sum as f32) * f16::from_f32(scale)).to_f32();
+                }
+            }
+        });
         a
     }
 }
@@ -77,10 +99,17 @@ fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
     (f16::from_f32(exact).to_f32(), sum)
 }
 
-/// `x · Wᵀ` into a new `[m, n]` vector.
+/// `x · Wᵀ` into a new `[m, n]` vector (not zero-filled first: every element is written).
 pub fn matmul_new(w: &PackedMatrix, x: &[f32], m: usize) -> Vec<f32> {
-    let mut y = vec![0f32; m * w.n];
-    matmul(w, x, m, &mut y);
+    let len = m * w.n;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    let out = y.spare_capacity_mut();
+    // SAFETY: `matmul_with` writes all `m` rows of every tile, i.e. all `len` elements, and only
+    // writes (never reads) `out`.
+    let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, len) };
+    matmul(w, x, m, out);
+    // SAFETY: all `len` elements were initialised above.
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -147,14 +176,14 @@ pub fn matmul_with(
     let out = pool::SyncPtr::new(y.as_mut_ptr());
     // Tiny products are not worth a thread hand-off.
     let work = m * n * k;
-    let parallel = if work < 64 * 1024 {
+    let chunks = if work < 64 * 1024 {
         1
     } else {
-        pool.n_threads()
+        pool::n_chunks(tiles, pool.n_threads())
     };
-    pool.run(parallel, |i, nt| {
+    pool.run_chunks(chunks, |c| {
         let mut buf = [[0f32; TILE]; MR];
-        for t in split_range(tiles, i, nt) {
+        for t in split_range(tiles, c, chunks) {
             let mut row0 = 0;
             while row0 < m {
                 let rows = (m - row0).min(MR);

@@ -1,17 +1,25 @@
 //! A tiny fork-join pool for the CPU kernels.
 //!
-//! Why not rayon: a decode step runs ~200 small matrix-vector products back to back, each a few
-//! tens of microseconds. A pool whose workers go to sleep between jobs pays a futex wake-up
-//! (5–50 µs) per job, which on this workload costs as much as the arithmetic. Our workers spin
-//! for a short while after each job (as llama.cpp's do) and only then park, so consecutive jobs
-//! within a step start in well under a microsecond, while an idle server still sleeps.
+//! Why not rayon: a decode step runs ~200 small matrix products back to back, each a few tens of
+//! microseconds. A pool whose workers go to sleep between jobs pays a futex wake-up (5–50 µs) per
+//! job, which on this workload costs as much as the arithmetic. Our workers spin for a short
+//! while after each job (as llama.cpp's do) and only then park, so consecutive jobs within a step
+//! start in well under a microsecond, while an idle server still sleeps.
 //!
-//! The calling thread always takes part as participant 0, so a pool of `n` threads has `n - 1`
-//! workers. Only one job runs at a time: a caller that finds the pool busy (another engine, a
-//! test running in parallel) runs its job alone on its own thread instead of waiting.
+//! Why work is *claimed*, not assigned: on a 2-core machine the kernel threads share the cores
+//! with the HTTP runtime. A statically partitioned job waits for its slowest participant, and a
+//! participant that the OS has just preempted can take a whole scheduler quantum (milliseconds)
+//! to come back. Here a job is a number of chunks that participants claim one at a time from a
+//! shared counter; a worker that arrives late finds nothing left, and the caller never waits for
+//! a worker that has not started a chunk. Workers *join* a job explicitly, so the caller only
+//! waits for those actually running part of it.
+//!
+//! The calling thread always takes part, so a pool of `n` threads has `n - 1` workers. Only one
+//! job runs at a time: a caller that finds the pool busy (another engine, a test running in
+//! parallel) runs its job alone on its own thread instead of waiting.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
@@ -20,26 +28,27 @@ use std::time::{Duration, Instant};
 /// between two projections of a decode step, short enough not to burn a core when idle.
 const SPIN: Duration = Duration::from_micros(300);
 
-type Job = dyn Fn(usize, usize) + Sync;
+type Job = dyn Fn(usize) + Sync;
+
+/// `state` layout: generation in the high 32 bits, an "open for joining" flag, and the number of
+/// workers currently inside the job.
+const OPEN: u64 = 1 << 31;
+const ACTIVE: u64 = OPEN - 1;
 
 struct Shared {
-    /// Bumped once per job; workers wait for it to change.
-    generation: AtomicUsize,
-    /// Workers that finished the current job.
-    done: AtomicUsize,
-    /// The current job, valid while `run` is blocked on it (lifetime erased).
+    state: AtomicU64,
+    /// The current job, valid while the caller of `run_chunks` is blocked on it.
     job: UnsafeCell<Option<*const Job>>,
-    /// Number of participants in the current job (caller included).
-    participants: AtomicUsize,
+    next_chunk: AtomicUsize,
+    n_chunks: AtomicUsize,
     shutdown: AtomicBool,
-    /// Worker threads, for unparking.
     threads: Mutex<Vec<Thread>>,
     sleeping: Vec<AtomicBool>,
 }
 
-// SAFETY: `job` is written only by the thread holding `ThreadPool::busy` before the generation
-// bump (Release) and read by workers after observing the bump (Acquire); `run` does not return
-// (so the closure outlives every use) until all participants have incremented `done`.
+// SAFETY: `job` is written by the thread holding `ThreadPool::busy` before the state is published
+// (Release) and read by workers only after joining the published generation (Acquire); the caller
+// does not return (so the closure outlives every use) until no worker is inside the job.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
@@ -55,10 +64,10 @@ impl ThreadPool {
         let n_threads = n_threads.max(1);
         let n_workers = n_threads - 1;
         let shared = Arc::new(Shared {
-            generation: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
+            state: AtomicU64::new(0),
             job: UnsafeCell::new(None),
-            participants: AtomicUsize::new(1),
+            next_chunk: AtomicUsize::new(0),
+            n_chunks: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
             sleeping: (0..n_workers).map(|_| AtomicBool::new(false)).collect(),
@@ -84,62 +93,75 @@ impl ThreadPool {
         self.n_threads
     }
 
-    /// Runs `f(participant, n_participants)` on up to `max_parallel` threads and returns when all
-    /// are done. `f` must split its work by the participant index it is given.
-    pub fn run<F: Fn(usize, usize) + Sync>(&self, max_parallel: usize, f: F) {
-        let n = max_parallel.clamp(1, self.n_threads);
-        if n == 1 {
-            f(0, 1);
+    /// Runs `f(chunk)` for every chunk in `0..n_chunks`, spread over the pool's threads, and
+    /// returns when all are done. Chunks must be independent (disjoint outputs).
+    pub fn run_chunks<F: Fn(usize) + Sync>(&self, n_chunks: usize, f: F) {
+        if n_chunks <= 1 || self.n_threads == 1 {
+            (0..n_chunks).for_each(&f);
             return;
         }
         let Ok(_guard) = self.busy.try_lock() else {
-            f(0, 1);
+            (0..n_chunks).for_each(&f);
             return;
         };
         let s = &*self.shared;
-        let job: &(dyn Fn(usize, usize) + Sync + '_) = &f;
-        // SAFETY: we hold `busy`, no worker reads `job` until the generation bump below, and we
-        // do not return (so `f` lives) until every worker has acknowledged the job.
+        let job: &(dyn Fn(usize) + Sync + '_) = &f;
+        // SAFETY: we hold `busy`, and no worker reads `job` before the state below is published.
         unsafe {
             *s.job.get() = Some(std::mem::transmute::<
-                &(dyn Fn(usize, usize) + Sync + '_),
+                &(dyn Fn(usize) + Sync + '_),
                 *const Job,
             >(job));
         }
-        s.participants.store(n, Ordering::Relaxed);
-        s.done.store(0, Ordering::Relaxed);
-        s.generation.fetch_add(1, Ordering::SeqCst);
+        s.next_chunk.store(0, Ordering::Relaxed);
+        s.n_chunks.store(n_chunks, Ordering::Relaxed);
+        let generation = (s.state.load(Ordering::Relaxed) >> 32) + 1;
+        s.state.store((generation << 32) | OPEN, Ordering::SeqCst);
         for (w, sleeping) in s.sleeping.iter().enumerate() {
             if sleeping.load(Ordering::SeqCst) {
                 s.threads.lock().unwrap()[w].unpark();
             }
         }
-        f(0, n);
-        // Every worker acknowledges every job (even when not a participant), so that none can
-        // still be about to read `job` after we return.
-        let n_workers = self.n_threads - 1;
-        while s.done.load(Ordering::Acquire) < n_workers {
+        claim_chunks(s, job);
+        // Close the job to latecomers, then wait only for workers still inside it.
+        s.state.fetch_and(!OPEN, Ordering::SeqCst);
+        while s.state.load(Ordering::Acquire) & ACTIVE != 0 {
             std::hint::spin_loop();
         }
         unsafe {
             *s.job.get() = None;
         }
     }
+
+    /// Runs `f(participant, n_participants)` on every thread of the pool. For jobs that split
+    /// their work themselves; prefer [`Self::run_chunks`], which tolerates preempted workers.
+    pub fn run<F: Fn(usize, usize) + Sync>(&self, max_parallel: usize, f: F) {
+        let n = max_parallel.clamp(1, self.n_threads);
+        self.run_chunks(n, |i| f(i, n));
+    }
+}
+
+fn claim_chunks(s: &Shared, job: &(dyn Fn(usize) + Sync + '_)) {
+    let n = s.n_chunks.load(Ordering::Relaxed);
+    loop {
+        let c = s.next_chunk.fetch_add(1, Ordering::Relaxed);
+        if c >= n {
+            break;
+        }
+        job(c);
+    }
 }
 
 fn worker_loop(s: Arc<Shared>, w: usize) {
-    let me = w + 1;
-    // The pool is built with generation 0 and no job runs before `new` returns.
-    let mut seen = 0;
+    let mut seen_generation = 0;
     loop {
         // Wait for a new job: spin first, then park.
         let start = Instant::now();
         let mut spins = 0u32;
-        loop {
-            let g = s.generation.load(Ordering::Acquire);
-            if g != seen {
-                seen = g;
-                break;
+        let state = loop {
+            let st = s.state.load(Ordering::Acquire);
+            if st >> 32 != seen_generation {
+                break st;
             }
             if s.shutdown.load(Ordering::Relaxed) {
                 return;
@@ -150,18 +172,34 @@ fn worker_loop(s: Arc<Shared>, w: usize) {
                 continue;
             }
             s.sleeping[w].store(true, Ordering::SeqCst);
-            if s.generation.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::SeqCst) {
+            if s.state.load(Ordering::SeqCst) >> 32 == seen_generation
+                && !s.shutdown.load(Ordering::SeqCst)
+            {
                 thread::park();
             }
             s.sleeping[w].store(false, Ordering::SeqCst);
+        };
+        seen_generation = state >> 32;
+        // Join, if the job is still open (the caller may have finished it already).
+        let mut st = state;
+        let joined = loop {
+            if st >> 32 != seen_generation || st & OPEN == 0 {
+                break false;
+            }
+            match s
+                .state
+                .compare_exchange_weak(st, st + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break true,
+                Err(now) => st = now,
+            }
+        };
+        if joined {
+            // SAFETY: joined while open: the caller waits for us before invalidating the job.
+            let job = unsafe { (*s.job.get()).expect("an open job has a closure") };
+            claim_chunks(&s, unsafe { &*job });
+            s.state.fetch_sub(1, Ordering::Release);
         }
-        let n = s.participants.load(Ordering::Relaxed);
-        if me < n {
-            // SAFETY: see `Shared`; the job pointer is valid until we bump `done`.
-            let job = unsafe { (*s.job.get()).expect("job published with the generation") };
-            unsafe { (*job)(me, n) };
-        }
-        s.done.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -198,6 +236,12 @@ pub fn default_threads() -> usize {
         .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// Chunks to cut `len` items into for `threads` participants: a few per thread, so that a late
+/// or preempted participant costs little, but not so many that claiming dominates.
+pub fn n_chunks(len: usize, threads: usize) -> usize {
+    len.min(threads * 4).max(1)
+}
+
 /// A raw pointer that may be shared with pool participants which write disjoint parts of the
 /// buffer behind it (every use states why the parts are disjoint).
 #[derive(Clone, Copy)]
@@ -231,15 +275,13 @@ mod tests {
     use std::sync::atomic::AtomicU64;
 
     #[test]
-    fn every_index_is_covered_once() {
+    fn every_chunk_runs_once() {
         let pool = ThreadPool::new(3);
-        for round in 0..2000 {
-            let len = round % 97 + 1;
-            let hits: Vec<AtomicU64> = (0..len).map(|_| AtomicU64::new(0)).collect();
-            pool.run(3, |i, n| {
-                for j in split_range(len, i, n) {
-                    hits[j].fetch_add(1, Ordering::Relaxed);
-                }
+        for round in 0..3000 {
+            let n = round % 97 + 1;
+            let hits: Vec<AtomicU64> = (0..n).map(|_| AtomicU64::new(0)).collect();
+            pool.run_chunks(n, |c| {
+                hits[c].fetch_add(1, Ordering::Relaxed);
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         }
@@ -267,10 +309,8 @@ mod tests {
                 std::thread::spawn(move || {
                     let sum = AtomicU64::new(0);
                     for _ in 0..500 {
-                        p.run(2, |i, n| {
-                            for j in split_range(100, i, n) {
-                                sum.fetch_add(j as u64, Ordering::Relaxed);
-                            }
+                        p.run_chunks(10, |c| {
+                            sum.fetch_add(c as u64, Ordering::Relaxed);
                         });
                     }
                     sum.load(Ordering::Relaxed)
@@ -278,8 +318,29 @@ mod tests {
             })
             .collect();
         for h in handles {
-            assert_eq!(h.join().unwrap(), 500 * 4950);
+            assert_eq!(h.join().unwrap(), 500 * 45);
         }
+    }
+
+    #[test]
+    fn a_stalled_worker_does_not_stall_the_caller() {
+        // The caller finishes all chunks itself while the worker is stuck in a slow chunk of the
+        // previous job: the next job must not wait for it.
+        let pool = ThreadPool::new(2);
+        let slow_done = AtomicU64::new(0);
+        let t = Instant::now();
+        pool.run_chunks(2, |c| {
+            if c == 1 {
+                std::thread::sleep(Duration::from_millis(50));
+                slow_done.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        assert_eq!(
+            slow_done.load(Ordering::Relaxed),
+            1,
+            "all chunks ran before returning"
+        );
+        assert!(t.elapsed() >= Duration::from_millis(50));
     }
 
     #[test]

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# lethe's test suite, as CI runs it: formatting, lints, every Rust test (unit, parity against
+# candle-transformers on the real default model, engine, HTTP), then the official `openai`
+# Python SDK against a real `lethe serve`.
+#
+# Fetches the default model first (idempotent) and requires it, so that tests needing it can
+# never be skipped silently.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+./scripts/fetch-model.sh
+export LETHE_REQUIRE_MODEL=1
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy"
+cargo clippy --release --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --release
+
+echo "== the official openai Python SDK against lethe serve"
+venv=target/sdk-venv
+if [[ ! -x $venv/bin/python ]]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai>=1.40,<3"
+port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+./target/release/lethe serve --port "$port" >target/sdk-serve.log 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  "$venv/bin/python" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/ready')" 2>/dev/null && break
+  kill -0 $server 2>/dev/null || { cat target/sdk-serve.log; exit 1; }
+  sleep 0.5
+done
+"$venv/bin/python" tests/clients/openai_sdk.py "http://127.0.0.1:$port"
+kill -INT $server
+wait $server
+echo "== all tests passed"

@@ -1,0 +1,175 @@
+//! The HTTP layer: an axum router over the engine.
+//!
+//! - [`openai`]: OpenAI-compatible routes (wire types, handlers, SSE);
+//! - [`validation`]: request checks and the translation to an engine request;
+//! - [`extract`]: the JSON body extractor (415/413/400 in OpenAI's error shape);
+//! - [`ops`]: health and readiness;
+//! - [`error`]: the one error type and its HTTP mapping.
+
+pub mod error;
+pub mod extract;
+pub mod openai;
+pub mod ops;
+pub mod validation;
+
+use crate::config::ServeConfig;
+use crate::engine::EngineHandle;
+use crate::tokenizer::Tokenizer;
+use axum::Router;
+use axum::http::{HeaderName, Request};
+use axum::routing::{get, post};
+use error::ApiError;
+use std::sync::Arc;
+use std::time::Duration;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    /// The id clients use in `model`.
+    pub model_id: String,
+    /// `created` of the model card.
+    pub created: u64,
+    /// `system_fingerprint`: lethe's version and how the model runs.
+    pub fingerprint: String,
+    pub config: ServeConfig,
+}
+
+impl AppState {
+    /// Loads the model of `config` and starts its engine.
+    pub fn load(config: ServeConfig) -> anyhow::Result<Arc<Self>> {
+        use crate::engine::{EngineConfig, SchedulerConfig};
+        use crate::loader::ModelBundle;
+        use crate::model::{LoadOptions, load::parse_device};
+        if let Some(n) = config.threads {
+            crate::model::kernels::pool::init_global(n);
+        }
+        if !config.model.exists() && config.model == std::path::Path::new(crate::DEFAULT_MODEL_PATH)
+        {
+            anyhow::bail!(
+                "the default model is not there yet: run scripts/fetch-model.sh (or pass --model PATH)\n  expected {}",
+                config.model.display()
+            );
+        }
+        let opts = LoadOptions {
+            device: parse_device(&config.device)?,
+            backend: config.backend,
+            weights: config.weights,
+        };
+        let bundle = ModelBundle::load(&config.model, &opts, config.tokenizer.as_deref())
+            .map_err(|e| anyhow::anyhow!("loading {}: {e}", config.model.display()))?;
+        let engine = EngineHandle::spawn_with_kv_dtype(
+            bundle.model.clone(),
+            bundle.tokenizer.clone(),
+            EngineConfig {
+                scheduler: SchedulerConfig {
+                    max_running_rows: config.max_running_rows,
+                    max_batch_tokens: config.max_batch_tokens,
+                    max_waiting: config.max_waiting,
+                },
+                kv_cache_bytes: config.kv_cache_mib << 20,
+            },
+            config.kv_dtype,
+        );
+        let fingerprint = format!(
+            "lethe-{}-{}",
+            env!("CARGO_PKG_VERSION"),
+            bundle.model.weights_desc().replace('/', "-")
+        );
+        Ok(Arc::new(Self {
+            engine,
+            tokenizer: bundle.tokenizer,
+            model_id: bundle.id,
+            created: openai::unix_now(),
+            fingerprint,
+            config,
+        }))
+    }
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Request ids: the client's `x-request-id` if it sent one, else a random one.
+#[derive(Clone, Copy)]
+struct RandomId;
+
+impl MakeRequestId for RandomId {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        openai::random_hex(16).parse().ok().map(RequestId::new)
+    }
+}
+
+/// The full router with its middleware.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .fallback(|uri: axum::http::Uri| async move { ApiError::RouteNotFound(uri.path().chars().take(200).collect()) })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move { ApiError::MethodNotAllowed(method.to_string()) })
+        .with_state(state)
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID, RandomId))
+                .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                    let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+                    tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+                }))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+        )
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, gives in-flight requests
+/// `grace` to finish (streams still running then are ended with an error event), and returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let engine = state.engine.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let app = router(state);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+        let _ = tx.send(());
+    });
+    let drain = tokio::spawn(async move {
+        if rx.await.is_ok() {
+            // Blocks until the engine thread has stopped; streams get their last events.
+            let _ = tokio::task::spawn_blocking(move || engine.shutdown(grace)).await;
+        }
+    });
+    let result = server.await;
+    drain.abort();
+    result
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

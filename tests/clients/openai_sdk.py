@@ -1,0 +1,76 @@
+"""The official `openai` Python SDK against a running `lethe serve` (a client nobody here wrote).
+
+Usage: python tests/clients/openai_sdk.py http://127.0.0.1:18080
+"""
+
+import sys
+
+import openai
+
+base = sys.argv[1].rstrip("/")
+client = openai.OpenAI(base_url=f"{base}/v1", api_key="not-needed", max_retries=0)
+
+# Models list.
+models = client.models.list()
+assert models.data, "no models listed"
+model = models.data[0].id
+print(f"model: {model}")
+
+messages = [{"role": "user", "content": "Name a colour of the sky."}]
+
+# Chat, non-streaming.
+chat = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+assert chat.object == "chat.completion"
+assert chat.choices[0].message.role == "assistant"
+assert chat.choices[0].finish_reason in ("stop", "length")
+assert 0 < chat.usage.completion_tokens <= 16
+assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+print(f"chat: {chat.choices[0].message.content!r}")
+
+# Chat, streaming with usage: same greedy text, usage on a final chunk with no choices.
+stream = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}
+)
+chunks = list(stream)
+text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+assert text == chat.choices[0].message.content, (text, chat.choices[0].message.content)
+assert chunks[0].choices[0].delta.role == "assistant"
+assert chunks[-1].choices == [] and chunks[-1].usage is not None
+assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+print(f"stream: {len(chunks)} chunks")
+
+# Completions.
+comp = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
+assert comp.object == "text_completion" and isinstance(comp.choices[0].text, str)
+print(f"completion: {comp.choices[0].text!r}")
+
+# lethe's guidance extension through extra_body, echoed back.
+guided = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=16,
+    temperature=0,
+    extra_body={"guidance": {"gamma": 3.0, "mode": "prob"}},
+)
+applied = guided.model_extra["guidance"]
+assert applied["gamma"] == 3.0 and applied["mode"] == "prob" and applied["uncond"] == "negative_condition", applied
+print(f"guided: {guided.choices[0].message.content!r} {applied}")
+
+# Errors surface as the SDK's own exception classes.
+try:
+    client.chat.completions.create(model=model, messages=messages, extra_body={"guidance": {"gamma": -1}})
+    raise AssertionError("negative gamma was accepted")
+except openai.BadRequestError as e:
+    assert e.status_code == 400 and "gamma" in str(e), e
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages)
+    raise AssertionError("unknown model was accepted")
+except openai.NotFoundError as e:
+    assert e.status_code == 404, e
+try:
+    client.chat.completions.create(model=model, messages=messages, max_tokens=10**6)
+    raise AssertionError("context overflow was accepted")
+except openai.BadRequestError as e:
+    assert e.code == "context_length_exceeded", e
+
+print("openai SDK: all checks passed")
