@@ -489,6 +489,7 @@ async fn one_streamed_request(
         "max_tokens": cfg.max_tokens,
         "temperature": 0,
         "stream": true,
+        "stream_options": {"include_usage": true},
         "ignore_eos": true,
     });
     if let Some(g) = cfg.guidance {
@@ -501,7 +502,8 @@ async fn one_streamed_request(
     let mut buf = Vec::new();
     let (mut first, mut last) = (None, start);
     let mut gaps = Vec::new();
-    let mut tokens = 0;
+    let mut chunks = 0;
+    let mut usage_tokens = None;
     while let Some(chunk) = stream.next().await {
         buf.extend_from_slice(&chunk?);
         while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
@@ -524,7 +526,15 @@ async fn one_streamed_request(
                     Some(_) => gaps.push((now - last).as_secs_f64()),
                 }
                 last = now;
-                tokens += 1;
+                chunks += 1;
+            } else if let Some(i) = data.find("\"completion_tokens\":") {
+                // The usage chunk: count tokens, not chunks (text held back for an incomplete
+                // character arrives with a later token, in one chunk).
+                let digits: String = data[i + 19..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                usage_tokens = digits.parse::<usize>().ok();
             }
         }
     }
@@ -532,7 +542,7 @@ async fn one_streamed_request(
     Ok(Sample {
         ttft: (first - start).as_secs_f64(),
         gaps,
-        tokens,
+        tokens: usage_tokens.unwrap_or(chunks),
         decode_s: (last - first).as_secs_f64(),
     })
 }

@@ -535,14 +535,20 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
             let cfg = LoadConfig { concurrency: 1, requests: 3, guidance: None, prompt_words: a.prompt_words, max_tokens: a.gen_tokens };
             let prompt_tokens = state.tokenizer.encode_plain(&"word ".repeat(a.prompt_words))?.len();
             let bundle = (a.model.load()?.model, state.tokenizer.clone());
-            for _ in 0..5 {
-                http.push(serve_load(&base, &model, &cfg).await?.per_request_tok_s);
-                let (m, t) = (bundle.0.clone(), bundle.1.clone());
-                let case = [lethe::bench::EngineCase { concurrency: 1, guided: None }];
-                let gen_tokens = a.gen_tokens;
-                let kv = a.model.kv_dtype;
-                let r = tokio::task::spawn_blocking(move || lethe::bench::engine(m, t, &case, prompt_tokens, gen_tokens, 1, kv)).await??;
-                direct.push(r[0].per_request_tok_s);
+            for round in 0..7 {
+                // Alternate which goes first, so drift over time hits both alike.
+                for part in [round % 2, 1 - round % 2] {
+                    if part == 0 {
+                        http.push(serve_load(&base, &model, &cfg).await?.per_request_tok_s);
+                    } else {
+                        let (m, t) = (bundle.0.clone(), bundle.1.clone());
+                        let case = [lethe::bench::EngineCase { concurrency: 1, guided: None }];
+                        let gen_tokens = a.gen_tokens;
+                        let kv = a.model.kv_dtype;
+                        let r = tokio::task::spawn_blocking(move || lethe::bench::engine(m, t, &case, prompt_tokens, gen_tokens, 3, kv)).await??;
+                        direct.push(r[0].per_request_tok_s);
+                    }
+                }
             }
             let median = |mut v: Vec<f64>| { v.sort_by(f64::total_cmp); v[v.len() / 2] };
             let (h, d) = (median(http), median(direct));

@@ -5,9 +5,8 @@
 //!   `max_running_rows` and its whole generation (prompt + `max_tokens`, every row) fits in the KV
 //!   budget; nothing overtakes it, so a large request cannot starve. Because memory for the whole
 //!   generation is reserved up front, a running group never needs to be preempted.
-//! - **Each step** first gives every decoding row its one token, then fills the remaining token
-//!   budget (`max_batch_tokens`, but never less than [`MIN_PREFILL_TOKENS`]) with prompt chunks
-//!   of prefilling rows, *shortest remaining prompt first*. A long prompt is therefore prefilled
+//! - **Each step** gives every decoding row its one token, then fills a prompt-token budget
+//!   (`max_batch_tokens`) with chunks of prefilling rows, *shortest remaining prompt first*. A long prompt is therefore prefilled
 //!   over several steps and never stalls the decoders for more than one budget's worth of work
 //!   (chunked prefill), and a short request arriving meanwhile is prefilled in the very next step
 //!   instead of queueing behind the long prompt's chunks. The budget bounds a step's duration,
@@ -21,8 +20,9 @@ use std::collections::VecDeque;
 pub struct SchedulerConfig {
     /// Rows (sequences) decoding at once; a CFG pair counts two.
     pub max_running_rows: usize,
-    /// Tokens per forward step (decode tokens + prefill chunks). Decoding rows always run, so a
-    /// step can exceed this when more rows decode; prefill then gets `MIN_PREFILL_TOKENS`.
+    /// Prompt tokens per forward step (chunked prefill), on top of one token per decoding row.
+    /// Bounds how much prefill work can lengthen a step, hence inter-token latency and time to
+    /// first token under load.
     pub max_batch_tokens: usize,
     /// Requests allowed to wait for admission; more is an `Overloaded` error.
     pub max_waiting: usize,
@@ -40,10 +40,6 @@ impl Default for SchedulerConfig {
         }
     }
 }
-
-/// Prompt tokens a step processes even when decoding rows fill `max_batch_tokens`, so that
-/// admitted requests always make progress.
-pub const MIN_PREFILL_TOKENS: usize = 16;
 
 /// One entry of a step: `tokens` of row `row` of running group `group`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,11 +133,7 @@ impl Scheduler {
                 }
             }
         }
-        let mut budget = self
-            .cfg
-            .max_batch_tokens
-            .saturating_sub(plan.len())
-            .max(MIN_PREFILL_TOKENS);
+        let mut budget = self.cfg.max_batch_tokens;
         // Then prompt chunks, shortest remaining prompt first (ties: oldest request first).
         let mut prefilling: Vec<(usize, usize, usize, u64)> = self
             .running

@@ -136,6 +136,11 @@ pub async fn serve(
     let engine = state.engine.clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = router(state);
+    // Tokens go out as they are made: no Nagle delay on small SSE writes.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections; finishing in-flight requests");

@@ -1,0 +1,98 @@
+//! Micro-benchmarks of the hot paths (`cargo bench --bench kernels`): the packed matrix
+//! products at 1, 2 and 16 activation rows (the CFG pair is the 2-row case) and paged attention,
+//! on SmolLM2-135M's shapes with synthetic weights. A small self-contained harness (median of
+//! repeated runs, interleaved) instead of criterion, to keep CI build times down.
+
+use lethe::model::RopeStyle;
+use lethe::model::kernels::attention::{self, KvDtype, KvGeometry, RopeRows, SeqSpan};
+use lethe::model::kernels::{PackedMatrix, matmul};
+use std::time::Instant;
+
+fn rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = lethe::sampling::Rng::new(seed);
+    (0..n).map(|_| rng.next_f32() - 0.5).collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    // One layer's projections (fused qkv, o, fused gate|up, down) in Q8_0.
+    let shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
+    let mats: Vec<PackedMatrix> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(n, k))| PackedMatrix::quantize_q8_0(&rand(n * k, i as u64), n, k).unwrap())
+        .collect();
+    let rows = [1usize, 2, 16];
+    let x = rand(16 * 1536, 99);
+    let mut y = vec![0f32; 16 * 3072];
+    let mut times = vec![Vec::new(); rows.len()];
+    for _ in 0..30 {
+        for (i, &m) in rows.iter().enumerate() {
+            let t = Instant::now();
+            for _ in 0..10 {
+                for w in &mats {
+                    matmul(w, &x[..m * w.k], m, &mut y[..m * w.n]);
+                }
+            }
+            times[i].push(t.elapsed().as_secs_f64() / 10.0);
+        }
+    }
+    let base = median(times[0].clone());
+    for (i, &m) in rows.iter().enumerate() {
+        let t = median(times[i].clone());
+        println!(
+            "q8_0 layer projections, {m:>2} rows: {:>8.1} µs  ({:.2}x 1 row)",
+            t * 1e6,
+            t / base
+        );
+    }
+
+    // Attention of one layer over 200 cached positions, 1 and 2 sequences.
+    let geo = KvGeometry {
+        n_layers: 1,
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+        dtype: KvDtype::F16,
+    };
+    let inv: Vec<f32> = (0..32)
+        .map(|i| 1.0 / 100000f32.powf(i as f32 / 32.0))
+        .collect();
+    for n_seq in [1usize, 2] {
+        let ctx: usize = 200;
+        let mut blocks: Vec<Vec<Vec<u64>>> = (0..n_seq)
+            .map(|_| {
+                (0..(ctx + 1).div_ceil(16))
+                    .map(|_| vec![0u64; geo.block_bytes() / 8])
+                    .collect()
+            })
+            .collect();
+        let spans: Vec<SeqSpan> = blocks
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| SeqSpan {
+                blocks: b.iter_mut().map(|x| x.as_mut_ptr() as *mut u8).collect(),
+                start: ctx,
+                len: 1,
+                row: i,
+            })
+            .collect();
+        let qkv = rand(n_seq * 15 * 64, 7);
+        let rope = RopeRows::new(&vec![ctx as u32; n_seq], &inv, RopeStyle::Interleaved);
+        let mut out = vec![0f32; n_seq * 9 * 64];
+        let mut t = Vec::new();
+        for _ in 0..200 {
+            let s = Instant::now();
+            attention::paged_attention(&geo, 0, &qkv, &spans, &rope, &mut out);
+            t.push(s.elapsed().as_secs_f64());
+        }
+        println!(
+            "attention, 1 layer, {n_seq} seq x {ctx} positions: {:>6.1} µs",
+            median(t) * 1e6
+        );
+    }
+}
