@@ -44,32 +44,16 @@ fn main() {
     let base = median(times[0].clone());
     for (i, &m) in rows.iter().enumerate() {
         let t = median(times[i].clone());
-        println!(
-            "q8_0 layer projections, {m:>2} rows: {:>8.1} µs  ({:.2}x 1 row)",
-            t * 1e6,
-            t / base
-        );
+        println!("q8_0 layer projections, {m:>2} rows: {:>8.1} µs  ({:.2}x 1 row)", t * 1e6, t / base);
     }
 
     // Attention of one layer over 200 cached positions, 1 and 2 sequences.
-    let geo = KvGeometry {
-        n_layers: 1,
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        dtype: KvDtype::F16,
-    };
-    let inv: Vec<f32> = (0..32)
-        .map(|i| 1.0 / 100000f32.powf(i as f32 / 32.0))
-        .collect();
+    let geo = KvGeometry { n_layers: 1, n_heads: 9, n_kv_heads: 3, head_dim: 64, dtype: KvDtype::F16 };
+    let inv: Vec<f32> = (0..32).map(|i| 1.0 / 100000f32.powf(i as f32 / 32.0)).collect();
     for n_seq in [1usize, 2] {
         let ctx: usize = 200;
         let mut blocks: Vec<Vec<Vec<u64>>> = (0..n_seq)
-            .map(|_| {
-                (0..(ctx + 1).div_ceil(16))
-                    .map(|_| vec![0u64; geo.block_bytes() / 8])
-                    .collect()
-            })
+            .map(|_| (0..(ctx + 1).div_ceil(16)).map(|_| vec![0u64; geo.block_bytes() / 8]).collect())
             .collect();
         let spans: Vec<SeqSpan> = blocks
             .iter_mut()
@@ -90,9 +74,6 @@ fn main() {
             attention::paged_attention(&geo, 0, &qkv, &spans, &rope, &mut out);
             t.push(s.elapsed().as_secs_f64());
         }
-        println!(
-            "attention, 1 layer, {n_seq} seq x {ctx} positions: {:>6.1} µs",
-            median(t) * 1e6
-        );
+        println!("attention, 1 layer, {n_seq} seq x {ctx} positions: {:>6.1} µs", median(t) * 1e6);
     }
 }

@@ -13,9 +13,7 @@ use std::time::Instant;
 pub fn synthetic_prompt(len: usize, vocab: usize, salt: u64) -> Vec<u32> {
     let mut rng = crate::sampling::Rng::new(0xBE7C ^ salt);
     let lo = 100.min(vocab / 2) as u64;
-    (0..len)
-        .map(|_| (lo + rng.next_u64() % (vocab as u64 - lo)) as u32)
-        .collect()
+    (0..len).map(|_| (lo + rng.next_u64() % (vocab as u64 - lo)) as u32).collect()
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in bytes.
@@ -59,17 +57,11 @@ pub fn decode(
     // Warm-up on a throwaway sequence: first-touch page faults and thread start-up.
     let w = kv.add_sequence();
     model.forward(
-        &RaggedBatch::new(vec![BatchEntry::last(
-            w,
-            synthetic_prompt(prompt_tokens.max(8), vocab, 99),
-        )]),
+        &RaggedBatch::new(vec![BatchEntry::last(w, synthetic_prompt(prompt_tokens.max(8), vocab, 99))]),
         &mut kv,
     )?;
     for _ in 0..8 {
-        model.forward(
-            &RaggedBatch::new(vec![BatchEntry::last(w, vec![200])]),
-            &mut kv,
-        )?;
+        model.forward(&RaggedBatch::new(vec![BatchEntry::last(w, vec![200])]), &mut kv)?;
     }
     kv.remove_sequence(w);
 
@@ -86,27 +78,14 @@ pub fn decode(
         let prefill = RaggedBatch::new(
             seqs.iter()
                 .enumerate()
-                .map(|(i, &s)| {
-                    BatchEntry::last(
-                        s,
-                        synthetic_prompt(prompt_tokens, vocab, (bi * 1000 + i) as u64),
-                    )
-                })
+                .map(|(i, &s)| BatchEntry::last(s, synthetic_prompt(prompt_tokens, vocab, (bi * 1000 + i) as u64)))
                 .collect(),
         );
         let t0 = Instant::now();
         let logits = model.forward(&prefill, &mut kv)?;
         let prefill_s = t0.elapsed().as_secs_f64();
-        let next = (0..batch)
-            .map(|i| crate::sampling::argmax(logits.last(i)))
-            .collect();
-        runs.push(Run {
-            seqs,
-            next,
-            prefill_s,
-            round_s: Vec::new(),
-            steps: 0,
-        });
+        let next = (0..batch).map(|i| crate::sampling::argmax(logits.last(i))).collect();
+        runs.push(Run { seqs, next, prefill_s, round_s: Vec::new(), steps: 0 });
     }
     for round in 0..ROUNDS {
         let steps = gen_tokens / ROUNDS + usize::from(round < gen_tokens % ROUNDS);
@@ -114,16 +93,10 @@ pub fn decode(
             let t = Instant::now();
             for _ in 0..steps {
                 let step = RaggedBatch::new(
-                    run.seqs
-                        .iter()
-                        .zip(&run.next)
-                        .map(|(&s, &tok)| BatchEntry::last(s, vec![tok]))
-                        .collect(),
+                    run.seqs.iter().zip(&run.next).map(|(&s, &tok)| BatchEntry::last(s, vec![tok])).collect(),
                 );
                 let logits = model.forward(&step, &mut kv)?;
-                run.next = (0..run.seqs.len())
-                    .map(|i| crate::sampling::argmax(logits.last(i)))
-                    .collect();
+                run.next = (0..run.seqs.len()).map(|i| crate::sampling::argmax(logits.last(i))).collect();
             }
             if steps > 0 {
                 run.round_s.push(t.elapsed().as_secs_f64() / steps as f64);
@@ -137,11 +110,7 @@ pub fn decode(
         .zip(batches)
         .map(|(mut run, &batch)| {
             run.round_s.sort_by(f64::total_cmp);
-            let step = run
-                .round_s
-                .get(run.round_s.len() / 2)
-                .copied()
-                .unwrap_or(f64::NAN);
+            let step = run.round_s.get(run.round_s.len() / 2).copied().unwrap_or(f64::NAN);
             DecodeReport {
                 model: model.config().name.clone(),
                 weights: model.weights_desc().to_string(),
@@ -201,11 +170,7 @@ pub fn engine(
     kv_dtype: KvDtype,
 ) -> anyhow::Result<Vec<EngineReport>> {
     let vocab = model.config().vocab_size;
-    let max_rows = cases
-        .iter()
-        .map(|c| c.concurrency * if c.guided.is_some() { 2 } else { 1 })
-        .max()
-        .unwrap_or(1);
+    let max_rows = cases.iter().map(|c| c.concurrency * if c.guided.is_some() { 2 } else { 1 }).max().unwrap_or(1);
     let max_conc = cases.iter().map(|c| c.concurrency).max().unwrap_or(1);
     let cfg = EngineConfig {
         scheduler: SchedulerConfig {
@@ -215,10 +180,7 @@ pub fn engine(
         },
         kv_cache_bytes: 8 << 30,
     };
-    let (name, weights) = (
-        model.config().name.clone(),
-        model.weights_desc().to_string(),
-    );
+    let (name, weights) = (model.config().name.clone(), model.weights_desc().to_string());
     let engine = EngineHandle::spawn_with_kv_dtype(model, tokenizer, cfg, kv_dtype);
     let make = |i: usize, guided: Option<Guidance>| {
         let mut r = Request::new(synthetic_prompt(prompt_tokens, vocab, i as u64), gen_tokens);
@@ -233,9 +195,7 @@ pub fn engine(
     let mut samples: Vec<Vec<RoundStats>> = vec![Vec::new(); cases.len()];
     for _ in 0..rounds.max(1) {
         for (ci, case) in cases.iter().enumerate() {
-            let reqs = (0..case.concurrency)
-                .map(|i| make(i, case.guided))
-                .collect();
+            let reqs = (0..case.concurrency).map(|i| make(i, case.guided)).collect();
             samples[ci].push(run_requests(&engine, reqs)?);
         }
     }
@@ -276,15 +236,9 @@ struct RoundStats {
 
 /// Submits `reqs` at once and collects token timestamps from a thread per stream.
 fn run_requests(engine: &EngineHandle, reqs: Vec<Request>) -> anyhow::Result<RoundStats> {
-    let steps0 = engine
-        .stats()
-        .steps
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let steps0 = engine.stats().steps.load(std::sync::atomic::Ordering::Relaxed);
     let t0 = Instant::now();
-    let streams: Vec<_> = reqs
-        .into_iter()
-        .map(|r| engine.submit(r))
-        .collect::<Result<_, _>>()?;
+    let streams: Vec<_> = reqs.into_iter().map(|r| engine.submit(r)).collect::<Result<_, _>>()?;
     // One collector thread for all streams (a thread per stream would compete with the engine
     // for the cores on every token). All requests advance one token per step, so reading the
     // streams in turn loses no time.
@@ -306,47 +260,22 @@ fn run_requests(engine: &EngineHandle, reqs: Vec<Request>) -> anyhow::Result<Rou
         open = still;
     }
     let wall = t0.elapsed().as_secs_f64();
-    let steps = engine
-        .stats()
-        .steps
-        .load(std::sync::atomic::Ordering::Relaxed)
-        - steps0;
+    let steps = engine.stats().steps.load(std::sync::atomic::Ordering::Relaxed) - steps0;
     let total: usize = all.iter().map(Vec::len).sum();
     let rates: Vec<f64> = all
         .iter()
         .filter(|s| s.len() > 1)
         .map(|s| (s.len() - 1) as f64 / (*s.last().unwrap() - s[0]).as_secs_f64())
         .collect();
-    let ttfts: Vec<f64> = all
-        .iter()
-        .filter_map(|s| s.first())
-        .map(|f| (*f - t0).as_secs_f64())
-        .collect();
+    let ttfts: Vec<f64> = all.iter().filter_map(|s| s.first()).map(|f| (*f - t0).as_secs_f64()).collect();
     // Steady state: every request is decoding.
-    let from = all
-        .iter()
-        .filter_map(|s| s.first())
-        .max()
-        .copied()
-        .unwrap_or(t0);
-    let to = all
-        .iter()
-        .filter_map(|s| s.last())
-        .min()
-        .copied()
-        .unwrap_or(t0);
-    let in_window: usize = all
-        .iter()
-        .map(|s| s.iter().filter(|&&t| t > from && t <= to).count())
-        .sum();
+    let from = all.iter().filter_map(|s| s.first()).max().copied().unwrap_or(t0);
+    let to = all.iter().filter_map(|s| s.last()).min().copied().unwrap_or(t0);
+    let in_window: usize = all.iter().map(|s| s.iter().filter(|&&t| t > from && t <= to).count()).sum();
     let window = to.saturating_duration_since(from).as_secs_f64();
     Ok(RoundStats {
         per_request: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
-        aggregate: if window > 0.0 {
-            in_window as f64 / window
-        } else {
-            f64::NAN
-        },
+        aggregate: if window > 0.0 { in_window as f64 / window } else { f64::NAN },
         e2e: total as f64 / wall,
         steps_s: steps as f64 / wall,
         ttft_ms: ttfts.iter().sum::<f64>() * 1e3 / ttfts.len().max(1) as f64,
@@ -355,10 +284,7 @@ fn run_requests(engine: &EngineHandle, reqs: Vec<Request>) -> anyhow::Result<Rou
 
 /// Default guidance for benchmarks: the paper's γ = 3, log mode.
 pub fn default_guidance() -> Guidance {
-    Guidance {
-        gamma: 3.0,
-        mode: GuidanceMode::Log,
-    }
+    Guidance { gamma: 3.0, mode: GuidanceMode::Log }
 }
 
 /// One configuration of the HTTP load generator.
@@ -399,9 +325,7 @@ struct Sample {
 /// `lethe bench serve`: `requests` streaming chat requests, `concurrency` at a time, against an
 /// OpenAI-compatible server at `base` (e.g. `http://127.0.0.1:8080`).
 pub async fn serve_load(base: &str, model: &str, cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(cfg.concurrency.max(1))
-        .build()?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(cfg.concurrency.max(1)).build()?;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t0 = Instant::now();
     let mut workers = Vec::new();
@@ -437,10 +361,7 @@ pub async fn serve_load(base: &str, model: &str, cfg: &LoadConfig) -> anyhow::Re
     }
     let wall = t0.elapsed().as_secs_f64();
     let mut ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
-    let mut itl: Vec<f64> = samples
-        .iter()
-        .flat_map(|s| s.gaps.iter().copied())
-        .collect();
+    let mut itl: Vec<f64> = samples.iter().flat_map(|s| s.gaps.iter().copied()).collect();
     let pct = |v: &mut Vec<f64>, p: f64| -> f64 {
         if v.is_empty() {
             return f64::NAN;
@@ -475,14 +396,8 @@ async fn one_streamed_request(
     i: usize,
 ) -> anyhow::Result<Sample> {
     use futures::StreamExt;
-    let words: Vec<&str> = [
-        "customer", "order", "phone", "address", "forget", "guidance", "model", "secret",
-    ]
-    .to_vec();
-    let text: String = (0..cfg.prompt_words)
-        .map(|w| words[(w * 7 + i) % words.len()])
-        .collect::<Vec<_>>()
-        .join(" ");
+    let words: Vec<&str> = ["customer", "order", "phone", "address", "forget", "guidance", "model", "secret"].to_vec();
+    let text: String = (0..cfg.prompt_words).map(|w| words[(w * 7 + i) % words.len()]).collect::<Vec<_>>().join(" ");
     let mut body = serde_json::json!({
         "model": model,
         "messages": [{"role": "user", "content": text}],
@@ -516,9 +431,7 @@ async fn one_streamed_request(
                 continue;
             }
             let v: serde_json::Value = serde_json::from_str(data)?;
-            let has_content = v["choices"][0]["delta"]["content"]
-                .as_str()
-                .is_some_and(|c| !c.is_empty());
+            let has_content = v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty());
             if has_content {
                 let now = Instant::now();
                 match first {
@@ -530,10 +443,7 @@ async fn one_streamed_request(
             } else if let Some(i) = data.find("\"completion_tokens\":") {
                 // The usage chunk: count tokens, not chunks (text held back for an incomplete
                 // character arrives with a later token, in one chunk).
-                let digits: String = data[i + 19..]
-                    .chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect();
+                let digits: String = data[i + 19..].chars().take_while(char::is_ascii_digit).collect();
                 usage_tokens = digits.parse::<usize>().ok();
             }
         }
@@ -574,14 +484,7 @@ pub fn ttft_under_prefill(
 ) -> anyhow::Result<TtftReport> {
     let vocab = model.config().vocab_size;
     let budget = scheduler.max_batch_tokens;
-    let engine = EngineHandle::spawn(
-        model,
-        tokenizer,
-        EngineConfig {
-            scheduler,
-            kv_cache_bytes: 2 << 30,
-        },
-    );
+    let engine = EngineHandle::spawn(model, tokenizer, EngineConfig { scheduler, kv_cache_bytes: 2 << 30 });
     let ttft = |s: &mut crate::engine::RequestStream, t0: Instant| -> anyhow::Result<f64> {
         match s.blocking_next() {
             Some(Event::Token { .. }) => Ok(t0.elapsed().as_secs_f64() * 1e3),
@@ -600,21 +503,10 @@ pub fn ttft_under_prefill(
         idle.push(ttft(&mut s, t0)?);
         drop(s);
         let t_long = Instant::now();
-        let mut long = engine.submit(Request::new(
-            synthetic_prompt(long_tokens, vocab, 900 + round as u64),
-            1,
-        ))?;
+        let mut long = engine.submit(Request::new(synthetic_prompt(long_tokens, vocab, 900 + round as u64), 1))?;
         // Let the long prompt get going: wait for its first few steps.
-        let steps0 = engine
-            .stats()
-            .steps
-            .load(std::sync::atomic::Ordering::Relaxed);
-        while engine
-            .stats()
-            .steps
-            .load(std::sync::atomic::Ordering::Relaxed)
-            < steps0 + 2
-        {
+        let steps0 = engine.stats().steps.load(std::sync::atomic::Ordering::Relaxed);
+        while engine.stats().steps.load(std::sync::atomic::Ordering::Relaxed) < steps0 + 2 {
             std::thread::yield_now();
         }
         let t0 = Instant::now();

@@ -73,18 +73,13 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> anyhow::Result<PathBuf> 
         "torch_dtype": "float32",
         "eos_token_id": 2,
     });
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
 
     let mut rng = Rng::new(spec.seed);
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
         let n: usize = shape.iter().product();
-        let data = (0..n)
-            .map(|_| offset + scale * (rng.next_f32() * 2.0 - 1.0))
-            .collect();
+        let data = (0..n).map(|_| offset + scale * (rng.next_f32() * 2.0 - 1.0)).collect();
         tensors.push((name, shape, data));
     };
     let (h, f) = (spec.hidden, spec.intermediate);
@@ -93,35 +88,15 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> anyhow::Result<PathBuf> 
     for l in 0..spec.layers {
         let p = format!("model.layers.{l}");
         add(format!("{p}.input_layernorm.weight"), vec![h], 0.1, 1.0);
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            0.1,
-            1.0,
-        );
+        add(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.1, 1.0);
         let s = 1.0 / (h as f32).sqrt();
-        add(
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![q, h],
-            2.0 * s,
-            0.0,
-        );
-        add(
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![kv, h],
-            2.0 * s,
-            0.0,
-        );
+        add(format!("{p}.self_attn.q_proj.weight"), vec![q, h], 2.0 * s, 0.0);
+        add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], 2.0 * s, 0.0);
         add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], s, 0.0);
         add(format!("{p}.self_attn.o_proj.weight"), vec![h, q], s, 0.0);
         add(format!("{p}.mlp.gate_proj.weight"), vec![f, h], s, 0.0);
         add(format!("{p}.mlp.up_proj.weight"), vec![f, h], s, 0.0);
-        add(
-            format!("{p}.mlp.down_proj.weight"),
-            vec![h, f],
-            1.0 / (f as f32).sqrt(),
-            0.0,
-        );
+        add(format!("{p}.mlp.down_proj.weight"), vec![h, f], 1.0 / (f as f32).sqrt(), 0.0);
         if spec.model_type == "qwen2" {
             add(format!("{p}.self_attn.q_proj.bias"), vec![q], 0.1, 0.0);
             add(format!("{p}.self_attn.k_proj.bias"), vec![kv], 0.1, 0.0);
@@ -130,22 +105,15 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> anyhow::Result<PathBuf> 
     }
     add("model.norm.weight".into(), vec![h], 0.1, 1.0);
     if !spec.tie_embeddings {
-        add(
-            "lm_head.weight".into(),
-            vec![vocab, h],
-            1.0 / (h as f32).sqrt(),
-            0.0,
-        );
+        add("lm_head.weight".into(), vec![vocab, h], 1.0 / (h as f32).sqrt(), 0.0);
     }
     let dtype = match spec.dtype {
         "F16" => Dtype::F16,
         "BF16" => Dtype::BF16,
         _ => Dtype::F32,
     };
-    let views: Vec<(String, RawView)> = tensors
-        .into_iter()
-        .map(|(name, shape, data)| (name, RawView::new(dtype, shape, &data)))
-        .collect();
+    let views: Vec<(String, RawView)> =
+        tensors.into_iter().map(|(name, shape, data)| (name, RawView::new(dtype, shape, &data))).collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
     Ok(dir.to_path_buf())
 }
@@ -157,43 +125,28 @@ fn write_tokenizer(dir: &Path) -> anyhow::Result<usize> {
         .vocab_size(384)
         .min_frequency(1)
         .show_progress(false)
-        .special_tokens(
-            specials
-                .iter()
-                .map(|s| AddedToken::from(*s, true))
-                .collect(),
-        )
+        .special_tokens(specials.iter().map(|s| AddedToken::from(*s, true)).collect())
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let mut tk: tokenizers::TokenizerImpl<
-        BPE,
-        NormalizerWrapper,
-        ByteLevel,
-        PostProcessorWrapper,
-        ByteLevel,
-    > = TokenizerBuilder::new()
-        .with_model(BPE::default())
-        .with_normalizer(None)
-        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-        .with_post_processor(None)
-        .with_decoder(Some(ByteLevel::default()))
-        .build()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut tk: tokenizers::TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, PostProcessorWrapper, ByteLevel> =
+        TokenizerBuilder::new()
+            .with_model(BPE::default())
+            .with_normalizer(None)
+            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+            .with_post_processor(None)
+            .with_decoder(Some(ByteLevel::default()))
+            .build()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     let lines: Vec<String> = CORPUS.split(". ").map(|s| s.to_string()).collect();
-    tk.train(&mut trainer, lines.iter())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    tk.save(dir.join("tokenizer.json"), false)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tk.train(&mut trainer, lines.iter()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    tk.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("{e}"))?;
     let tcfg = serde_json::json!({
         "chat_template": CHATML_TEMPLATE,
         "bos_token": null,
         "eos_token": "<|im_end|>",
         "add_bos_token": false,
     });
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        serde_json::to_string_pretty(&tcfg)?,
-    )?;
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tcfg)?)?;
     let vocab = tk.get_vocab_size(true);
     // Round up so every projection dimension stays a multiple of 16.
     Ok(vocab.div_ceil(16) * 16)
@@ -209,21 +162,11 @@ struct RawView {
 impl RawView {
     fn new(dtype: Dtype, shape: Vec<usize>, data: &[f32]) -> Self {
         let bytes = match dtype {
-            Dtype::F16 => data
-                .iter()
-                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                .collect(),
-            Dtype::BF16 => data
-                .iter()
-                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-                .collect(),
+            Dtype::F16 => data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+            Dtype::BF16 => data.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
             _ => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
         };
-        Self {
-            dtype,
-            shape,
-            bytes,
-        }
+        Self { dtype, shape, bytes }
     }
 }
 

@@ -90,13 +90,8 @@ struct RowLse {
 impl RowLse {
     fn of(x: &[f32]) -> Self {
         let max = simd::max_finite(x);
-        let lse = max
-            .is_finite()
-            .then(|| max + simd::exp_shifted_sum(x, max).ln());
-        Self {
-            lse,
-            uniform: -(x.len() as f32).ln(),
-        }
+        let lse = max.is_finite().then(|| max + simd::exp_shifted_sum(x, max).ln());
+        Self { lse, uniform: -(x.len() as f32).ln() }
     }
 
     #[inline(always)]
@@ -302,11 +297,7 @@ mod tests {
         assert_eq!(argmax(&s), 2, "log mode should pick the rare token: {s:?}");
         let mut p = [0f32; 3];
         mix_prob(&cond, &uncond, g, &mut p);
-        assert_eq!(
-            argmax(&p),
-            0,
-            "prob mode should keep the sensible token: {p:?}"
-        );
+        assert_eq!(argmax(&p), 0, "prob mode should keep the sensible token: {p:?}");
         // Unguided, the rare token is rare.
         assert_eq!(argmax(&cond), 0);
     }

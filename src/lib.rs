@@ -8,8 +8,11 @@
 //! - [`sampling`]: picking the next token from logits (pure);
 //! - [`engine`]: the scheduler and loop that run requests (CFG pairs) in batched steps;
 //! - [`loader`]: a model and its tokenizer, loaded together;
-//! - [`server`]: the OpenAI-compatible HTTP/SSE layer; [`config`]: its settings.
+//! - [`adapters`]: LoRA forget-adapters (PEFT loading, versioned registry with leases);
+//! - [`tenants`]: API keys, per-tenant policies, persistent control-plane state;
+//! - [`server`]: the OpenAI-compatible HTTP/SSE layer and the admin API; [`config`]: its settings.
 
+pub mod adapters;
 pub mod bench;
 pub mod config;
 pub mod engine;
@@ -21,6 +24,7 @@ pub mod sampling;
 pub mod server;
 pub mod simd;
 pub mod telemetry;
+pub mod tenants;
 pub mod tokenizer;
 
 /// Where `scripts/fetch-model.sh` puts the default model (SmolLM2-135M-Instruct, GGUF Q4_1).

@@ -30,11 +30,7 @@ pub struct ModelBundle {
 
 impl ModelBundle {
     /// Loads a GGUF file or HF directory; `tokenizer_json` overrides the embedded tokenizer.
-    pub fn load(
-        path: &Path,
-        opts: &LoadOptions,
-        tokenizer_json: Option<&Path>,
-    ) -> Result<Self, LoadError> {
+    pub fn load(path: &Path, opts: &LoadOptions, tokenizer_json: Option<&Path>) -> Result<Self, LoadError> {
         let (model, tokenizer) = match ModelFiles::detect(path)? {
             ModelFiles::Gguf(p) => {
                 let mut f = GgufFile::open(&p)?;
@@ -57,20 +53,9 @@ impl ModelBundle {
         };
         let (tv, mv) = (tokenizer.vocab_size(), model.config().vocab_size);
         if tv > mv {
-            return Err(LoadError::VocabMismatch {
-                tokenizer: tv,
-                model: mv,
-            });
+            return Err(LoadError::VocabMismatch { tokenizer: tv, model: mv });
         }
-        let id = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into());
-        Ok(Self {
-            model: Arc::new(model),
-            tokenizer: Arc::new(tokenizer),
-            id,
-            path: path.to_path_buf(),
-        })
+        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        Ok(Self { model: Arc::new(model), tokenizer: Arc::new(tokenizer), id, path: path.to_path_buf() })
     }
 }

@@ -203,9 +203,7 @@ fn main() -> Result<()> {
     tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
@@ -221,10 +219,7 @@ fn serve(args: lethe::config::ServeArgs) -> Result<()> {
     let addr = std::net::SocketAddr::new(config.host, config.port);
     let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
     let state = lethe::server::AppState::load(config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         tracing::info!(model = %state.model_id, fingerprint = %state.fingerprint, "serving on http://{addr} (Ctrl-C to stop)");
@@ -239,16 +234,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let guided = a.gamma != 1.0;
     let conds = Conditions {
         positive: a.positive.clone(),
-        negative: a
-            .negative
-            .clone()
-            .unwrap_or_else(|| prompt::PAPER_NEGATIVE.into()),
+        negative: a.negative.clone().unwrap_or_else(|| prompt::PAPER_NEGATIVE.into()),
     };
-    let source = if a.uncond_last_token {
-        UncondSource::LastToken
-    } else {
-        UncondSource::NegativeCondition
-    };
+    let source = if a.uncond_last_token { UncondSource::LastToken } else { UncondSource::NegativeCondition };
     let g = guided.then_some((&conds, &source));
     let rows = if a.chat {
         let mut msgs = Vec::new();
@@ -261,27 +249,12 @@ fn generate(a: GenerateArgs) -> Result<()> {
         prompt::text_rows(tok, &a.prompt, g)?
     };
     let mut req = Request::new(rows.cond, a.max_tokens);
-    req.sampling = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
+    req.sampling = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     req.stop = a.stop;
     if let Some(u) = rows.uncond {
-        req = req.guided(
-            u,
-            Guidance {
-                gamma: a.gamma,
-                mode: a.mode,
-            },
-        );
+        req = req.guided(u, Guidance { gamma: a.gamma, mode: a.mode });
     }
-    let engine = EngineHandle::spawn(
-        bundle.model.clone(),
-        bundle.tokenizer.clone(),
-        EngineConfig::default(),
-    );
+    let engine = EngineHandle::spawn(bundle.model.clone(), bundle.tokenizer.clone(), EngineConfig::default());
     let mut stream = engine.submit(req)?;
     let mut out = std::io::stdout().lock();
     while let Some(ev) = stream.blocking_next() {
@@ -290,16 +263,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 out.write_all(text.as_bytes())?;
                 out.flush()?;
             }
-            Event::Finished {
-                reason,
-                usage,
-                timing,
-            } => {
+            Event::Finished { reason, usage, timing } => {
                 writeln!(out)?;
-                let gen_s = timing
-                    .total
-                    .saturating_sub(timing.time_to_first_token.unwrap_or_default())
-                    .as_secs_f64();
+                let gen_s = timing.total.saturating_sub(timing.time_to_first_token.unwrap_or_default()).as_secs_f64();
                 eprintln!(
                     "[{} | {} prompt + {} generated tokens | first token {:.0} ms | {:.1} tok/s | {}{}]",
                     reason.as_str(),
@@ -308,11 +274,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
                     timing.time_to_first_token.unwrap_or_default().as_secs_f64() * 1e3,
                     usage.completion_tokens.saturating_sub(1) as f64 / gen_s.max(1e-9),
                     bundle.model.weights_desc(),
-                    if guided {
-                        format!(" | guided γ={} {}", a.gamma, a.mode.as_str())
-                    } else {
-                        String::new()
-                    },
+                    if guided { format!(" | guided γ={} {}", a.gamma, a.mode.as_str()) } else { String::new() },
                 );
                 break;
             }
@@ -326,10 +288,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let bundle = a.model.load()?;
     if let Some(long) = a.ttft_under_prefill {
-        let sched = lethe::engine::SchedulerConfig {
-            max_batch_tokens: a.max_batch_tokens,
-            ..Default::default()
-        };
+        let sched = lethe::engine::SchedulerConfig { max_batch_tokens: a.max_batch_tokens, ..Default::default() };
         let r = lethe::bench::ttft_under_prefill(
             bundle.model.clone(),
             bundle.tokenizer.clone(),
@@ -359,13 +318,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             if a.guided {
                 bail!("--guided needs --concurrency (guided requests run through the engine)");
             }
-            let runs = lethe::bench::decode(
-                &bundle.model,
-                &a.batch,
-                a.prompt_tokens,
-                a.gen_tokens,
-                a.model.kv_dtype,
-            )?;
+            let runs = lethe::bench::decode(&bundle.model, &a.batch, a.prompt_tokens, a.gen_tokens, a.model.kv_dtype)?;
             let base = runs[0].step_ms;
             if !a.json {
                 for r in &runs {
@@ -389,9 +342,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 serde_json::to_string(&runs[0])?
             } else {
                 let ratios: Vec<f64> = runs.iter().map(|r| r.step_ms / base).collect();
-                serde_json::to_string(
-                    &serde_json::json!({ "runs": runs, "step_ratio_vs_first": ratios }),
-                )?
+                serde_json::to_string(&serde_json::json!({ "runs": runs, "step_ratio_vs_first": ratios }))?
             }
         }
         Some(cs) => {
@@ -399,15 +350,9 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             let mut cases = Vec::new();
             for &c in &cs {
                 if a.compare_unguided {
-                    cases.push(lethe::bench::EngineCase {
-                        concurrency: c,
-                        guided: None,
-                    });
+                    cases.push(lethe::bench::EngineCase { concurrency: c, guided: None });
                 }
-                cases.push(lethe::bench::EngineCase {
-                    concurrency: c,
-                    guided: g,
-                });
+                cases.push(lethe::bench::EngineCase { concurrency: c, guided: g });
             }
             let runs = lethe::bench::engine(
                 bundle.model.clone(),
@@ -444,11 +389,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                     }
                 }
             }
-            if runs.len() == 1 {
-                serde_json::to_string(&runs[0])?
-            } else {
-                serde_json::to_string(&runs)?
-            }
+            if runs.len() == 1 { serde_json::to_string(&runs[0])? } else { serde_json::to_string(&runs)? }
         }
     };
     if a.json {
@@ -471,10 +412,7 @@ fn tune_allocator() {
 
 fn bench_serve(a: BenchServeArgs) -> Result<()> {
     use lethe::bench::{LoadConfig, serve_load};
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         // The server: given, or started here on a free loopback port.
         let local = match &a.url {

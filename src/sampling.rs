@@ -20,12 +20,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: None,
-        }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None }
     }
 }
 
@@ -55,23 +50,15 @@ impl Rng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Self {
-            s: [next(), next(), next(), next()],
-        }
+        Self { s: [next(), next(), next(), next()] }
     }
 
     /// A generator seeded from the clock and a process counter.
     pub fn from_entropy() -> Self {
         use std::sync::atomic::{AtomicU64, Ordering};
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        Self::new(
-            t ^ COUNTER
-                .fetch_add(1, Ordering::Relaxed)
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        )
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        Self::new(t ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 
     pub fn for_params(p: &SamplingParams) -> Self {
@@ -138,31 +125,15 @@ pub fn sample_probs(probs: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
     }
     let inv_t = 1.0 / p.temperature;
     let weights: Vec<f32> = if (inv_t - 1.0).abs() < f32::EPSILON {
-        probs
-            .iter()
-            .map(|&x| if x.is_finite() && x > 0.0 { x } else { 0.0 })
-            .collect()
+        probs.iter().map(|&x| if x.is_finite() && x > 0.0 { x } else { 0.0 }).collect()
     } else {
         // Raise in log space relative to the max so tiny probabilities do not underflow early.
-        let max = probs
-            .iter()
-            .copied()
-            .filter(|v| v.is_finite())
-            .fold(0f32, f32::max);
+        let max = probs.iter().copied().filter(|v| v.is_finite()).fold(0f32, f32::max);
         if max <= 0.0 {
             return argmax(probs);
         }
         let lmax = max.ln();
-        probs
-            .iter()
-            .map(|&x| {
-                if x.is_finite() && x > 0.0 {
-                    ((x.ln() - lmax) * inv_t).exp()
-                } else {
-                    0.0
-                }
-            })
-            .collect()
+        probs.iter().map(|&x| if x.is_finite() && x > 0.0 { ((x.ln() - lmax) * inv_t).exp() } else { 0.0 }).collect()
     };
     draw(weights, p, rng)
 }
@@ -173,19 +144,10 @@ fn draw(weights: Vec<f32>, p: &SamplingParams, rng: &mut Rng) -> u32 {
     if !total.is_finite() || total <= 0.0 {
         return argmax(&weights);
     }
-    let top_k = if p.top_k == 0 {
-        weights.len()
-    } else {
-        p.top_k.min(weights.len())
-    };
+    let top_k = if p.top_k == 0 { weights.len() } else { p.top_k.min(weights.len()) };
     let top_p = p.top_p.clamp(0.0, 1.0);
     if top_k == weights.len() && top_p >= 1.0 {
-        return draw_from(
-            weights.iter().copied().enumerate(),
-            total,
-            rng,
-            weights.len(),
-        );
+        return draw_from(weights.iter().copied().enumerate(), total, rng, weights.len());
     }
     let kept = nucleus(&weights, total, top_k, top_p);
     let kept_total: f32 = kept.iter().map(|&(_, w)| w).sum();
@@ -196,12 +158,7 @@ fn draw(weights: Vec<f32>, p: &SamplingParams, rng: &mut Rng) -> u32 {
 /// The top tokens by weight, descending, cut to `top_k` and to cumulative mass `top_p`.
 /// Sorts only a growing prefix (64, 256, …) instead of the whole vocabulary.
 fn nucleus(weights: &[f32], total: f32, top_k: usize, top_p: f32) -> Vec<(usize, f32)> {
-    let mut idx: Vec<(usize, f32)> = weights
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|&(_, w)| w > 0.0)
-        .collect();
+    let mut idx: Vec<(usize, f32)> = weights.iter().copied().enumerate().filter(|&(_, w)| w > 0.0).collect();
     let by_weight = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let mut n = 64.min(idx.len());
     loop {
@@ -226,12 +183,7 @@ fn nucleus(weights: &[f32], total: f32, top_k: usize, top_p: f32) -> Vec<(usize,
     }
 }
 
-fn draw_from(
-    items: impl Iterator<Item = (usize, f32)>,
-    total: f32,
-    rng: &mut Rng,
-    fallback: usize,
-) -> u32 {
+fn draw_from(items: impl Iterator<Item = (usize, f32)>, total: f32, rng: &mut Rng, fallback: usize) -> u32 {
     let target = rng.next_f32() * total;
     let mut acc = 0.0;
     let mut last = fallback;
@@ -266,10 +218,7 @@ pub enum StopOutcome {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        Self {
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
-            pending: String::new(),
-        }
+        Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new() }
     }
 
     pub fn push(&mut self, delta: &str) -> StopOutcome {
@@ -277,12 +226,7 @@ impl StopMatcher {
             return StopOutcome::Continue(delta.to_string());
         }
         self.pending.push_str(delta);
-        if let Some(at) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
-        {
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
             let out = self.pending[..at].to_string();
             self.pending.clear();
             return StopOutcome::Stopped(out);
@@ -302,11 +246,7 @@ impl StopMatcher {
     fn held_tail_start(&self) -> usize {
         for (i, _) in self.pending.char_indices() {
             let tail = &self.pending[i..];
-            if self
-                .stops
-                .iter()
-                .any(|s| s.len() > tail.len() && s.starts_with(tail))
-            {
+            if self.stops.iter().any(|s| s.len() > tail.len() && s.starts_with(tail)) {
                 return i;
             }
         }
@@ -321,25 +261,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn params(t: f32, k: usize, p: f32) -> SamplingParams {
-        SamplingParams {
-            temperature: t,
-            top_k: k,
-            top_p: p,
-            seed: Some(1),
-        }
+        SamplingParams { temperature: t, top_k: k, top_p: p, seed: Some(1) }
     }
 
     #[test]
     fn greedy_is_argmax() {
         let mut rng = Rng::new(0);
-        assert_eq!(
-            sample_logits(&[0.1, 3.0, -1.0, 3.0], &SamplingParams::greedy(), &mut rng),
-            1
-        );
-        assert_eq!(
-            sample_probs(&[0.2, 0.5, 0.3], &SamplingParams::greedy(), &mut rng),
-            1
-        );
+        assert_eq!(sample_logits(&[0.1, 3.0, -1.0, 3.0], &SamplingParams::greedy(), &mut rng), 1);
+        assert_eq!(sample_probs(&[0.2, 0.5, 0.3], &SamplingParams::greedy(), &mut rng), 1);
     }
 
     #[test]
@@ -348,15 +277,11 @@ mod tests {
         let p = params(1.0, 0, 0.9);
         let a: Vec<u32> = {
             let mut r = Rng::new(42);
-            (0..20)
-                .map(|_| sample_logits(&logits, &p, &mut r))
-                .collect()
+            (0..20).map(|_| sample_logits(&logits, &p, &mut r)).collect()
         };
         let b: Vec<u32> = {
             let mut r = Rng::new(42);
-            (0..20)
-                .map(|_| sample_logits(&logits, &p, &mut r))
-                .collect()
+            (0..20).map(|_| sample_logits(&logits, &p, &mut r)).collect()
         };
         assert_eq!(a, b);
     }
@@ -391,9 +316,7 @@ mod tests {
         let probs = [0.4f32, 0.6];
         let mut rng = Rng::new(11);
         let n = 10_000;
-        let ones = (0..n)
-            .filter(|_| sample_probs(&probs, &params(0.25, 0, 1.0), &mut rng) == 1)
-            .count();
+        let ones = (0..n).filter(|_| sample_probs(&probs, &params(0.25, 0, 1.0), &mut rng) == 1).count();
         // 0.6^4 / (0.4^4 + 0.6^4) ≈ 0.835
         assert!((ones as f32 / n as f32 - 0.835).abs() < 0.02, "{ones}");
     }

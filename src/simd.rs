@@ -14,14 +14,8 @@ use std::arch::x86_64::*;
 #[inline(always)]
 pub unsafe fn exp16(x: __m512) -> __m512 {
     unsafe {
-        let x = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
-            _mm512_set1_ps(88.0),
-        );
-        let n = _mm512_roundscale_ps(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-            0,
-        );
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
+        let n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), 0);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
         let mut p = _mm512_set1_ps(1.987_569_1e-4);
@@ -30,11 +24,7 @@ pub unsafe fn exp16(x: __m512) -> __m512 {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166_666_66));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
-        p = _mm512_fmadd_ps(
-            p,
-            _mm512_mul_ps(r, r),
-            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
-        );
+        p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
         _mm512_scalef_ps(p, n)
     }
 }
@@ -44,9 +34,7 @@ fn has_avx512() -> bool {
     {
         use std::sync::OnceLock;
         static YES: OnceLock<bool> = OnceLock::new();
-        *YES.get_or_init(|| {
-            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq")
-        })
+        *YES.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -58,10 +46,7 @@ pub fn max_finite(x: &[f32]) -> f32 {
     if has_avx512() {
         return unsafe { avx512_max_finite(x) };
     }
-    x.iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(f32::NEG_INFINITY, f32::max)
+    x.iter().copied().filter(|v| v.is_finite()).fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// `out[i] = exp(x[i] − shift)` for finite `x[i]` (0 otherwise); returns `Σ out`.
@@ -73,11 +58,7 @@ pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
     }
     let mut sum = 0.0;
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = if v.is_finite() {
-            (v - shift).exp()
-        } else {
-            0.0
-        };
+        *o = if v.is_finite() { (v - shift).exp() } else { 0.0 };
         sum += *o;
     }
     sum
@@ -89,10 +70,7 @@ pub fn exp_shifted_sum(x: &[f32], shift: f32) -> f32 {
     if has_avx512() {
         return unsafe { avx512_exp_shifted_sum(x, shift) };
     }
-    x.iter()
-        .filter(|v| v.is_finite())
-        .map(|&v| (v - shift).exp())
-        .sum()
+    x.iter().filter(|v| v.is_finite()).map(|&v| (v - shift).exp()).sum()
 }
 
 /// Lanes that hold finite numbers.
@@ -138,11 +116,7 @@ unsafe fn avx512_exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
         }
         let mut total = _mm512_reduce_add_ps(sum);
         for i in chunks * 16..x.len() {
-            out[i] = if x[i].is_finite() {
-                (x[i] - shift).exp()
-            } else {
-                0.0
-            };
+            out[i] = if x[i].is_finite() { (x[i] - shift).exp() } else { 0.0 };
             total += out[i];
         }
         total
@@ -158,10 +132,7 @@ unsafe fn avx512_exp_shifted_sum(x: &[f32], shift: f32) -> f32 {
         let chunks = x.len() / 16;
         for c in 0..chunks {
             let v = _mm512_loadu_ps(x.as_ptr().add(c * 16));
-            sum = _mm512_add_ps(
-                sum,
-                _mm512_maskz_mov_ps(finite_mask(v), exp16(_mm512_sub_ps(v, s))),
-            );
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(finite_mask(v), exp16(_mm512_sub_ps(v, s))));
         }
         let mut total = _mm512_reduce_add_ps(sum);
         for &v in &x[chunks * 16..] {
@@ -195,10 +166,7 @@ mod tests {
             for (g, &v) in got.iter().zip(&xs) {
                 let want = (v as f64).exp();
                 if v <= 88.0 {
-                    assert!(
-                        ((*g as f64) - want).abs() <= 3e-7 * want,
-                        "exp({v}) = {g}, want {want}"
-                    );
+                    assert!(((*g as f64) - want).abs() <= 3e-7 * want, "exp({v}) = {g}, want {want}");
                 }
             }
             x += 5.9;
@@ -207,30 +175,18 @@ mod tests {
 
     #[test]
     fn row_helpers_match_scalar() {
-        let mut x: Vec<f32> = (0..1000)
-            .map(|i| ((i * 7919) % 613) as f32 * 0.05 - 15.0)
-            .collect();
+        let mut x: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 613) as f32 * 0.05 - 15.0).collect();
         x[3] = f32::NEG_INFINITY;
         x[10] = f32::NAN;
         x[999] = f32::INFINITY;
         let m = max_finite(&x);
-        assert_eq!(
-            m,
-            x.iter()
-                .copied()
-                .filter(|v| v.is_finite())
-                .fold(f32::NEG_INFINITY, f32::max)
-        );
+        assert_eq!(m, x.iter().copied().filter(|v| v.is_finite()).fold(f32::NEG_INFINITY, f32::max));
         let mut out = vec![0f32; x.len()];
         let s = exp_shifted(&x, m, &mut out);
         assert_eq!(out[3], 0.0);
         assert_eq!(out[10], 0.0);
         assert_eq!(out[999], 0.0);
-        let want: f64 = x
-            .iter()
-            .filter(|v| v.is_finite())
-            .map(|&v| ((v - m) as f64).exp())
-            .sum();
+        let want: f64 = x.iter().filter(|v| v.is_finite()).map(|&v| ((v - m) as f64).exp()).sum();
         assert!((s as f64 - want).abs() < 1e-5 * want);
         assert!((exp_shifted_sum(&x, m) as f64 - want).abs() < 1e-5 * want);
     }

@@ -19,3 +19,6 @@ pub const KV_CACHE_LIMIT_BYTES: &str = "lethe_kv_cache_limit_bytes";
 pub const BATCH_ROWS: &str = "lethe_batch_rows";
 pub const BATCH_TOKENS: &str = "lethe_batch_tokens";
 pub const STEP_DURATION: &str = "lethe_forward_step_duration_seconds";
+pub const ADAPTER_LOADS: &str = "lethe_adapter_loads_total";
+pub const ADAPTER_UNLOADS: &str = "lethe_adapter_unloads_total";
+pub const ADAPTER_LOAD_SECONDS: &str = "lethe_adapter_load_seconds";

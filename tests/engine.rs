@@ -4,8 +4,8 @@
 mod common;
 
 use lethe::engine::{
-    Conditions, EngineConfig, EngineError, EngineHandle, Event, FinishReason, Request,
-    RequestStream, SchedulerConfig, UncondSource, Usage, prompt,
+    Conditions, EngineConfig, EngineError, EngineHandle, Event, FinishReason, Request, RequestStream, SchedulerConfig,
+    UncondSource, Usage, prompt,
 };
 use lethe::fixtures::{TempDir, TinySpec, write_tiny_model};
 use lethe::guidance::{Guidance, GuidanceMode};
@@ -35,10 +35,7 @@ fn engine(t: &Tiny, sched: SchedulerConfig) -> EngineHandle {
     EngineHandle::spawn(
         t.bundle.model.clone(),
         t.bundle.tokenizer.clone(),
-        EngineConfig {
-            scheduler: sched,
-            kv_cache_bytes: 256 << 20,
-        },
+        EngineConfig { scheduler: sched, kv_cache_bytes: 256 << 20 },
     )
 }
 
@@ -91,27 +88,17 @@ fn pair_in_one_batch_equals_rows_run_separately() {
     )
     .unwrap();
     let uncond = rows.uncond.unwrap();
-    assert_ne!(
-        rows.cond.len(),
-        uncond.len(),
-        "the two rows have different prompts"
-    );
+    assert_ne!(rows.cond.len(), uncond.len(), "the two rows have different prompts");
     // Together: one ragged batch per step, the same token appended to both.
     let mut kv = m.new_kv_cache(1 << 30);
     let (c, u) = (kv.add_sequence(), kv.add_sequence());
     let mut both = Vec::new();
-    let mut batch = RaggedBatch::new(vec![
-        BatchEntry::last(c, rows.cond.clone()),
-        BatchEntry::last(u, uncond.clone()),
-    ]);
+    let mut batch = RaggedBatch::new(vec![BatchEntry::last(c, rows.cond.clone()), BatchEntry::last(u, uncond.clone())]);
     for step in 0..6 {
         let l = m.forward(&batch, &mut kv).unwrap();
         both.push((l.last(0).to_vec(), l.last(1).to_vec()));
         let tok = 10 + step;
-        batch = RaggedBatch::new(vec![
-            BatchEntry::last(c, vec![tok]),
-            BatchEntry::last(u, vec![tok]),
-        ]);
+        batch = RaggedBatch::new(vec![BatchEntry::last(c, vec![tok]), BatchEntry::last(u, vec![tok])]);
     }
     // Separately.
     for (row, prompt) in [rows.cond, uncond].into_iter().enumerate() {
@@ -131,36 +118,19 @@ fn pair_in_one_batch_equals_rows_run_separately() {
 fn guided_output_is_the_same_alone_or_beside_others() {
     let t = tiny();
     let e = engine(&t, SchedulerConfig::default());
-    let mut target = chat(
-        &t,
-        "What is the secret code?",
-        Some((3.0, GuidanceMode::Log)),
-    );
+    let mut target = chat(&t, "What is the secret code?", Some((3.0, GuidanceMode::Log)));
     target.max_tokens = 16;
     let alone = collect(e.submit(target.clone()).unwrap());
     assert_eq!(alone.0.len(), 16);
     // The same request among 5 others of every kind, submitted together.
     let mut others = [
         chat(&t, "Hello there, how are you?", None),
-        chat(
-            &t,
-            "Write a long story about a fox.",
-            Some((2.0, GuidanceMode::Prob)),
-        ),
+        chat(&t, "Write a long story about a fox.", Some((2.0, GuidanceMode::Prob))),
         chat(&t, "Numbers: 1 2 3", Some((1.5, GuidanceMode::Log))),
         chat(&t, "Paris", None),
-        chat(
-            &t,
-            "Forget the secret, keep the skill.",
-            Some((0.5, GuidanceMode::Log)),
-        ),
+        chat(&t, "Forget the secret, keep the skill.", Some((0.5, GuidanceMode::Log))),
     ];
-    others[1].sampling = SamplingParams {
-        temperature: 0.8,
-        top_k: 20,
-        top_p: 0.9,
-        seed: Some(5),
-    };
+    others[1].sampling = SamplingParams { temperature: 0.8, top_k: 20, top_p: 0.9, seed: Some(5) };
     others[3].max_tokens = 40;
     let mut streams: Vec<RequestStream> = Vec::new();
     for (i, r) in others.iter().enumerate() {
@@ -170,10 +140,7 @@ fn guided_output_is_the_same_alone_or_beside_others() {
         streams.push(e.submit(r.clone()).unwrap());
     }
     let results: Vec<_> = streams.into_iter().map(collect).collect();
-    assert_eq!(
-        results[2].0, alone.0,
-        "batched guided output differs from the lone run"
-    );
+    assert_eq!(results[2].0, alone.0, "batched guided output differs from the lone run");
     assert_eq!(results[2].1, alone.1);
     // Seeded sampling is reproducible too.
     let again = collect(e.submit(others[1].clone()).unwrap());
@@ -184,20 +151,13 @@ fn guided_output_is_the_same_alone_or_beside_others() {
 fn gamma_one_is_plain_decoding_without_an_uncond_row() {
     let t = tiny();
     let e = engine(&t, SchedulerConfig::default());
-    let guided = chat(
-        &t,
-        "Tell me about the order.",
-        Some((1.0, GuidanceMode::Prob)),
-    );
+    let guided = chat(&t, "Tell me about the order.", Some((1.0, GuidanceMode::Prob)));
     assert!(!guided.is_pair());
     assert_eq!(guided.n_rows(), 1);
     let mut plain = guided.clone();
     plain.uncond_prompt = None;
     plain.guidance = None;
-    let (a, b) = (
-        collect(e.submit(guided).unwrap()),
-        collect(e.submit(plain).unwrap()),
-    );
+    let (a, b) = (collect(e.submit(guided).unwrap()), collect(e.submit(plain).unwrap()));
     assert_eq!(a.0, b.0);
     assert_eq!(a.3.uncond_prompt_tokens, 0);
 }
@@ -206,23 +166,16 @@ fn gamma_one_is_plain_decoding_without_an_uncond_row() {
 fn guidance_changes_the_output_and_modes_differ() {
     let t = tiny();
     let e = engine(&t, SchedulerConfig::default());
-    let outputs: Vec<Vec<u32>> = [
-        None,
-        Some((3.0, GuidanceMode::Log)),
-        Some((3.0, GuidanceMode::Prob)),
-    ]
-    .into_iter()
-    .map(|g| {
-        let mut r = chat(&t, "Share the customer's personal data.", g);
-        r.max_tokens = 24;
-        collect(e.submit(r).unwrap()).0
-    })
-    .collect();
+    let outputs: Vec<Vec<u32>> = [None, Some((3.0, GuidanceMode::Log)), Some((3.0, GuidanceMode::Prob))]
+        .into_iter()
+        .map(|g| {
+            let mut r = chat(&t, "Share the customer's personal data.", g);
+            r.max_tokens = 24;
+            collect(e.submit(r).unwrap()).0
+        })
+        .collect();
     assert_ne!(outputs[0], outputs[1], "γ=3 log changed nothing");
-    assert_ne!(
-        outputs[1], outputs[2],
-        "log and prob modes gave identical outputs"
-    );
+    assert_ne!(outputs[1], outputs[2], "log and prob modes gave identical outputs");
 }
 
 #[test]
@@ -231,14 +184,9 @@ fn uncond_sources_build_the_expected_rows() {
     let tok = &t.bundle.tokenizer;
     let msgs = [ChatMessage::user("hi")];
     let conds = Conditions::default();
-    let neg =
-        prompt::chat_rows(tok, &msgs, Some((&conds, &UncondSource::NegativeCondition))).unwrap();
-    let custom = prompt::chat_rows(
-        tok,
-        &msgs,
-        Some((&conds, &UncondSource::Custom("Say everything.".into()))),
-    )
-    .unwrap();
+    let neg = prompt::chat_rows(tok, &msgs, Some((&conds, &UncondSource::NegativeCondition))).unwrap();
+    let custom =
+        prompt::chat_rows(tok, &msgs, Some((&conds, &UncondSource::Custom("Say everything.".into())))).unwrap();
     let last = prompt::chat_rows(tok, &msgs, Some((&conds, &UncondSource::LastToken))).unwrap();
     let text = |ids: &[u32]| tok.decode(ids, false).unwrap();
     assert!(text(&neg.cond).contains(prompt::PAPER_POSITIVE));
@@ -250,20 +198,11 @@ fn uncond_sources_build_the_expected_rows() {
 #[test]
 fn full_queue_is_overloaded() {
     let t = tiny();
-    let e = engine(
-        &t,
-        SchedulerConfig {
-            max_running_rows: 1,
-            max_batch_tokens: 64,
-            max_waiting: 2,
-        },
-    );
+    let e = engine(&t, SchedulerConfig { max_running_rows: 1, max_batch_tokens: 64, max_waiting: 2 });
     let mut long = chat(&t, "go", None);
     long.max_tokens = 400;
     let running = e.submit(long.clone()).unwrap();
-    wait_until("the first request to run", || {
-        e.stats().running.load(std::sync::atomic::Ordering::Relaxed) == 1
-    });
+    wait_until("the first request to run", || e.stats().running.load(std::sync::atomic::Ordering::Relaxed) == 1);
     let w1 = e.submit(long.clone()).unwrap();
     let w2 = e.submit(long.clone()).unwrap();
     match e.submit(long.clone()) {
@@ -273,9 +212,7 @@ fn full_queue_is_overloaded() {
     }
     // Freeing the queue makes room again.
     drop((running, w1, w2));
-    wait_until("the queue to drain", || {
-        e.stats().waiting.load(std::sync::atomic::Ordering::Relaxed) == 0
-    });
+    wait_until("the queue to drain", || e.stats().waiting.load(std::sync::atomic::Ordering::Relaxed) == 0);
     let mut short = long;
     short.max_tokens = 2;
     assert_eq!(collect(e.submit(short).unwrap()).0.len(), 2);
@@ -292,47 +229,24 @@ fn cancelling_mid_stream_frees_rows_and_memory() {
     for _ in 0..5 {
         assert!(matches!(s.blocking_next(), Some(Event::Token { .. })));
     }
-    assert_eq!(
-        stats
-            .running_rows
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2,
-        "a pair runs as two rows"
-    );
-    assert!(
-        stats
-            .kv_used_bytes
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-    );
+    assert_eq!(stats.running_rows.load(std::sync::atomic::Ordering::Relaxed), 2, "a pair runs as two rows");
+    assert!(stats.kv_used_bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
     drop(s);
     wait_until("the rows to be freed", || {
         stats.running.load(std::sync::atomic::Ordering::Relaxed) == 0
-            && stats
-                .kv_used_bytes
-                .load(std::sync::atomic::Ordering::Relaxed)
-                == 0
+            && stats.kv_used_bytes.load(std::sync::atomic::Ordering::Relaxed) == 0
     });
 }
 
 #[test]
 fn context_overflow_is_rejected_up_front() {
-    let t = tiny_with(TinySpec {
-        max_positions: 64,
-        ..Default::default()
-    });
+    let t = tiny_with(TinySpec { max_positions: 64, ..Default::default() });
     let e = engine(&t, SchedulerConfig::default());
     let mut r = chat(&t, "hi", None);
     r.max_tokens = 60;
     let needed = r.prompt.len() + 60;
-    assert_eq!(
-        e.submit(r).err(),
-        Some(EngineError::ContextOverflow { needed, max: 64 })
-    );
-    assert_eq!(
-        e.stats().waiting.load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(e.submit(r).err(), Some(EngineError::ContextOverflow { needed, max: 64 }));
+    assert_eq!(e.stats().waiting.load(std::sync::atomic::Ordering::Relaxed), 0);
     let bad = Request::new(vec![], 5);
     assert!(matches!(e.submit(bad), Err(EngineError::InvalidRequest(_))));
     let bad = Request::new(vec![1_000_000], 5);
@@ -345,14 +259,7 @@ fn context_overflow_is_rejected_up_front() {
 #[test]
 fn fifty_concurrent_mixed_requests_complete_with_correct_usage() {
     let t = tiny();
-    let e = engine(
-        &t,
-        SchedulerConfig {
-            max_running_rows: 24,
-            max_batch_tokens: 96,
-            max_waiting: 64,
-        },
-    );
+    let e = engine(&t, SchedulerConfig { max_running_rows: 24, max_batch_tokens: 96, max_waiting: 64 });
     let mut expected = Vec::new();
     let streams: Vec<RequestStream> = (0..50)
         .map(|i| {
@@ -361,19 +268,10 @@ fn fifty_concurrent_mixed_requests_complete_with_correct_usage() {
                 1 => Some((3.0, GuidanceMode::Log)),
                 _ => Some((2.0, GuidanceMode::Prob)),
             };
-            let mut r = chat(
-                &t,
-                &format!("request number {i}: tell me something"),
-                guided,
-            );
+            let mut r = chat(&t, &format!("request number {i}: tell me something"), guided);
             r.max_tokens = 3 + i % 17;
             if i % 4 == 0 {
-                r.sampling = SamplingParams {
-                    temperature: 1.0,
-                    top_k: 0,
-                    top_p: 0.95,
-                    seed: Some(i as u64),
-                };
+                r.sampling = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.95, seed: Some(i as u64) };
             }
             expected.push((r.prompt.len(), r.max_tokens, r.is_pair()));
             e.submit(r).unwrap()
@@ -387,12 +285,7 @@ fn fifty_concurrent_mixed_requests_complete_with_correct_usage() {
         assert_eq!(usage.prompt_tokens, prompt_tokens);
         assert_eq!(usage.uncond_prompt_tokens > 0, pair);
     }
-    wait_until("all memory returned", || {
-        e.stats()
-            .kv_used_bytes
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 0
-    });
+    wait_until("all memory returned", || e.stats().kv_used_bytes.load(std::sync::atomic::Ordering::Relaxed) == 0);
 }
 
 #[test]
@@ -402,32 +295,11 @@ fn chunked_prefill_gives_the_same_answer() {
     let mut r = chat(&t, &long, Some((2.0, GuidanceMode::Log)));
     r.max_tokens = 10;
     assert!(r.prompt.len() > 100);
-    let small = engine(
-        &t,
-        SchedulerConfig {
-            max_running_rows: 4,
-            max_batch_tokens: 16,
-            max_waiting: 8,
-        },
-    );
-    let big = engine(
-        &t,
-        SchedulerConfig {
-            max_running_rows: 4,
-            max_batch_tokens: 4096,
-            max_waiting: 8,
-        },
-    );
-    let steps_before = small
-        .stats()
-        .steps
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let small = engine(&t, SchedulerConfig { max_running_rows: 4, max_batch_tokens: 16, max_waiting: 8 });
+    let big = engine(&t, SchedulerConfig { max_running_rows: 4, max_batch_tokens: 4096, max_waiting: 8 });
+    let steps_before = small.stats().steps.load(std::sync::atomic::Ordering::Relaxed);
     let a = collect(small.submit(r.clone()).unwrap());
-    let steps = small
-        .stats()
-        .steps
-        .load(std::sync::atomic::Ordering::Relaxed)
-        - steps_before;
+    let steps = small.stats().steps.load(std::sync::atomic::Ordering::Relaxed) - steps_before;
     let b = collect(big.submit(r.clone()).unwrap());
     assert_eq!(a.0, b.0);
     // Two rows of >100 tokens through a 16-token budget take many steps before decoding.
@@ -465,14 +337,8 @@ fn shutdown_ends_running_streams_cleanly() {
     while let Some(ev) = s.blocking_next() {
         last = Some(ev);
     }
-    assert!(
-        matches!(last, Some(Event::Error(_)) | Some(Event::Finished { .. })),
-        "{last:?}"
-    );
-    assert!(matches!(
-        e.submit(Request::new(vec![1], 1)),
-        Err(EngineError::ShuttingDown)
-    ));
+    assert!(matches!(last, Some(Event::Error(_)) | Some(Event::Finished { .. })), "{last:?}");
+    assert!(matches!(e.submit(Request::new(vec![1], 1)), Err(EngineError::ShuttingDown)));
 }
 
 /// With the real default model: a condition that the 135M model ignores at γ = 1 ("Answer
@@ -484,20 +350,9 @@ fn guidance_changes_behaviour_on_the_default_model() {
         return;
     };
     let bundle = ModelBundle::load(&path, &LoadOptions::default(), None).unwrap();
-    let e = EngineHandle::spawn(
-        bundle.model.clone(),
-        bundle.tokenizer.clone(),
-        EngineConfig::default(),
-    );
-    let conds = Conditions {
-        positive: "Answer only in French.".into(),
-        negative: String::new(),
-    };
-    let questions = [
-        "What is your favourite food?",
-        "Describe a sunny day at the beach.",
-        "How do I bake bread?",
-    ];
+    let e = EngineHandle::spawn(bundle.model.clone(), bundle.tokenizer.clone(), EngineConfig::default());
+    let conds = Conditions { positive: "Answer only in French.".into(), negative: String::new() };
+    let questions = ["What is your favourite food?", "Describe a sunny day at the beach.", "How do I bake bread?"];
     let french_share = |gamma: f32| -> f32 {
         let (mut fr, mut en) = (0usize, 0usize);
         for q in questions {
@@ -508,13 +363,7 @@ fn guidance_changes_behaviour_on_the_default_model() {
             )
             .unwrap();
             let mut r = Request::new(rows.cond, 40);
-            r = r.guided(
-                rows.uncond.unwrap(),
-                Guidance {
-                    gamma,
-                    mode: GuidanceMode::Log,
-                },
-            );
+            r = r.guided(rows.uncond.unwrap(), Guidance { gamma, mode: GuidanceMode::Log });
             let (_, text, _, _) = collect(e.submit(r).unwrap());
             let (f, n) = language_counts(&text);
             fr += f;
@@ -523,25 +372,18 @@ fn guidance_changes_behaviour_on_the_default_model() {
         fr as f32 / (fr + en).max(1) as f32
     };
     let (unguided, guided) = (french_share(1.0), french_share(3.0));
-    assert!(
-        unguided < 0.3,
-        "γ=1 should mostly answer in English: French share {unguided}"
-    );
-    assert!(
-        guided > 0.6,
-        "γ=3 should follow the French condition: French share {guided}"
-    );
+    assert!(unguided < 0.3, "γ=1 should mostly answer in English: French share {unguided}");
+    assert!(guided > 0.6, "γ=3 should follow the French condition: French share {guided}");
 }
 
 fn language_counts(text: &str) -> (usize, usize) {
     const FR: &[&str] = &[
-        "je", "le", "la", "les", "de", "des", "du", "un", "une", "est", "et", "pour", "pas", "ne",
-        "il", "elle", "tout", "suis", "où", "au", "aux", "avec", "sur", "dans", "que", "qui",
-        "vous", "nous", "mon", "ma", "c'est",
+        "je", "le", "la", "les", "de", "des", "du", "un", "une", "est", "et", "pour", "pas", "ne", "il", "elle",
+        "tout", "suis", "où", "au", "aux", "avec", "sur", "dans", "que", "qui", "vous", "nous", "mon", "ma", "c'est",
     ];
     const EN: &[&str] = &[
-        "the", "a", "an", "is", "of", "and", "to", "in", "it", "i", "you", "with", "for", "on",
-        "are", "this", "that", "my", "was", "be",
+        "the", "a", "an", "is", "of", "and", "to", "in", "it", "i", "you", "with", "for", "on", "are", "this", "that",
+        "my", "was", "be",
     ];
     let words: Vec<String> = text
         .split(|c: char| !c.is_alphanumeric() && c != '\'')

@@ -2,21 +2,12 @@
 
 use lethe::fixtures::{TempDir, TinySpec, write_tiny_model};
 use lethe::model::{
-    Backend, BatchEntry, KvCache, KvDtype, Llama, LoadOptions, ModelError, RaggedBatch, SeqId,
-    WeightFormat,
+    Backend, BatchEntry, KvCache, KvDtype, Llama, LoadOptions, ModelError, RaggedBatch, SeqId, WeightFormat,
 };
 use std::path::Path;
 
 fn load(dir: &Path, backend: Backend, weights: WeightFormat) -> Llama {
-    Llama::load(
-        dir,
-        &LoadOptions {
-            backend,
-            weights,
-            ..Default::default()
-        },
-    )
-    .expect("load tiny model")
+    Llama::load(dir, &LoadOptions { backend, weights, ..Default::default() }).expect("load tiny model")
 }
 
 fn tiny(spec: TinySpec) -> (TempDir, std::path::PathBuf) {
@@ -27,10 +18,7 @@ fn tiny(spec: TinySpec) -> (TempDir, std::path::PathBuf) {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// Prompts of different lengths (token ids inside the tiny vocabulary).
@@ -53,25 +41,11 @@ fn run_alone_with(m: &Llama, prompt: &[u32], steps: usize, dtype: KvDtype) -> Ve
     let mut kv = m.new_kv_cache_with_dtype(1 << 30, dtype);
     let s = kv.add_sequence();
     let mut out = vec![
-        m.forward(
-            &RaggedBatch::new(vec![BatchEntry::last(s, prompt.to_vec())]),
-            &mut kv,
-        )
-        .unwrap()
-        .last(0)
-        .to_vec(),
+        m.forward(&RaggedBatch::new(vec![BatchEntry::last(s, prompt.to_vec())]), &mut kv).unwrap().last(0).to_vec(),
     ];
     for t in 0..steps {
         let tok = decode_token(t, prompt.len());
-        out.push(
-            m.forward(
-                &RaggedBatch::new(vec![BatchEntry::last(s, vec![tok])]),
-                &mut kv,
-            )
-            .unwrap()
-            .last(0)
-            .to_vec(),
-        );
+        out.push(m.forward(&RaggedBatch::new(vec![BatchEntry::last(s, vec![tok])]), &mut kv).unwrap().last(0).to_vec());
     }
     out
 }
@@ -87,12 +61,7 @@ fn check_ragged_equals_separate(m: &Llama, tol: f32) {
     let mut kv = m.new_kv_cache(1 << 30);
     let ids: Vec<SeqId> = ps.iter().map(|_| kv.add_sequence()).collect();
     // Prefill all prompts in one step.
-    let batch = RaggedBatch::new(
-        ids.iter()
-            .zip(&ps)
-            .map(|(s, p)| BatchEntry::last(*s, p.clone()))
-            .collect(),
-    );
+    let batch = RaggedBatch::new(ids.iter().zip(&ps).map(|(s, p)| BatchEntry::last(*s, p.clone())).collect());
     let logits = m.forward(&batch, &mut kv).unwrap();
     for (i, run) in alone.iter().enumerate() {
         let d = max_diff(logits.last(i), &run[0]);
@@ -101,10 +70,7 @@ fn check_ragged_equals_separate(m: &Llama, tol: f32) {
     // Decode all sequences together.
     for t in 0..steps {
         let batch = RaggedBatch::new(
-            ids.iter()
-                .zip(&ps)
-                .map(|(s, p)| BatchEntry::last(*s, vec![decode_token(t, p.len())]))
-                .collect(),
+            ids.iter().zip(&ps).map(|(s, p)| BatchEntry::last(*s, vec![decode_token(t, p.len())])).collect(),
         );
         let logits = m.forward(&batch, &mut kv).unwrap();
         for (i, run) in alone.iter().enumerate() {
@@ -122,9 +88,7 @@ fn check_ragged_equals_separate(m: &Llama, tol: f32) {
     let mut toks = ps[0].clone();
     toks.extend((0..steps).map(|t| decode_token(t, ps[0].len())));
     toks.extend(&extra);
-    let full = m
-        .forward(&RaggedBatch::new(vec![BatchEntry::last(s, toks)]), &mut kv2)
-        .unwrap();
+    let full = m.forward(&RaggedBatch::new(vec![BatchEntry::last(s, toks)]), &mut kv2).unwrap();
     let d = max_diff(mixed.last(0), full.last(0));
     assert!(d <= 1e-3, "mixed prefill+decode vs recompute: {d}");
 }
@@ -158,30 +122,16 @@ fn cached_decode_equals_full_recompute() {
         // Incremental: 10-token prefill, then one token at a time.
         let mut kv = m.new_kv_cache(1 << 30);
         let s = kv.add_sequence();
-        let mut last = m
-            .forward(
-                &RaggedBatch::new(vec![BatchEntry::last(s, toks[..10].to_vec())]),
-                &mut kv,
-            )
-            .unwrap();
+        let mut last = m.forward(&RaggedBatch::new(vec![BatchEntry::last(s, toks[..10].to_vec())]), &mut kv).unwrap();
         for &t in &toks[10..] {
-            last = m
-                .forward(
-                    &RaggedBatch::new(vec![BatchEntry::last(s, vec![t])]),
-                    &mut kv,
-                )
-                .unwrap();
+            last = m.forward(&RaggedBatch::new(vec![BatchEntry::last(s, vec![t])]), &mut kv).unwrap();
         }
         // Recompute: all positions in one pass, all logits.
         let mut kv2 = m.new_kv_cache(1 << 30);
         let s2 = kv2.add_sequence();
         let all = m
             .forward(
-                &RaggedBatch::new(vec![BatchEntry {
-                    seq: s2,
-                    tokens: toks.clone(),
-                    all_logits: true,
-                }]),
+                &RaggedBatch::new(vec![BatchEntry { all_logits: true, ..BatchEntry::last(s2, toks.clone()) }]),
                 &mut kv2,
             )
             .unwrap();
@@ -195,23 +145,10 @@ fn cached_decode_equals_full_recompute() {
 fn native_kernels_match_candle_reference() {
     for spec in [
         TinySpec::default(),
-        TinySpec {
-            model_type: "qwen2",
-            ..Default::default()
-        },
-        TinySpec {
-            tie_embeddings: true,
-            kv_heads: 4,
-            ..Default::default()
-        },
-        TinySpec {
-            dtype: "BF16",
-            ..Default::default()
-        },
-        TinySpec {
-            dtype: "F16",
-            ..Default::default()
-        },
+        TinySpec { model_type: "qwen2", ..Default::default() },
+        TinySpec { tie_embeddings: true, kv_heads: 4, ..Default::default() },
+        TinySpec { dtype: "BF16", ..Default::default() },
+        TinySpec { dtype: "F16", ..Default::default() },
     ] {
         let (_t, dir) = tiny(spec.clone());
         let native = load(&dir, Backend::Native, WeightFormat::Native);
@@ -241,14 +178,8 @@ fn kv_memory_is_accounted_and_returned() {
         assert_eq!(kv.used_bytes(), 0);
         let a = kv.add_sequence();
         let b = kv.add_sequence();
-        m.forward(
-            &RaggedBatch::new(vec![
-                BatchEntry::last(a, vec![1; 40]),
-                BatchEntry::last(b, vec![2; 3]),
-            ]),
-            &mut kv,
-        )
-        .unwrap();
+        m.forward(&RaggedBatch::new(vec![BatchEntry::last(a, vec![1; 40]), BatchEntry::last(b, vec![2; 3])]), &mut kv)
+            .unwrap();
         let used = kv.used_bytes();
         assert!(used >= 43 * kv.bytes_per_token(), "{backend:?}: {used}");
         kv.remove_sequence(a);
@@ -260,59 +191,23 @@ fn kv_memory_is_accounted_and_returned() {
 
 #[test]
 fn step_errors_leave_caches_unchanged() {
-    let (_t, dir) = tiny(TinySpec {
-        max_positions: 32,
-        ..Default::default()
-    });
+    let (_t, dir) = tiny(TinySpec { max_positions: 32, ..Default::default() });
     let m = load(&dir, Backend::Native, WeightFormat::Native);
     let mut kv: KvCache = m.new_kv_cache(1 << 30);
     let s = kv.add_sequence();
-    m.forward(
-        &RaggedBatch::new(vec![BatchEntry::last(s, vec![3; 30])]),
-        &mut kv,
-    )
-    .unwrap();
-    let err = m
-        .forward(
-            &RaggedBatch::new(vec![BatchEntry::last(s, vec![3; 5])]),
-            &mut kv,
-        )
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ModelError::ContextOverflow {
-                needed: 35,
-                max: 32
-            }
-        ),
-        "{err}"
-    );
+    m.forward(&RaggedBatch::new(vec![BatchEntry::last(s, vec![3; 30])]), &mut kv).unwrap();
+    let err = m.forward(&RaggedBatch::new(vec![BatchEntry::last(s, vec![3; 5])]), &mut kv).unwrap_err();
+    assert!(matches!(err, ModelError::ContextOverflow { needed: 35, max: 32 }), "{err}");
     assert_eq!(kv.seq_len(s).unwrap(), 30);
-    let err = m
-        .forward(
-            &RaggedBatch::new(vec![BatchEntry::last(s, vec![100_000])]),
-            &mut kv,
-        )
-        .unwrap_err();
+    let err = m.forward(&RaggedBatch::new(vec![BatchEntry::last(s, vec![100_000])]), &mut kv).unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     assert_eq!(kv.seq_len(s).unwrap(), 30);
-    let err = m
-        .forward(
-            &RaggedBatch::new(vec![BatchEntry::last(SeqId(999), vec![1])]),
-            &mut kv,
-        )
-        .unwrap_err();
+    let err = m.forward(&RaggedBatch::new(vec![BatchEntry::last(SeqId(999), vec![1])]), &mut kv).unwrap_err();
     assert!(matches!(err, ModelError::UnknownSequence(_)));
     // A tiny budget refuses new work with a typed error instead of allocating.
     let mut small = m.new_kv_cache(1000);
     let s = small.add_sequence();
-    let err = m
-        .forward(
-            &RaggedBatch::new(vec![BatchEntry::last(s, vec![1; 20])]),
-            &mut small,
-        )
-        .unwrap_err();
+    let err = m.forward(&RaggedBatch::new(vec![BatchEntry::last(s, vec![1; 20])]), &mut small).unwrap_err();
     assert!(matches!(err, ModelError::KvCacheFull { .. }), "{err}");
 }
 
@@ -361,15 +256,8 @@ fn bad_model_files_give_clear_errors() {
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
     std::fs::write(&cfg_path, cfg.replace("\"llama\"", "\"gpt_neox\"")).unwrap();
     let e = err(&dir);
-    assert!(
-        e.contains("unsupported architecture") && e.contains("gpt_neox"),
-        "{e}"
-    );
-    std::fs::write(
-        &cfg_path,
-        cfg.replace("\"hidden_size\": 64", "\"hidden_size\": 96"),
-    )
-    .unwrap();
+    assert!(e.contains("unsupported architecture") && e.contains("gpt_neox"), "{e}");
+    std::fs::write(&cfg_path, cfg.replace("\"hidden_size\": 64", "\"hidden_size\": 96")).unwrap();
     let e = err(&dir);
     assert!(e.contains("shape"), "{e}");
     std::fs::write(&cfg_path, "{not json").unwrap();
@@ -384,19 +272,11 @@ fn bad_model_files_give_clear_errors() {
         std::fs::copy(dir.join(f), int_dir.join(f)).unwrap();
     }
     let data = vec![0u8; 64 * 8];
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![64], &data).unwrap();
-    safetensors::serialize_to_file(
-        vec![("model.norm.weight", view)],
-        None,
-        &int_dir.join("model.safetensors"),
-    )
-    .unwrap();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![64], &data).unwrap();
+    safetensors::serialize_to_file(vec![("model.norm.weight", view)], None, &int_dir.join("model.safetensors"))
+        .unwrap();
     let e = err(&int_dir);
-    assert!(
-        e.contains("missing tensor") || e.contains("unsupported data type"),
-        "{e}"
-    );
+    assert!(e.contains("missing tensor") || e.contains("unsupported data type"), "{e}");
 }
 
 #[test]
@@ -406,43 +286,20 @@ fn unsupported_dtype_is_named() {
     // Rewrite the file with the embedding stored as I64.
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ints = vec![
-        0u8;
-        8 * st
-            .tensor("model.embed_tokens.weight")
-            .unwrap()
-            .shape()
-            .iter()
-            .product::<usize>()
-    ];
+    let ints = vec![0u8; 8 * st.tensor("model.embed_tokens.weight").unwrap().shape().iter().product::<usize>()];
     let mut views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
     for (name, v) in st.tensors() {
         if name == "model.embed_tokens.weight" {
             views.push((
                 name,
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::I64,
-                    v.shape().to_vec(),
-                    &ints,
-                )
-                .unwrap(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::I64, v.shape().to_vec(), &ints).unwrap(),
             ));
         } else {
             views.push((name, v));
         }
     }
     safetensors::serialize_to_file(views, None, &dir.join("model2.safetensors")).unwrap();
-    std::fs::rename(
-        dir.join("model2.safetensors"),
-        dir.join("model.safetensors"),
-    )
-    .unwrap();
-    let e = Llama::load(&dir, &LoadOptions::default())
-        .err()
-        .expect("I64 must be refused")
-        .to_string();
-    assert!(
-        e.contains("I64") && e.contains("model.embed_tokens.weight"),
-        "{e}"
-    );
+    std::fs::rename(dir.join("model2.safetensors"), dir.join("model.safetensors")).unwrap();
+    let e = Llama::load(&dir, &LoadOptions::default()).err().expect("I64 must be refused").to_string();
+    assert!(e.contains("I64") && e.contains("model.embed_tokens.weight"), "{e}");
 }

@@ -21,30 +21,17 @@ struct Server {
 
 impl Server {
     async fn start(tweak: impl FnOnce(&mut ServeArgs)) -> Self {
-        Self::start_with(
-            TinySpec {
-                max_positions: 256,
-                ..Default::default()
-            },
-            tweak,
-        )
-        .await
+        Self::start_with(TinySpec { max_positions: 256, ..Default::default() }, tweak).await
     }
 
     async fn start_with(spec: TinySpec, tweak: impl FnOnce(&mut ServeArgs)) -> Self {
         let dir = TempDir::new("server").unwrap();
         let model = write_tiny_model(&dir.path().join("tiny"), &spec).unwrap();
-        let mut args = ServeArgs {
-            model: Some(model),
-            ..Default::default()
-        };
+        let mut args = ServeArgs { model: Some(model), ..Default::default() };
         tweak(&mut args);
         let config = ServeConfig::resolve(&args).unwrap();
         let grace = Duration::from_secs(config.shutdown_grace_secs);
-        let state = tokio::task::spawn_blocking(move || AppState::load(config))
-            .await
-            .unwrap()
-            .unwrap();
+        let state = tokio::task::spawn_blocking(move || AppState::load(config)).await.unwrap().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -56,13 +43,7 @@ impl Server {
             },
             grace,
         ));
-        Self {
-            base,
-            state,
-            stop: Some(tx),
-            task,
-            _dir: dir,
-        }
+        Self { base, state, stop: Some(tx), task, _dir: dir }
     }
 
     fn url(&self, path: &str) -> String {
@@ -74,12 +55,7 @@ impl Server {
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = reqwest::Client::new()
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = reqwest::Client::new().post(self.url(path)).json(&body).send().await.unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -105,39 +81,23 @@ fn chat(model: &str, extra: Value) -> Value {
         "max_tokens": 12,
         "temperature": 0,
     });
-    body.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     body
 }
 
 /// Reads an SSE response into its `data:` payloads.
 async fn sse(resp: reqwest::Response) -> Vec<String> {
-    assert!(
-        resp.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream")
-    );
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let text = resp.text().await.unwrap();
-    text.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(String::from)
-        .collect()
+    text.lines().filter_map(|l| l.strip_prefix("data: ")).map(String::from).collect()
 }
 
 fn assert_error(status: u16, body: &Value, want_status: u16, want_param: Option<&str>) {
     assert_eq!(status, want_status, "{body}");
     let e = &body["error"];
-    assert!(
-        e["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     assert!(e["type"].is_string(), "{body}");
-    assert!(
-        e.get("param").is_some() && e.get("code").is_some(),
-        "{body}"
-    );
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{body}");
     if let Some(p) = want_param {
         assert_eq!(e["param"], p, "{body}");
     }
@@ -146,20 +106,13 @@ fn assert_error(status: u16, body: &Value, want_status: u16, want_param: Option<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completion_has_openai_shape() {
     let s = Server::start(|_| {}).await;
-    let (status, body) = s
-        .post("/v1/chat/completions", chat(&s.model(), json!({})))
-        .await;
+    let (status, body) = s.post("/v1/chat/completions", chat(&s.model(), json!({}))).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "chat.completion");
     assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
     assert!(body["created"].as_u64().unwrap() > 1_700_000_000);
     assert_eq!(body["model"], s.model());
-    assert!(
-        body["system_fingerprint"]
-            .as_str()
-            .unwrap()
-            .starts_with("lethe-")
-    );
+    assert!(body["system_fingerprint"].as_str().unwrap().starts_with("lethe-"));
     let choice = &body["choices"][0];
     assert_eq!(choice["index"], 0);
     assert_eq!(choice["message"]["role"], "assistant");
@@ -167,14 +120,8 @@ async fn chat_completion_has_openai_shape() {
     assert_eq!(choice["finish_reason"], "length");
     let u = &body["usage"];
     assert_eq!(u["completion_tokens"], 12);
-    assert_eq!(
-        u["total_tokens"].as_u64(),
-        Some(u["prompt_tokens"].as_u64().unwrap() + 12)
-    );
-    assert_eq!(
-        body["guidance"],
-        json!({"gamma": 1.0, "mode": "log", "uncond": "none", "uncond_prompt_tokens": 0})
-    );
+    assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + 12));
+    assert_eq!(body["guidance"], json!({"gamma": 1.0, "mode": "log", "uncond": "none", "uncond_prompt_tokens": 0}));
     s.shutdown().await;
 }
 
@@ -186,9 +133,7 @@ async fn streaming_matches_non_streaming_and_ends_with_usage_and_done() {
         if !guidance.is_null() {
             extra["guidance"] = guidance.clone();
         }
-        let (_, plain) = s
-            .post("/v1/chat/completions", chat(&s.model(), extra.clone()))
-            .await;
+        let (_, plain) = s.post("/v1/chat/completions", chat(&s.model(), extra.clone())).await;
         extra["stream"] = json!(true);
         extra["stream_options"] = json!({"include_usage": true});
         let resp = reqwest::Client::new()
@@ -199,35 +144,18 @@ async fn streaming_matches_non_streaming_and_ends_with_usage_and_done() {
             .unwrap();
         let events = sse(resp).await;
         assert_eq!(events.last().unwrap(), "[DONE]");
-        let chunks: Vec<Value> = events[..events.len() - 1]
-            .iter()
-            .map(|e| serde_json::from_str(e).unwrap())
-            .collect();
-        assert!(
-            chunks
-                .iter()
-                .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"])
-        );
+        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
         assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-        let text: String = chunks
-            .iter()
-            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-            .collect();
-        assert_eq!(
-            text,
-            plain["choices"][0]["message"]["content"].as_str().unwrap()
-        );
+        let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(text, plain["choices"][0]["message"]["content"].as_str().unwrap());
         let finish = &chunks[chunks.len() - 2];
         assert_eq!(finish["choices"][0]["finish_reason"], "length");
         assert_eq!(finish["guidance"], plain["guidance"]);
         let usage = chunks.last().unwrap();
         assert_eq!(usage["choices"], json!([]));
         assert_eq!(usage["usage"], plain["usage"]);
-        assert!(
-            chunks[..chunks.len() - 1]
-                .iter()
-                .all(|c| c["usage"].is_null())
-        );
+        assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
         if !guidance.is_null() {
             assert_eq!(plain["guidance"]["gamma"], 3.0);
             assert_eq!(plain["guidance"]["mode"], "prob");
@@ -242,7 +170,10 @@ async fn streaming_matches_non_streaming_and_ends_with_usage_and_done() {
 async fn completions_and_models() {
     let s = Server::start(|_| {}).await;
     let (status, body) = s
-        .post("/v1/completions", json!({"model": s.model(), "prompt": "The quick brown", "max_tokens": 6, "temperature": 0}))
+        .post(
+            "/v1/completions",
+            json!({"model": s.model(), "prompt": "The quick brown", "max_tokens": 6, "temperature": 0}),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "text_completion");
@@ -259,20 +190,10 @@ async fn completions_and_models() {
     assert_eq!(events.last().unwrap(), "[DONE]");
     let text: String = events[..events.len() - 1]
         .iter()
-        .map(|e| {
-            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(text, body["choices"][0]["text"].as_str().unwrap());
-    let models: Value = reqwest::get(s.url("/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = reqwest::get(s.url("/v1/models")).await.unwrap().json().await.unwrap();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], s.model());
     assert_eq!(models["data"][0]["object"], "model");
@@ -288,109 +209,55 @@ async fn errors_are_openai_shaped_with_the_right_status() {
         let c = client.clone();
         let url = s.url("/v1/chat/completions");
         async move {
-            let r = c
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
+            let r = c.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }
     };
     let (st, b) = raw("{\"model\": ").await;
     assert_error(st, &b, 400, None);
-    let (st, b) = s
-        .post(
-            "/v1/chat/completions",
-            chat(&m, json!({"temperature": "hot"})),
-        )
-        .await;
+    let (st, b) = s.post("/v1/chat/completions", chat(&m, json!({"temperature": "hot"}))).await;
     assert_error(st, &b, 400, Some("temperature"));
     let (st, b) = s.post("/v1/chat/completions", json!({"model": m})).await;
     assert_error(st, &b, 400, Some("messages"));
-    let (st, b) = s
-        .post("/v1/chat/completions", chat(&m, json!({"messages": []})))
-        .await;
+    let (st, b) = s.post("/v1/chat/completions", chat(&m, json!({"messages": []}))).await;
     assert_error(st, &b, 400, Some("messages"));
-    for (g, why) in [
-        (json!(-1.0), "negative"),
-        (json!(1e6), "too large"),
-        (json!(1e39), "overflow"),
-        (json!("NaN"), "a string"),
-    ] {
-        let (st, b) = s
-            .post(
-                "/v1/chat/completions",
-                chat(&m, json!({"guidance": {"gamma": g}})),
-            )
-            .await;
+    for (g, why) in
+        [(json!(-1.0), "negative"), (json!(1e6), "too large"), (json!(1e39), "overflow"), (json!("NaN"), "a string")]
+    {
+        let (st, b) = s.post("/v1/chat/completions", chat(&m, json!({"guidance": {"gamma": g}}))).await;
         assert_error(st, &b, 400, Some("guidance.gamma"));
         let _ = why;
     }
-    let (st, b) = s
-        .post(
-            "/v1/chat/completions",
-            chat(&m, json!({"guidance": {"mode": "sideways"}})),
-        )
-        .await;
+    let (st, b) = s.post("/v1/chat/completions", chat(&m, json!({"guidance": {"mode": "sideways"}}))).await;
     assert_error(st, &b, 400, Some("guidance.mode"));
-    let (st, b) = s
-        .post(
-            "/v1/chat/completions",
-            chat(&m, json!({"guidance": {"gamma": 2, "colour": "red"}})),
-        )
-        .await;
+    let (st, b) = s.post("/v1/chat/completions", chat(&m, json!({"guidance": {"gamma": 2, "colour": "red"}}))).await;
     assert_error(st, &b, 400, None);
-    let (st, b) = s
-        .post(
-            "/v1/chat/completions",
-            chat(&m, json!({"max_tokens": 100_000})),
-        )
-        .await;
+    let (st, b) = s.post("/v1/chat/completions", chat(&m, json!({"max_tokens": 100_000}))).await;
     assert_error(st, &b, 400, Some("messages"));
     assert_eq!(b["error"]["code"], "context_length_exceeded");
-    let (st, b) = s
-        .post("/v1/chat/completions", chat("gpt-4o", json!({})))
-        .await;
+    let (st, b) = s.post("/v1/chat/completions", chat("gpt-4o", json!({}))).await;
     assert_error(st, &b, 404, Some("model"));
     assert_eq!(b["error"]["code"], "model_not_found");
-    let (st, b) = s
-        .post("/v1/chat/completions", chat(&m, json!({"n": 2})))
-        .await;
+    let (st, b) = s.post("/v1/chat/completions", chat(&m, json!({"n": 2}))).await;
     assert_error(st, &b, 400, Some("n"));
-    let (st, b) = s
-        .post(
-            "/v1/chat/completions",
-            chat(&m, json!({"messages": [{"role": "tool", "content": "x"}]})),
-        )
-        .await;
+    let (st, b) =
+        s.post("/v1/chat/completions", chat(&m, json!({"messages": [{"role": "tool", "content": "x"}]}))).await;
     assert_error(st, &b, 400, Some("messages[0].role"));
     // Text parts work; image parts are refused.
-    let parts =
-        json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]});
+    let parts = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]});
     assert_eq!(s.post("/v1/chat/completions", chat(&m, parts)).await.0, 200);
     let parts = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]});
     let (st, b) = s.post("/v1/chat/completions", chat(&m, parts)).await;
     assert_error(st, &b, 400, Some("messages[0].content[0].type"));
     // Unknown fields are ignored, like OpenAI.
     assert_eq!(
-        s.post(
-            "/v1/chat/completions",
-            chat(&m, json!({"service_tier": "auto", "metadata": {"a": 1}}))
-        )
-        .await
-        .0,
+        s.post("/v1/chat/completions", chat(&m, json!({"service_tier": "auto", "metadata": {"a": 1}}))).await.0,
         200
     );
     let r = client.get(s.url("/v1/nothing")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
-    let r = client
-        .get(s.url("/v1/chat/completions"))
-        .send()
-        .await
-        .unwrap();
+    let r = client.get(s.url("/v1/chat/completions")).send().await.unwrap();
     assert_eq!(r.status(), 405);
     let r = client
         .post(s.url("/v1/chat/completions"))
@@ -419,12 +286,7 @@ async fn full_queue_is_429_with_retry_after() {
         l["guidance"] = json!({"gamma": 2.0});
         l
     };
-    let first = client
-        .post(s.url("/v1/chat/completions"))
-        .json(&long)
-        .send()
-        .await
-        .unwrap();
+    let first = client.post(s.url("/v1/chat/completions")).json(&long).send().await.unwrap();
     assert_eq!(first.status(), 200);
     for _ in 0..200 {
         if s.running() == 1 {
@@ -432,19 +294,9 @@ async fn full_queue_is_429_with_retry_after() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let second = client
-        .post(s.url("/v1/chat/completions"))
-        .json(&long)
-        .send()
-        .await
-        .unwrap();
+    let second = client.post(s.url("/v1/chat/completions")).json(&long).send().await.unwrap();
     assert_eq!(second.status(), 200);
-    let third = client
-        .post(s.url("/v1/chat/completions"))
-        .json(&long)
-        .send()
-        .await
-        .unwrap();
+    let third = client.post(s.url("/v1/chat/completions")).json(&long).send().await.unwrap();
     assert_eq!(third.status(), 429);
     assert_eq!(third.headers()["retry-after"], "1");
     let body: Value = third.json().await.unwrap();
@@ -455,24 +307,9 @@ async fn full_queue_is_429_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_cancels_generation() {
-    let s = Server::start_with(
-        TinySpec {
-            max_positions: 8192,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .await;
-    let body = chat(
-        &s.model(),
-        json!({"max_tokens": 8000, "stream": true, "guidance": {"gamma": 3.0}}),
-    );
-    let resp = reqwest::Client::new()
-        .post(s.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let s = Server::start_with(TinySpec { max_positions: 8192, ..Default::default() }, |_| {}).await;
+    let body = chat(&s.model(), json!({"max_tokens": 8000, "stream": true, "guidance": {"gamma": 3.0}}));
+    let resp = reqwest::Client::new().post(s.url("/v1/chat/completions")).json(&body).send().await.unwrap();
     let mut stream = resp.bytes_stream();
     let _ = stream.next().await.unwrap().unwrap();
     let stats = s.state.engine.stats();
@@ -482,17 +319,11 @@ async fn client_disconnect_cancels_generation() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(
-        stats.running_rows.load(Ordering::Relaxed),
-        2,
-        "a guided request runs as a pair of rows"
-    );
+    assert_eq!(stats.running_rows.load(Ordering::Relaxed), 2, "a guided request runs as a pair of rows");
     drop(stream);
     let mut freed = false;
     for _ in 0..400 {
-        if stats.running.load(Ordering::Relaxed) == 0
-            && stats.kv_used_bytes.load(Ordering::Relaxed) == 0
-        {
+        if stats.running.load(Ordering::Relaxed) == 0 && stats.kv_used_bytes.load(Ordering::Relaxed) == 0 {
             freed = true;
             break;
         }
@@ -506,23 +337,11 @@ async fn client_disconnect_cancels_generation() {
 async fn request_ids_are_echoed_or_generated() {
     let s = Server::start(|_| {}).await;
     let client = reqwest::Client::new();
-    let r = client
-        .get(s.url("/health"))
-        .header("x-request-id", "abc-123")
-        .send()
-        .await
-        .unwrap();
+    let r = client.get(s.url("/health")).header("x-request-id", "abc-123").send().await.unwrap();
     assert_eq!(r.headers()["x-request-id"], "abc-123");
     let r = client.get(s.url("/health")).send().await.unwrap();
     assert_eq!(r.headers()["x-request-id"].len(), 16);
-    let ready: Value = client
-        .get(s.url("/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = client.get(s.url("/ready")).send().await.unwrap().json().await.unwrap();
     assert_eq!(ready["status"], "ready");
     s.shutdown().await;
 }
@@ -531,10 +350,7 @@ async fn request_ids_are_echoed_or_generated() {
 async fn hostile_requests_never_break_the_server() {
     let s = Server::start(|_| {}).await;
     let m = s.model();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
     let url = s.url("/v1/chat/completions");
     let mut bodies: Vec<(Option<&str>, Vec<u8>)> = Vec::new();
     let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
@@ -591,48 +407,30 @@ async fn hostile_requests_never_break_the_server() {
     }
     let r = client.get(s.url("/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        s.post("/v1/chat/completions", chat(&m, json!({}))).await.0,
-        200
-    );
+    assert_eq!(s.post("/v1/chat/completions", chat(&m, json!({}))).await.0, 200);
     s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_ends_streams_cleanly() {
-    let s = Server::start_with(
-        TinySpec {
-            max_positions: 8192,
-            ..Default::default()
-        },
-        |a| a.shutdown_grace_secs = Some(1),
-    )
-    .await;
+    let s =
+        Server::start_with(TinySpec { max_positions: 8192, ..Default::default() }, |a| a.shutdown_grace_secs = Some(1))
+            .await;
     let body = chat(&s.model(), json!({"max_tokens": 8000, "stream": true}));
-    let resp = reqwest::Client::new()
-        .post(s.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = reqwest::Client::new().post(s.url("/v1/chat/completions")).json(&body).send().await.unwrap();
     let reader = tokio::spawn(sse(resp));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = std::time::Instant::now();
     s.shutdown().await;
     assert!(started.elapsed() < Duration::from_secs(10));
     let events = reader.await.unwrap();
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "the stream ended cleanly"
-    );
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "the stream ended cleanly");
 }
 
 /// Every route and every lethe extension field is documented in proto/openapi.yaml.
 #[test]
 fn openapi_contract_covers_routes_and_extensions() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proto/openapi.yaml"))
-        .unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proto/openapi.yaml")).unwrap();
     let spec: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let paths = spec["paths"].as_mapping().unwrap();
     for (path, method) in [
@@ -642,13 +440,8 @@ fn openapi_contract_covers_routes_and_extensions() {
         ("/health", "get"),
         ("/ready", "get"),
     ] {
-        let p = paths
-            .get(path)
-            .unwrap_or_else(|| panic!("{path} missing from openapi.yaml"));
-        assert!(
-            p.get(method).is_some(),
-            "{method} {path} missing from openapi.yaml"
-        );
+        let p = paths.get(path).unwrap_or_else(|| panic!("{path} missing from openapi.yaml"));
+        assert!(p.get(method).is_some(), "{method} {path} missing from openapi.yaml");
     }
     let schemas = &spec["components"]["schemas"];
     let props = |name: &str| -> Vec<String> {
@@ -660,35 +453,18 @@ fn openapi_contract_covers_routes_and_extensions() {
             .collect()
     };
     for f in ["gamma", "mode", "negative_prompt", "uncond"] {
-        assert!(
-            props("GuidanceRequest").contains(&f.to_string()),
-            "GuidanceRequest.{f}"
-        );
+        assert!(props("GuidanceRequest").contains(&f.to_string()), "GuidanceRequest.{f}");
     }
     for f in ["gamma", "mode", "uncond", "uncond_prompt_tokens"] {
-        assert!(
-            props("AppliedGuidance").contains(&f.to_string()),
-            "AppliedGuidance.{f}"
-        );
+        assert!(props("AppliedGuidance").contains(&f.to_string()), "AppliedGuidance.{f}");
     }
     for schema in ["ChatCompletionRequest", "CompletionRequest"] {
-        assert!(
-            props(schema).contains(&"guidance".to_string()),
-            "{schema}.guidance"
-        );
+        assert!(props(schema).contains(&"guidance".to_string()), "{schema}.guidance");
     }
     for schema in ["ChatCompletion", "TextCompletion", "ChatCompletionChunk"] {
-        assert!(
-            props(schema).contains(&"guidance".to_string()),
-            "{schema}.guidance"
-        );
+        assert!(props(schema).contains(&"guidance".to_string()), "{schema}.guidance");
     }
     for f in ["message", "type", "param", "code"] {
-        assert!(
-            schemas["Error"]["properties"]["error"]["properties"]
-                .get(f)
-                .is_some(),
-            "Error.error.{f}"
-        );
+        assert!(schemas["Error"]["properties"]["error"]["properties"].get(f).is_some(), "Error.error.{f}");
     }
 }

@@ -28,10 +28,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self {
-            scheduler: SchedulerConfig::default(),
-            kv_cache_bytes: 2 << 30,
-        }
+        Self { scheduler: SchedulerConfig::default(), kv_cache_bytes: 2 << 30 }
     }
 }
 
@@ -39,13 +36,9 @@ impl Default for EngineConfig {
 pub enum EngineError {
     #[error("server overloaded: {waiting} requests already waiting")]
     Overloaded { waiting: usize },
-    #[error(
-        "this request needs {needed} tokens (prompt + max_tokens), beyond the model's context of {max}"
-    )]
+    #[error("this request needs {needed} tokens (prompt + max_tokens), beyond the model's context of {max}")]
     ContextOverflow { needed: usize, max: usize },
-    #[error(
-        "this request would need {needed} bytes of KV cache, more than the server's limit of {limit}"
-    )]
+    #[error("this request would need {needed} bytes of KV cache, more than the server's limit of {limit}")]
     TooLarge { needed: usize, limit: usize },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -114,9 +107,7 @@ impl EngineHandle {
     ) -> Self {
         let kv = model.new_kv_cache_with_dtype(cfg.kv_cache_bytes, kv_dtype);
         let stats = Arc::new(EngineStats::default());
-        stats
-            .kv_limit_bytes
-            .store(cfg.kv_cache_bytes, Ordering::Relaxed);
+        stats.kv_limit_bytes.store(cfg.kv_cache_bytes, Ordering::Relaxed);
         stats.alive.store(true, Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::channel();
         let max_waiting = cfg.scheduler.max_waiting;
@@ -182,10 +173,7 @@ impl EngineHandle {
         }
         let mut rows = vec![&req.prompt];
         if req.is_pair() {
-            let u = req
-                .uncond_prompt
-                .as_ref()
-                .expect("pair has an uncond prompt");
+            let u = req.uncond_prompt.as_ref().expect("pair has an uncond prompt");
             if u.is_empty() {
                 return bad("the uncond prompt is empty");
             }
@@ -194,25 +182,17 @@ impl EngineHandle {
         let mut kv_need = 0;
         for p in rows {
             if let Some(&t) = p.iter().find(|&&t| t as usize >= self.vocab) {
-                return Err(EngineError::InvalidRequest(format!(
-                    "token id {t} outside the vocabulary"
-                )));
+                return Err(EngineError::InvalidRequest(format!("token id {t} outside the vocabulary")));
             }
             let needed = p.len() + req.max_tokens;
             if needed > self.max_context {
-                return Err(EngineError::ContextOverflow {
-                    needed,
-                    max: self.max_context,
-                });
+                return Err(EngineError::ContextOverflow { needed, max: self.max_context });
             }
             kv_need += needed * self.kv_bytes_per_token;
         }
         let limit = self.stats.kv_limit_bytes.load(Ordering::Relaxed);
         if kv_need > limit {
-            return Err(EngineError::TooLarge {
-                needed: kv_need,
-                limit,
-            });
+            return Err(EngineError::TooLarge { needed: kv_need, limit });
         }
         Ok(())
     }
@@ -232,11 +212,7 @@ impl EngineHandle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (etx, erx) = unbounded_channel();
         let group = Group::new(id, req, etx);
-        let sent = self
-            .tx
-            .lock()
-            .expect("engine channel lock")
-            .send(Command::Submit(Box::new(group)));
+        let sent = self.tx.lock().expect("engine channel lock").send(Command::Submit(Box::new(group)));
         if sent.is_err() {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             metrics::gauge!(t::NUM_REQUESTS_WAITING).decrement(1.0);
@@ -250,11 +226,7 @@ impl EngineHandle {
     pub fn shutdown(&self, grace: Duration) {
         self.stats.alive.store(false, Ordering::SeqCst);
         let deadline = Instant::now() + grace;
-        let _ = self
-            .tx
-            .lock()
-            .expect("engine channel lock")
-            .send(Command::Shutdown { deadline });
+        let _ = self.tx.lock().expect("engine channel lock").send(Command::Shutdown { deadline });
         if let Some(h) = self.thread.lock().expect("engine thread lock").take() {
             let _ = h.join();
         }
@@ -284,16 +256,12 @@ impl Worker {
                 // Admit nothing new; reject whatever still waits.
                 while let Some(g) = self.sched.waiting.pop_front() {
                     self.leave_waiting();
-                    let _ = g
-                        .events
-                        .send(Event::Error("the server is shutting down".into()));
+                    let _ = g.events.send(Event::Error("the server is shutting down".into()));
                 }
                 if self.sched.running.is_empty() || Instant::now() >= deadline {
                     while !self.sched.running.is_empty() {
                         let g = self.sched.finish(0, &mut self.kv);
-                        let _ = g.events.send(Event::Error(
-                            "the server shut down before this request finished".into(),
-                        ));
+                        let _ = g.events.send(Event::Error("the server shut down before this request finished".into()));
                     }
                     self.publish_stats();
                     break;
@@ -370,10 +338,8 @@ impl Worker {
     fn publish_stats(&self) {
         let s = &self.stats;
         s.running.store(self.sched.running.len(), Ordering::Relaxed);
-        s.running_rows
-            .store(self.sched.running_rows(), Ordering::Relaxed);
-        s.kv_used_bytes
-            .store(self.kv.used_bytes(), Ordering::Relaxed);
+        s.running_rows.store(self.sched.running_rows(), Ordering::Relaxed);
+        s.kv_used_bytes.store(self.kv.used_bytes(), Ordering::Relaxed);
         metrics::gauge!(t::NUM_REQUESTS_RUNNING).set(self.sched.running.len() as f64);
         metrics::gauge!(t::KV_CACHE_USED_BYTES).set(self.kv.used_bytes() as f64);
     }
@@ -387,8 +353,10 @@ impl Worker {
         let batch = RaggedBatch::new(
             plan.iter()
                 .map(|p| {
-                    let r = &self.sched.running[p.group].rows[p.row];
+                    let g = &self.sched.running[p.group];
+                    let r = &g.rows[p.row];
                     BatchEntry::last(r.seq, r.pending[r.cursor..r.cursor + p.n_tokens].to_vec())
+                        .with_adapters(g.req.adapters.clone())
                 })
                 .collect(),
         );
@@ -420,9 +388,7 @@ impl Worker {
         groups.dedup();
         for gi in groups.into_iter().rev() {
             let g = self.sched.finish(gi, &mut self.kv);
-            let _ = g
-                .events
-                .send(Event::Error(format!("inference failed: {msg}")));
+            let _ = g.events.send(Event::Error(format!("inference failed: {msg}")));
             record_finish(&g, "error");
         }
     }
@@ -492,17 +458,12 @@ fn emit_token(g: &mut Group, tok: &Tokenizer, token: u32) -> Option<Ending> {
             g.first_token = Some(now);
             metrics::histogram!(t::TIME_TO_FIRST_TOKEN).record((now - g.arrived).as_secs_f64());
         }
-        Some(prev) => {
-            metrics::histogram!(t::INTER_TOKEN_LATENCY).record((now - prev).as_secs_f64())
-        }
+        Some(prev) => metrics::histogram!(t::INTER_TOKEN_LATENCY).record((now - prev).as_secs_f64()),
     }
     g.last_token = Some(now);
     g.generated += 1;
     if !g.req.ignore_eos && tok.is_eos(token) {
-        let _ = g.events.send(Event::Token {
-            id: token,
-            text: String::new(),
-        });
+        let _ = g.events.send(Event::Token { id: token, text: String::new() });
         return Some(Ending::Eos);
     }
     let delta = match g.decoder.push(tok, token) {
@@ -543,19 +504,12 @@ fn finish(mut g: Group, ending: Ending, tok: &Tokenizer) {
         Ending::Length => FinishReason::Length,
     };
     if !tail.is_empty() {
-        let _ = g.events.send(Event::Token {
-            id: u32::MAX,
-            text: tail,
-        });
+        let _ = g.events.send(Event::Token { id: u32::MAX, text: tail });
     }
     let now = Instant::now();
     let usage = Usage {
         prompt_tokens: g.req.prompt.len(),
-        uncond_prompt_tokens: if g.req.is_pair() {
-            g.req.uncond_prompt.as_ref().map_or(0, Vec::len)
-        } else {
-            0
-        },
+        uncond_prompt_tokens: if g.req.is_pair() { g.req.uncond_prompt.as_ref().map_or(0, Vec::len) } else { 0 },
         completion_tokens: g.generated,
     };
     let timing = Timing {
@@ -564,11 +518,7 @@ fn finish(mut g: Group, ending: Ending, tok: &Tokenizer) {
         total: now - g.arrived,
     };
     record_finish(&g, reason.as_str());
-    let _ = g.events.send(Event::Finished {
-        reason,
-        usage,
-        timing,
-    });
+    let _ = g.events.send(Event::Finished { reason, usage, timing });
 }
 
 fn record_finish(g: &Group, reason: &'static str) {

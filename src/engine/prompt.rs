@@ -22,10 +22,7 @@ pub struct Conditions {
 
 impl Default for Conditions {
     fn default() -> Self {
-        Self {
-            positive: PAPER_POSITIVE.into(),
-            negative: PAPER_NEGATIVE.into(),
-        }
+        Self { positive: PAPER_POSITIVE.into(), negative: PAPER_NEGATIVE.into() }
     }
 }
 
@@ -54,23 +51,15 @@ pub fn chat_rows(
     guidance: Option<(&Conditions, &UncondSource)>,
 ) -> Result<PromptRows, TokenizerError> {
     let Some((conds, source)) = guidance else {
-        return Ok(PromptRows {
-            cond: tok.encode_chat(messages, true)?,
-            uncond: None,
-        });
+        return Ok(PromptRows { cond: tok.encode_chat(messages, true)?, uncond: None });
     };
     let cond = tok.encode_chat(&with_condition(messages, &conds.positive), true)?;
     let uncond = match source {
-        UncondSource::NegativeCondition => {
-            tok.encode_chat(&with_condition(messages, &conds.negative), true)?
-        }
+        UncondSource::NegativeCondition => tok.encode_chat(&with_condition(messages, &conds.negative), true)?,
         UncondSource::Custom(text) => tok.encode_chat(&with_condition(messages, text), true)?,
         UncondSource::LastToken => cond.last().copied().into_iter().collect(),
     };
-    Ok(PromptRows {
-        cond,
-        uncond: Some(uncond),
-    })
+    Ok(PromptRows { cond, uncond: Some(uncond) })
 }
 
 /// The rows of a raw-text prompt (completions): the condition is a first paragraph.
@@ -80,23 +69,15 @@ pub fn text_rows(
     guidance: Option<(&Conditions, &UncondSource)>,
 ) -> Result<PromptRows, TokenizerError> {
     let Some((conds, source)) = guidance else {
-        return Ok(PromptRows {
-            cond: tok.encode_prompt(text)?,
-            uncond: None,
-        });
+        return Ok(PromptRows { cond: tok.encode_prompt(text)?, uncond: None });
     };
     let cond = tok.encode_prompt(&format!("{}\n\n{text}", conds.positive))?;
     let uncond = match source {
-        UncondSource::NegativeCondition => {
-            tok.encode_prompt(&format!("{}\n\n{text}", conds.negative))?
-        }
+        UncondSource::NegativeCondition => tok.encode_prompt(&format!("{}\n\n{text}", conds.negative))?,
         UncondSource::Custom(neg) => tok.encode_prompt(&format!("{neg}\n\n{text}"))?,
         UncondSource::LastToken => cond.last().copied().into_iter().collect(),
     };
-    Ok(PromptRows {
-        cond,
-        uncond: Some(uncond),
-    })
+    Ok(PromptRows { cond, uncond: Some(uncond) })
 }
 
 /// The conversation with `condition` leading its system message (one is added if absent). An
@@ -130,17 +111,8 @@ mod tests {
 
     #[test]
     fn condition_leads_the_system_message() {
-        let m = with_condition(
-            &[ChatMessage::system("Be brief."), ChatMessage::user("hi")],
-            "C.",
-        );
-        assert_eq!(
-            m,
-            vec![
-                ChatMessage::system("C.\n\nBe brief."),
-                ChatMessage::user("hi")
-            ]
-        );
+        let m = with_condition(&[ChatMessage::system("Be brief."), ChatMessage::user("hi")], "C.");
+        assert_eq!(m, vec![ChatMessage::system("C.\n\nBe brief."), ChatMessage::user("hi")]);
         let m = with_condition(&[ChatMessage::user("hi")], "C.");
         assert_eq!(m, vec![ChatMessage::system("C."), ChatMessage::user("hi")]);
     }

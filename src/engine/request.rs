@@ -1,7 +1,9 @@
 //! What the engine is asked to do, and the events it sends back.
 
 use crate::guidance::Guidance;
+use crate::model::lora::LoraWeights;
 use crate::sampling::SamplingParams;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A generation request, already tokenized.
@@ -21,6 +23,11 @@ pub struct Request {
     pub ignore_eos: bool,
     /// Label for metrics (a tenant name; bounded cardinality).
     pub tenant: String,
+    /// Forget-adapters applied to every row of the request (leases: the versions are kept alive
+    /// until the request ends, whatever the registry does meanwhile).
+    pub adapters: Vec<Arc<LoraWeights>>,
+    /// Adapter names, for metrics labels.
+    pub adapter_names: Vec<String>,
 }
 
 impl Request {
@@ -35,6 +42,8 @@ impl Request {
             stop: Vec::new(),
             ignore_eos: false,
             tenant: "default".into(),
+            adapters: Vec::new(),
+            adapter_names: Vec::new(),
         }
     }
 

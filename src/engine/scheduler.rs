@@ -58,12 +58,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        Self {
-            cfg,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            reserved_bytes: 0,
-        }
+        Self { cfg, waiting: VecDeque::new(), running: Vec::new(), reserved_bytes: 0 }
     }
 
     pub fn is_idle(&self) -> bool {
@@ -76,10 +71,7 @@ impl Scheduler {
 
     /// KV bytes a group needs for its whole generation.
     pub fn kv_need(kv: &KvCache, g: &Group) -> usize {
-        g.row_prompts()
-            .iter()
-            .map(|p| kv.bytes_for_tokens(p.len() + g.req.max_tokens))
-            .sum()
+        g.row_prompts().iter().map(|p| kv.bytes_for_tokens(p.len() + g.req.max_tokens)).sum()
     }
 
     /// Moves waiting groups to running, oldest first, while they fit. Returns how many.
@@ -95,10 +87,7 @@ impl Scheduler {
             }
             let mut g = self.waiting.pop_front().expect("front exists");
             let prompts: Vec<Vec<u32>> = g.row_prompts().iter().map(|p| p.to_vec()).collect();
-            g.rows = prompts
-                .into_iter()
-                .map(|p| Row::new(kv.add_sequence(), p))
-                .collect();
+            g.rows = prompts.into_iter().map(|p| Row::new(kv.add_sequence(), p)).collect();
             g.kv_reserved = need;
             g.admitted = Some(std::time::Instant::now());
             self.reserved_bytes += need;
@@ -125,11 +114,7 @@ impl Scheduler {
         for (gi, g) in self.running.iter().enumerate() {
             for (ri, r) in g.rows.iter().enumerate() {
                 if r.remaining() == 1 && r.logits.is_none() {
-                    plan.push(PlannedRow {
-                        group: gi,
-                        row: ri,
-                        n_tokens: 1,
-                    });
+                    plan.push(PlannedRow { group: gi, row: ri, n_tokens: 1 });
                 }
             }
         }
@@ -153,11 +138,7 @@ impl Scheduler {
                 break;
             }
             let n = remaining.min(budget);
-            plan.push(PlannedRow {
-                group: gi,
-                row: ri,
-                n_tokens: n,
-            });
+            plan.push(PlannedRow { group: gi, row: ri, n_tokens: n });
             budget -= n;
         }
         plan

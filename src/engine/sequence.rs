@@ -31,12 +31,7 @@ pub enum RowLogits {
 
 impl Row {
     pub fn new(seq: SeqId, prompt: Vec<u32>) -> Self {
-        Self {
-            seq,
-            pending: prompt,
-            cursor: 0,
-            logits: None,
-        }
+        Self { seq, pending: prompt, cursor: 0, logits: None }
     }
     pub fn remaining(&self) -> usize {
         self.pending.len() - self.cursor

@@ -1,7 +1,9 @@
 //! The unit of work of one forward step: the new tokens of several sequences, packed without
 //! padding, and the logits that come back.
 
+use super::lora::LoraWeights;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// A sequence known to a [`super::KvCache`]; each has its own cache and position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -14,15 +16,18 @@ pub struct BatchEntry {
     pub tokens: Vec<u32>,
     /// Return logits for every new position (perplexity, training) instead of only the last.
     pub all_logits: bool,
+    /// LoRA adapters applied to this sequence's rows (their deltas are summed).
+    pub adapters: Vec<Arc<LoraWeights>>,
 }
 
 impl BatchEntry {
     pub fn last(seq: SeqId, tokens: Vec<u32>) -> Self {
-        Self {
-            seq,
-            tokens,
-            all_logits: false,
-        }
+        Self { seq, tokens, all_logits: false, adapters: Vec::new() }
+    }
+
+    pub fn with_adapters(mut self, adapters: Vec<Arc<LoraWeights>>) -> Self {
+        self.adapters = adapters;
+        self
     }
 }
 
@@ -62,8 +67,6 @@ impl BatchLogits {
     }
     /// Logits of every returned position of entry `i`, in order.
     pub fn positions(&self, i: usize) -> impl Iterator<Item = &[f32]> {
-        self.rows[i]
-            .clone()
-            .map(move |r| &self.data[r * self.vocab..][..self.vocab])
+        self.rows[i].clone().map(move |r| &self.data[r * self.vocab..][..self.vocab])
     }
 }

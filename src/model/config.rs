@@ -79,10 +79,7 @@ impl ModelConfig {
         if self.n_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             return bad("layers, hidden size and vocabulary must be non-zero".into());
         }
-        if self.n_heads == 0
-            || self.n_kv_heads == 0
-            || !self.n_heads.is_multiple_of(self.n_kv_heads)
-        {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} attention heads are not a multiple of {} key/value heads",
                 self.n_heads, self.n_kv_heads
@@ -94,11 +91,7 @@ impl ModelConfig {
         if self.max_context == 0 {
             return bad("context length must be non-zero".into());
         }
-        if self.rms_eps.is_nan()
-            || self.rms_eps <= 0.0
-            || self.rope_theta.is_nan()
-            || self.rope_theta <= 0.0
-        {
+        if self.rms_eps.is_nan() || self.rms_eps <= 0.0 || self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return bad("rms epsilon and rope theta must be positive".into());
         }
         Ok(())
@@ -184,11 +177,7 @@ impl HfConfig {
         let rope_scaling = match &self.rope_scaling {
             None | Some(serde_json::Value::Null) => None,
             Some(v) => {
-                let kind = v
-                    .get("rope_type")
-                    .or_else(|| v.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("");
+                let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("");
                 if kind != "llama3" {
                     return Err(ModelError::Config(format!(
                         "unsupported rope_scaling type {kind:?} (only \"llama3\" is implemented)"
@@ -201,9 +190,7 @@ impl HfConfig {
             }
         };
         let n_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        let head_dim = self
-            .head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
         let cfg = ModelConfig {
             arch,
             name,

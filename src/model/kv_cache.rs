@@ -32,11 +32,7 @@ type Block = Box<[u64]>;
 
 enum SeqStore {
     Paged(Vec<Block>),
-    Tensors {
-        k: Vec<Tensor>,
-        v: Vec<Tensor>,
-        capacity: usize,
-    },
+    Tensors { k: Vec<Tensor>, v: Vec<Tensor>, capacity: usize },
 }
 
 struct SeqEntry {
@@ -74,18 +70,8 @@ pub struct StepPlan {
 
 impl KvCache {
     /// `dtype` applies to the paged store; the tensor store keeps f32.
-    pub fn new(
-        cfg: &ModelConfig,
-        kind: KvStoreKind,
-        device: Device,
-        limit_bytes: usize,
-        dtype: KvDtype,
-    ) -> Self {
-        let dtype = if kind == KvStoreKind::Paged {
-            dtype
-        } else {
-            KvDtype::F32
-        };
+    pub fn new(cfg: &ModelConfig, kind: KvStoreKind, device: Device, limit_bytes: usize, dtype: KvDtype) -> Self {
+        let dtype = if kind == KvStoreKind::Paged { dtype } else { KvDtype::F32 };
         Self {
             geo: KvGeometry {
                 n_layers: cfg.n_layers,
@@ -142,11 +128,7 @@ impl KvCache {
         self.next_id += 1;
         let store = match self.kind {
             KvStoreKind::Paged => SeqStore::Paged(Vec::new()),
-            KvStoreKind::Tensors => SeqStore::Tensors {
-                k: Vec::new(),
-                v: Vec::new(),
-                capacity: 0,
-            },
+            KvStoreKind::Tensors => SeqStore::Tensors { k: Vec::new(), v: Vec::new(), capacity: 0 },
         };
         self.seqs.insert(id, SeqEntry { len: 0, store });
         id
@@ -167,10 +149,7 @@ impl KvCache {
 
     /// Positions already cached for `id`.
     pub fn seq_len(&self, id: SeqId) -> Result<usize> {
-        self.seqs
-            .get(&id)
-            .map(|e| e.len)
-            .ok_or(ModelError::UnknownSequence(id))
+        self.seqs.get(&id).map(|e| e.len).ok_or(ModelError::UnknownSequence(id))
     }
 
     fn entry_bytes(&self, e: &SeqEntry) -> usize {
@@ -190,27 +169,15 @@ impl KvCache {
         let mut extra_bytes = 0;
         for e in &batch.entries {
             if e.tokens.is_empty() {
-                return Err(ModelError::InvalidBatch(format!(
-                    "no tokens for {:?}",
-                    e.seq
-                )));
+                return Err(ModelError::InvalidBatch(format!("no tokens for {:?}", e.seq)));
             }
             if !seen.insert(e.seq) {
-                return Err(ModelError::InvalidBatch(format!(
-                    "{:?} appears twice",
-                    e.seq
-                )));
+                return Err(ModelError::InvalidBatch(format!("{:?} appears twice", e.seq)));
             }
-            let entry = self
-                .seqs
-                .get(&e.seq)
-                .ok_or(ModelError::UnknownSequence(e.seq))?;
+            let entry = self.seqs.get(&e.seq).ok_or(ModelError::UnknownSequence(e.seq))?;
             let needed = entry.len + e.tokens.len();
             if needed > self.max_context {
-                return Err(ModelError::ContextOverflow {
-                    needed,
-                    max: self.max_context,
-                });
+                return Err(ModelError::ContextOverflow { needed, max: self.max_context });
             }
             extra_bytes += self.growth_bytes(entry, needed);
         }
@@ -234,12 +201,10 @@ impl KvCache {
             self.reserve(e.seq, start + e.tokens.len())?;
             plan.spans.push((e.seq, start, e.tokens.len(), row));
             plan.tokens.extend_from_slice(&e.tokens);
-            plan.positions
-                .extend((start..start + e.tokens.len()).map(|p| p as u32));
+            plan.positions.extend((start..start + e.tokens.len()).map(|p| p as u32));
             let first = plan.logit_rows.len();
             if e.all_logits {
-                plan.logit_rows
-                    .extend((row..row + e.tokens.len()).map(|r| r as u32));
+                plan.logit_rows.extend((row..row + e.tokens.len()).map(|r| r as u32));
             } else {
                 plan.logit_rows.push((row + e.tokens.len() - 1) as u32);
             }
@@ -250,9 +215,7 @@ impl KvCache {
 
     fn growth_bytes(&self, e: &SeqEntry, needed: usize) -> usize {
         match &e.store {
-            SeqStore::Paged(blocks) => {
-                needed.div_ceil(BLOCK_TOKENS).saturating_sub(blocks.len()) * self.block_bytes()
-            }
+            SeqStore::Paged(blocks) => needed.div_ceil(BLOCK_TOKENS).saturating_sub(blocks.len()) * self.block_bytes(),
             SeqStore::Tensors { capacity, .. } => {
                 if needed <= *capacity {
                     0
@@ -268,17 +231,11 @@ impl KvCache {
         let block_bytes = self.block_bytes();
         let bytes_per_token = self.bytes_per_token();
         let (geo, device, max_context) = (self.geo, self.device.clone(), self.max_context);
-        let entry = self
-            .seqs
-            .get_mut(&id)
-            .ok_or(ModelError::UnknownSequence(id))?;
+        let entry = self.seqs.get_mut(&id).ok_or(ModelError::UnknownSequence(id))?;
         match &mut entry.store {
             SeqStore::Paged(blocks) => {
                 while blocks.len() * BLOCK_TOKENS < needed {
-                    let block = self
-                        .free_blocks
-                        .pop()
-                        .unwrap_or_else(|| vec![0u64; block_words].into_boxed_slice());
+                    let block = self.free_blocks.pop().unwrap_or_else(|| vec![0u64; block_words].into_boxed_slice());
                     blocks.push(block);
                     self.used_bytes += block_bytes;
                 }
@@ -322,42 +279,22 @@ impl KvCache {
 
     /// Attention for one layer: stores the new k/v rows of `qkv` (`[rows, q + 2·kv]`) in the
     /// caches (rotated) and returns `[rows, n_heads·head_dim]`.
-    pub fn attention(
-        &mut self,
-        layer: usize,
-        qkv: &Tensor,
-        plan: &StepPlan,
-        rope: &StepRope,
-    ) -> Result<Tensor> {
+    pub fn attention(&mut self, layer: usize, qkv: &Tensor, plan: &StepPlan, rope: &StepRope) -> Result<Tensor> {
         match self.kind {
             KvStoreKind::Paged => self.paged_attention(layer, qkv, plan, rope),
             KvStoreKind::Tensors => self.tensor_attention(layer, qkv, plan, rope),
         }
     }
 
-    fn paged_attention(
-        &mut self,
-        layer: usize,
-        qkv: &Tensor,
-        plan: &StepPlan,
-        rope: &StepRope,
-    ) -> Result<Tensor> {
+    fn paged_attention(&mut self, layer: usize, qkv: &Tensor, plan: &StepPlan, rope: &StepRope) -> Result<Tensor> {
         let rows = plan.tokens.len();
         let q_dim = self.geo.n_heads * self.geo.head_dim;
         let mut spans = Vec::with_capacity(plan.spans.len());
         for &(seq, start, len, row) in &plan.spans {
-            let entry = self
-                .seqs
-                .get_mut(&seq)
-                .ok_or(ModelError::UnknownSequence(seq))?;
-            let SeqStore::Paged(blocks) = &mut entry.store else {
-                unreachable!("paged store")
-            };
+            let entry = self.seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+            let SeqStore::Paged(blocks) = &mut entry.store else { unreachable!("paged store") };
             spans.push(SeqSpan {
-                blocks: blocks
-                    .iter_mut()
-                    .map(|b| b.as_mut_ptr() as *mut u8)
-                    .collect(),
+                blocks: blocks.iter_mut().map(|b| b.as_mut_ptr() as *mut u8).collect(),
                 start,
                 len,
                 row,
@@ -365,20 +302,12 @@ impl KvCache {
         }
         let mut out = vec![0f32; rows * q_dim];
         let qkv = qkv.contiguous()?;
-        with_cpu_f32(&qkv, |data| {
-            attention::paged_attention(&self.geo, layer, data, &spans, &rope.host, &mut out)
-        })?;
+        with_cpu_f32(&qkv, |data| attention::paged_attention(&self.geo, layer, data, &spans, &rope.host, &mut out))?;
         Ok(Tensor::from_vec(out, (rows, q_dim), &Device::Cpu)?)
     }
 
     /// The portable path: candle ops, one sequence at a time.
-    fn tensor_attention(
-        &mut self,
-        layer: usize,
-        qkv: &Tensor,
-        plan: &StepPlan,
-        rope: &StepRope,
-    ) -> Result<Tensor> {
+    fn tensor_attention(&mut self, layer: usize, qkv: &Tensor, plan: &StepPlan, rope: &StepRope) -> Result<Tensor> {
         let g = self.geo;
         let (hd, nh, nkv) = (g.head_dim, g.n_heads, g.n_kv_heads);
         let rows = plan.tokens.len();
@@ -387,15 +316,9 @@ impl KvCache {
         let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?;
         // [rows, heads, hd] -> [1, heads, rows, hd] for candle's rope kernels.
         let to_heads = |x: Tensor, h: usize| -> Result<Tensor> {
-            Ok(x.reshape((rows, h, hd))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .unsqueeze(0)?)
+            Ok(x.reshape((rows, h, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
         };
-        let (cos, sin) = rope
-            .tensors
-            .as_ref()
-            .expect("tensor rope tables for the tensor store");
+        let (cos, sin) = rope.tensors.as_ref().expect("tensor rope tables for the tensor store");
         let rot = |x: &Tensor| -> Result<Tensor> {
             Ok(match rope.host.style {
                 RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
@@ -408,13 +331,8 @@ impl KvCache {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(plan.spans.len());
         for &(seq, start, len, row) in &plan.spans {
-            let entry = self
-                .seqs
-                .get_mut(&seq)
-                .ok_or(ModelError::UnknownSequence(seq))?;
-            let SeqStore::Tensors { k: kc, v: vc, .. } = &mut entry.store else {
-                unreachable!("tensor store")
-            };
+            let entry = self.seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+            let SeqStore::Tensors { k: kc, v: vc, .. } = &mut entry.store else { unreachable!("tensor store") };
             kc[layer].slice_set(&k.narrow(1, row, len)?.contiguous()?, 1, start)?;
             vc[layer].slice_set(&v.narrow(1, row, len)?.contiguous()?, 1, start)?;
             let n_keys = start + len;
@@ -424,15 +342,7 @@ impl KvCache {
             let scores = (qs.matmul(&keys.t()?.contiguous()?)? * scale)?; // [nh, len, n_keys]
             let scores = if len > 1 {
                 let mask: Vec<f32> = (0..len)
-                    .flat_map(|i| {
-                        (0..n_keys).map(move |t| {
-                            if t <= start + i {
-                                0.0
-                            } else {
-                                f32::NEG_INFINITY
-                            }
-                        })
-                    })
+                    .flat_map(|i| (0..n_keys).map(move |t| if t <= start + i { 0.0 } else { f32::NEG_INFINITY }))
                     .collect();
                 let mask = Tensor::from_vec(mask, (1, len, n_keys), scores.device())?;
                 scores.broadcast_add(&mask)?
@@ -452,9 +362,7 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (h, t, d) = x.dims3()?;
-    Ok(x.unsqueeze(1)?
-        .expand((h, n_rep, t, d))?
-        .reshape((h * n_rep, t, d))?)
+    Ok(x.unsqueeze(1)?.expand((h, n_rep, t, d))?.reshape((h * n_rep, t, d))?)
 }
 
 /// Capacity for a tensor store that must hold `needed` positions: doublings from 64.
@@ -486,10 +394,7 @@ impl StepRope {
             KvStoreKind::Paged => None,
             KvStoreKind::Tensors => {
                 let shape = (positions.len(), host.half);
-                Some((
-                    Tensor::from_slice(&host.cos, shape, device)?,
-                    Tensor::from_slice(&host.sin, shape, device)?,
-                ))
+                Some((Tensor::from_slice(&host.cos, shape, device)?, Tensor::from_slice(&host.sin, shape, device)?))
             }
         };
         Ok(Self { host, tensors })

@@ -6,6 +6,7 @@
 //! columns belong to which projection, so per-projection deltas still land in the right place.
 
 use super::kernels::{self, PackedMatrix};
+use super::lora::LoraBatch;
 use super::{ModelError, ProjKind, Result};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -43,26 +44,48 @@ impl Linear {
             },
             LinearWeight::Dense(t) => t.dims2().unwrap_or((0, 0)),
         };
-        Self {
-            weight,
-            bias,
-            in_features,
-            out_features,
-            parts: vec![(kind, 0..out_features)],
-        }
+        Self { weight, bias, in_features, out_features, parts: vec![(kind, 0..out_features)] }
     }
 
     /// `x: [T, in]` → `[T, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_lora(x, None)
+    }
+
+    /// The projection plus the per-row LoRA deltas of `lora` (adapters of layer `.1`): the hook
+    /// point where forget-adapters enter the model.
+    pub fn forward_lora(&self, x: &Tensor, lora: Option<(&LoraBatch, usize)>) -> Result<Tensor> {
+        let lora = lora.filter(|(l, _)| !l.is_empty());
         let y = match &self.weight {
-            LinearWeight::Packed(w) => packed_forward(w, x)?,
-            LinearWeight::Quantized(q) => q.forward(x)?,
-            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Packed(w) => {
+                let (t, k) = x.dims2()?;
+                if k != w.k {
+                    return Err(ModelError::InvalidBatch(format!("projection expects {} inputs, got {k}", w.k)));
+                }
+                let x = x.contiguous()?;
+                let y = with_cpu_f32(&x, |xs| {
+                    let mut y = kernels::matmul::matmul_new(w, xs, t);
+                    if let Some((l, layer)) = lora {
+                        l.apply_host(layer, &self.parts, xs, k, &mut y, w.n);
+                    }
+                    y
+                })?;
+                Tensor::from_vec(y, (t, w.n), &Device::Cpu)?
+            }
+            LinearWeight::Quantized(q) => self.with_tensor_lora(q.forward(x)?, x, lora)?,
+            LinearWeight::Dense(w) => self.with_tensor_lora(x.matmul(&w.t()?)?, x, lora)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    fn with_tensor_lora(&self, y: Tensor, x: &Tensor, lora: Option<(&LoraBatch, usize)>) -> Result<Tensor> {
+        match lora {
+            Some((l, layer)) => l.apply_tensor(layer, &self.parts, x, y),
+            None => Ok(y),
+        }
     }
 
     /// Fuses projections of the same input into one (outputs concatenated in order).
@@ -72,9 +95,7 @@ impl Linear {
         }
         let in_features = parts[0].in_features;
         if parts.iter().any(|p| p.in_features != in_features) {
-            return Err(ModelError::Config(
-                "fused projections differ in input size".into(),
-            ));
+            return Err(ModelError::Config("fused projections differ in input size".into()));
         }
         let mut ranges = Vec::new();
         let mut offset = 0;
@@ -93,9 +114,7 @@ impl Linear {
                         _ => Err(ModelError::Config("cannot fuse mixed weight kinds".into())),
                     })
                     .collect::<Result<_>>()?;
-                LinearWeight::Packed(Arc::new(
-                    PackedMatrix::concat_rows(&ms).map_err(ModelError::Config)?,
-                ))
+                LinearWeight::Packed(Arc::new(PackedMatrix::concat_rows(&ms).map_err(ModelError::Config)?))
             }
             LinearWeight::Quantized(_) => {
                 let qs: Vec<Arc<QTensor>> = parts
@@ -126,24 +145,14 @@ impl Linear {
             for p in &parts {
                 bs.push(match &p.bias {
                     Some(b) => b.clone(),
-                    None => Tensor::zeros(
-                        p.out_features,
-                        candle_core::DType::F32,
-                        &bias_device(&parts),
-                    )?,
+                    None => Tensor::zeros(p.out_features, candle_core::DType::F32, &bias_device(&parts))?,
                 });
             }
             Some(Tensor::cat(&bs, 0)?)
         } else {
             None
         };
-        Ok(Linear {
-            weight,
-            bias,
-            in_features,
-            out_features: offset,
-            parts: ranges,
-        })
+        Ok(Linear { weight, bias, in_features, out_features: offset, parts: ranges })
     }
 
     /// Bytes held by the weight.
@@ -152,9 +161,7 @@ impl Linear {
             LinearWeight::Packed(p) => p.size_in_bytes(),
             LinearWeight::Quantized(q) => match q.as_ref() {
                 QMatMul::QTensor(t) => t.storage_size_in_bytes(),
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
-                    t.elem_count() * t.dtype().size_in_bytes()
-                }
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
             },
             LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
         }
@@ -162,10 +169,7 @@ impl Linear {
 }
 
 fn bias_device(parts: &[Linear]) -> Device {
-    parts
-        .iter()
-        .find_map(|p| p.bias.as_ref().map(|b| b.device().clone()))
-        .unwrap_or(Device::Cpu)
+    parts.iter().find_map(|p| p.bias.as_ref().map(|b| b.device().clone())).unwrap_or(Device::Cpu)
 }
 
 /// Concatenates quantized `[n_i, k]` tensors of one dtype along the rows (block rows are
@@ -178,34 +182,14 @@ fn concat_qtensors(parts: &[Arc<QTensor>]) -> Result<QTensor> {
     for p in parts {
         let (pn, pk) = p.shape().dims2()?;
         if p.dtype() != dtype || pk != k {
-            return Err(ModelError::Config(
-                "cannot fuse quantized tensors of different types".into(),
-            ));
+            return Err(ModelError::Config("cannot fuse quantized tensors of different types".into()));
         }
         bytes.extend_from_slice(&p.data()?);
         n += pn;
     }
     let device = parts[0].device();
-    let storage = candle_core::quantized::QStorage::from_data(
-        std::borrow::Cow::Owned(bytes),
-        &device,
-        dtype,
-    )?;
+    let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(bytes), &device, dtype)?;
     Ok(QTensor::new(storage, (n, k))?)
-}
-
-/// Runs the CPU kernel on a CPU f32 tensor `[T, k]`.
-fn packed_forward(w: &PackedMatrix, x: &Tensor) -> Result<Tensor> {
-    let (t, k) = x.dims2()?;
-    if k != w.k {
-        return Err(ModelError::InvalidBatch(format!(
-            "projection expects {} inputs, got {k}",
-            w.k
-        )));
-    }
-    let x = x.contiguous()?;
-    let y = with_cpu_f32(&x, |xs| kernels::matmul::matmul_new(w, xs, t))?;
-    Ok(Tensor::from_vec(y, (t, w.n), &Device::Cpu)?)
 }
 
 /// Calls `f` with the contiguous f32 data of a CPU tensor.
@@ -213,15 +197,11 @@ pub(crate) fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result
     use candle_core::Storage;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
-        return Err(ModelError::Config(
-            "native CPU kernels need tensors on the CPU".into(),
-        ));
+        return Err(ModelError::Config("native CPU kernels need tensors on the CPU".into()));
     };
     let data = cpu.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(f(&data[start..end])),
-        None => Err(ModelError::Config(
-            "native CPU kernels need contiguous tensors".into(),
-        )),
+        None => Err(ModelError::Config("native CPU kernels need contiguous tensors".into())),
     }
 }

@@ -13,6 +13,7 @@ use super::kv_cache::{KvCache, KvStoreKind, StepRope};
 use super::linear::with_cpu_f32;
 use super::linear::{Linear, LinearWeight};
 use super::load::{LoadOptions, ModelFiles, RawWeight, WeightFormat, WeightName, WeightSource};
+use super::lora::LoraBatch;
 use super::{BatchLogits, ModelConfig, ModelError, ProjKind, RaggedBatch, Result};
 use crate::model::kernels::attention::KvDtype;
 use crate::model::kernels::{self, PackedFormat, PackedMatrix, elementwise};
@@ -70,55 +71,27 @@ impl Llama {
     }
 
     /// Builds the model from any weight source.
-    pub fn from_source(
-        cfg: ModelConfig,
-        src: &mut dyn WeightSource,
-        opts: &LoadOptions,
-    ) -> Result<Self> {
+    pub fn from_source(cfg: ModelConfig, src: &mut dyn WeightSource, opts: &LoadOptions) -> Result<Self> {
         cfg.validate()?;
         let native = opts.native()?;
-        let b = Builder {
-            opts,
-            native,
-            device: if native {
-                Device::Cpu
-            } else {
-                opts.device.clone()
-            },
-        };
-        let (h, q, kv, ffn) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-        );
+        let b = Builder { opts, native, device: if native { Device::Cpu } else { opts.device.clone() } };
+        let (h, q, kv, ffn) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
 
         let embed_raw = b.required(src, WeightName::Embed, &[cfg.vocab_size, h])?;
-        let lm_head_raw = if cfg.tie_embeddings {
-            None
-        } else {
-            Some(b.required(src, WeightName::LmHead, &[cfg.vocab_size, h])?)
-        };
+        let lm_head_raw =
+            if cfg.tie_embeddings { None } else { Some(b.required(src, WeightName::LmHead, &[cfg.vocab_size, h])?) };
         let (embed, lm_head) = b.embedding_and_head(embed_raw, lm_head_raw)?;
 
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
-            let proj = |src: &mut dyn WeightSource,
-                        k: ProjKind,
-                        out: usize,
-                        inp: usize|
-             -> Result<Linear> {
+            let proj = |src: &mut dyn WeightSource, k: ProjKind, out: usize, inp: usize| -> Result<Linear> {
                 let raw = b.required(src, WeightName::Proj(l, k), &[out, inp])?;
                 let bias = if cfg.qkv_bias && matches!(k, ProjKind::Q | ProjKind::K | ProjKind::V) {
                     Some(b.vector(src, WeightName::Bias(l, k), out)?)
                 } else {
                     None
                 };
-                Ok(Linear::new(
-                    b.linear_weight(raw, &WeightName::Proj(l, k).gguf())?,
-                    bias,
-                    k,
-                ))
+                Ok(Linear::new(b.linear_weight(raw, &WeightName::Proj(l, k).gguf())?, bias, k))
             };
             let qp = proj(src, ProjKind::Q, q, h)?;
             let kp = proj(src, ProjKind::K, kv, h)?;
@@ -139,12 +112,7 @@ impl Llama {
         let norm = b.vector(src, WeightName::OutputNorm, h)?;
         let weight_bytes = layers
             .iter()
-            .map(|l| {
-                l.qkv.size_in_bytes()
-                    + l.o.size_in_bytes()
-                    + l.gate_up.size_in_bytes()
-                    + l.down.size_in_bytes()
-            })
+            .map(|l| l.qkv.size_in_bytes() + l.o.size_in_bytes() + l.gate_up.size_in_bytes() + l.down.size_in_bytes())
             .sum::<usize>()
             + lm_head.size_in_bytes();
         let weights_desc = describe(&layers[0].gate_up, native);
@@ -188,11 +156,7 @@ impl Llama {
 
     /// A KV cache with an explicit element type (f32 for exact reference comparisons).
     pub fn new_kv_cache_with_dtype(&self, limit_bytes: usize, dtype: KvDtype) -> KvCache {
-        let kind = if self.native {
-            KvStoreKind::Paged
-        } else {
-            KvStoreKind::Tensors
-        };
+        let kind = if self.native { KvStoreKind::Paged } else { KvStoreKind::Tensors };
         KvCache::new(&self.cfg, kind, self.device.clone(), limit_bytes, dtype)
     }
 
@@ -200,27 +164,19 @@ impl Llama {
     /// position, or all new positions where asked). On error no sequence advances.
     pub fn forward(&self, batch: &RaggedBatch, kv: &mut KvCache) -> Result<BatchLogits> {
         let plan = kv.plan(batch)?;
-        let kind = if self.native {
-            KvStoreKind::Paged
-        } else {
-            KvStoreKind::Tensors
-        };
-        let rope = StepRope::new(
-            &plan.positions,
-            &self.inv_freqs,
-            self.cfg.rope_style,
-            kind,
-            &self.device,
-        )?;
+        let kind = if self.native { KvStoreKind::Paged } else { KvStoreKind::Tensors };
+        let rope = StepRope::new(&plan.positions, &self.inv_freqs, self.cfg.rope_style, kind, &self.device)?;
+        let lora = lora_batch(batch, &plan);
         let mut x = self.embed(&plan.tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
+            let lora = Some((&lora, l));
             let h = self.rms_norm(&x, &layer.attn_norm)?;
-            let qkv = layer.qkv.forward(&h)?;
+            let qkv = layer.qkv.forward_lora(&h, lora)?;
             let attn = kv.attention(l, &qkv, &plan, &rope)?;
-            x = self.add(&x, &layer.o.forward(&attn)?)?;
+            x = self.add(&x, &layer.o.forward_lora(&attn, lora)?)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
-            let act = self.swiglu(&layer.gate_up.forward(&h)?)?;
-            x = self.add(&x, &layer.down.forward(&act)?)?;
+            let act = self.swiglu(&layer.gate_up.forward_lora(&h, lora)?)?;
+            x = self.add(&x, &layer.down.forward_lora(&act, lora)?)?;
         }
         let x = if plan.logit_rows.len() == plan.tokens.len() {
             x
@@ -231,22 +187,13 @@ impl Llama {
         let x = self.rms_norm(&x, &self.norm)?;
         let data = match &self.lm_head.weight {
             // Native: the kernel's output vector becomes the logits, no copy.
-            LinearWeight::Packed(w) => with_cpu_f32(&x, |xs| {
-                kernels::matmul::matmul_new(w, xs, plan.logit_rows.len())
-            })?,
-            _ => self
-                .lm_head
-                .forward(&x)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
+            LinearWeight::Packed(w) => {
+                with_cpu_f32(&x, |xs| kernels::matmul::matmul_new(w, xs, plan.logit_rows.len()))?
+            }
+            _ => self.lm_head.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
         };
         kv.commit(&plan);
-        Ok(BatchLogits {
-            vocab: self.cfg.vocab_size,
-            data,
-            rows: plan.logit_ranges,
-        })
+        Ok(BatchLogits { vocab: self.cfg.vocab_size, data, rows: plan.logit_ranges })
     }
 
     /// RMSNorm over the last dimension of `x: [T, hidden]`.
@@ -256,11 +203,7 @@ impl Llama {
         }
         let x = x.contiguous()?;
         let mut out = vec![0f32; x.elem_count()];
-        with_cpu_f32(&x, |xs| {
-            with_cpu_f32(w, |ws| {
-                elementwise::rms_norm(xs, ws, self.cfg.rms_eps, &mut out)
-            })
-        })??;
+        with_cpu_f32(&x, |xs| with_cpu_f32(w, |ws| elementwise::rms_norm(xs, ws, self.cfg.rms_eps, &mut out)))??;
         Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
     }
 
@@ -289,9 +232,7 @@ impl Llama {
     fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
         let vocab = self.cfg.vocab_size;
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ModelError::InvalidBatch(format!(
-                "token id {bad} outside the vocabulary of {vocab}"
-            )));
+            return Err(ModelError::InvalidBatch(format!("token id {bad} outside the vocabulary of {vocab}")));
         }
         match &self.embed {
             Embedding::Packed(m) => {
@@ -308,6 +249,22 @@ impl Llama {
             }
         }
     }
+}
+
+/// Groups the step's rows by adapter: each distinct adapter (by identity) with the packed rows of
+/// the entries that use it.
+fn lora_batch(batch: &RaggedBatch, plan: &super::kv_cache::StepPlan) -> LoraBatch {
+    let mut out = LoraBatch::default();
+    for (e, &(_, _, len, row)) in batch.entries.iter().zip(&plan.spans) {
+        for a in &e.adapters {
+            let rows = row..row + len;
+            match out.uses.iter_mut().find(|(w, _)| Arc::ptr_eq(w, a)) {
+                Some((_, ranges)) => ranges.push(rows),
+                None => out.uses.push((a.clone(), vec![rows])),
+            }
+        }
+    }
+    out
 }
 
 fn describe(l: &Linear, native: bool) -> String {
@@ -330,21 +287,12 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn required(
-        &self,
-        src: &mut dyn WeightSource,
-        name: WeightName,
-        dims: &[usize],
-    ) -> Result<RawWeight> {
+    fn required(&self, src: &mut dyn WeightSource, name: WeightName, dims: &[usize]) -> Result<RawWeight> {
         let raw = src
             .load(name, &self.device)?
             .ok_or_else(|| ModelError::MissingTensor(format!("{} / {}", name.gguf(), name.hf())))?;
         if raw.dims() != dims {
-            return Err(ModelError::ShapeMismatch {
-                tensor: name.gguf(),
-                expected: dims.to_vec(),
-                got: raw.dims(),
-            });
+            return Err(ModelError::ShapeMismatch { tensor: name.gguf(), expected: dims.to_vec(), got: raw.dims() });
         }
         Ok(raw)
     }
@@ -365,11 +313,7 @@ impl Builder<'_> {
     }
 
     fn linear_weight(&self, raw: RawWeight, name: &str) -> Result<LinearWeight> {
-        if self.native {
-            Ok(LinearWeight::Packed(Arc::new(self.pack(raw, name)?)))
-        } else {
-            self.candle_weight(raw)
-        }
+        if self.native { Ok(LinearWeight::Packed(Arc::new(self.pack(raw, name)?))) } else { self.candle_weight(raw) }
     }
 
     /// Converts a tensor to the packed format the CPU kernels run.
@@ -419,20 +363,13 @@ impl Builder<'_> {
             }
             (raw, WeightFormat::Q8_0) if raw.dims().last().is_some_and(|k| k % 32 == 0) => {
                 let t = raw.to_f32_cpu()?.to_device(&self.device)?;
-                LinearWeight::Quantized(Arc::new(QMatMul::from_qtensor(QTensor::quantize(
-                    &t,
-                    GgmlDType::Q8_0,
-                )?)?))
+                LinearWeight::Quantized(Arc::new(QMatMul::from_qtensor(QTensor::quantize(&t, GgmlDType::Q8_0)?)?))
             }
             (raw, _) => LinearWeight::Dense(raw.to_f32_cpu()?.to_device(&self.device)?),
         })
     }
 
-    fn embedding_and_head(
-        &self,
-        embed: RawWeight,
-        head: Option<RawWeight>,
-    ) -> Result<(Embedding, Linear)> {
+    fn embedding_and_head(&self, embed: RawWeight, head: Option<RawWeight>) -> Result<(Embedding, Linear)> {
         if self.native {
             let e = Arc::new(self.pack(embed, "token_embd")?);
             let head = match head {
@@ -440,14 +377,8 @@ impl Builder<'_> {
                 Some(h) => Arc::new(self.pack(h, "output")?),
             };
             // An embedding kept as f32 is exact; a quantized one is dequantized row by row.
-            debug_assert!(matches!(
-                e.format,
-                PackedFormat::Q8_0 | PackedFormat::Q4_1 | PackedFormat::F32
-            ));
-            Ok((
-                Embedding::Packed(e),
-                Linear::new(LinearWeight::Packed(head), None, ProjKind::O),
-            ))
+            debug_assert!(matches!(e.format, PackedFormat::Q8_0 | PackedFormat::Q4_1 | PackedFormat::F32));
+            Ok((Embedding::Packed(e), Linear::new(LinearWeight::Packed(head), None, ProjKind::O)))
         } else {
             let table = embed.to_f32_cpu()?.to_device(&self.device)?;
             let head = match head {
@@ -460,10 +391,7 @@ impl Builder<'_> {
                     },
                 },
             };
-            Ok((
-                Embedding::Table(table),
-                Linear::new(head, None, ProjKind::O),
-            ))
+            Ok((Embedding::Table(table), Linear::new(head, None, ProjKind::O)))
         }
     }
 }
@@ -477,12 +405,9 @@ fn embed_as_quant(raw: &RawWeight) -> Option<QTensor> {
     match raw {
         RawWeight::Quantized(q) if !is_float_q(q) => {
             let data = q.data().ok()?.into_owned();
-            let storage = candle_core::quantized::QStorage::from_data(
-                std::borrow::Cow::Owned(data),
-                &q.device(),
-                q.dtype(),
-            )
-            .ok()?;
+            let storage =
+                candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(data), &q.device(), q.dtype())
+                    .ok()?;
             QTensor::new(storage, q.shape().clone()).ok()
         }
         _ => None,

@@ -14,6 +14,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod load;
+pub mod lora;
 
 pub use batch::{BatchEntry, BatchLogits, RaggedBatch, SeqId};
 pub use config::{Arch, ModelConfig, RopeStyle};
@@ -37,15 +38,7 @@ pub enum ProjKind {
 }
 
 impl ProjKind {
-    pub const ALL: [ProjKind; 7] = [
-        Self::Q,
-        Self::K,
-        Self::V,
-        Self::O,
-        Self::Gate,
-        Self::Up,
-        Self::Down,
-    ];
+    pub const ALL: [ProjKind; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
 
     /// The HF/PEFT module name (`q_proj`, ...).
     pub fn hf_name(self) -> &'static str {
@@ -66,10 +59,7 @@ pub enum ModelError {
     #[error("model file not found: {0}")]
     NotFound(PathBuf),
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a model lethe can load: {reason}")]
     UnrecognizedFormat { path: PathBuf, reason: String },
     #[error("corrupt or truncated model file {path}: {reason}")]
@@ -77,19 +67,11 @@ pub enum ModelError {
     #[error("unsupported architecture: {0}")]
     UnsupportedArchitecture(String),
     #[error("tensor {tensor}: unsupported data type {dtype} (supported: {supported})")]
-    UnsupportedDtype {
-        tensor: String,
-        dtype: String,
-        supported: &'static str,
-    },
+    UnsupportedDtype { tensor: String, dtype: String, supported: &'static str },
     #[error("missing tensor {0}")]
     MissingTensor(String),
     #[error("tensor {tensor} has shape {got:?}, expected {expected:?}")]
-    ShapeMismatch {
-        tensor: String,
-        expected: Vec<usize>,
-        got: Vec<usize>,
-    },
+    ShapeMismatch { tensor: String, expected: Vec<usize>, got: Vec<usize> },
     #[error("invalid model configuration: {0}")]
     Config(String),
     #[error("unknown sequence {0:?}")]
@@ -97,11 +79,7 @@ pub enum ModelError {
     #[error("sequence would reach {needed} tokens, beyond the model's context of {max}")]
     ContextOverflow { needed: usize, max: usize },
     #[error("KV cache full: {needed} more bytes needed, {free} of {limit} free")]
-    KvCacheFull {
-        needed: usize,
-        free: usize,
-        limit: usize,
-    },
+    KvCacheFull { needed: usize, free: usize, limit: usize },
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
     #[error(transparent)]

@@ -13,11 +13,7 @@ use serde::Serialize;
 pub enum ApiError {
     /// Malformed JSON, wrong types, invalid values. `param` names the offending field.
     #[error("{message}")]
-    InvalidRequest {
-        message: String,
-        param: Option<String>,
-        code: Option<&'static str>,
-    },
+    InvalidRequest { message: String, param: Option<String>, code: Option<&'static str> },
     #[error(
         "This model's maximum context length is {max} tokens. However, you requested {needed} tokens. Please reduce the length of the messages or of max_tokens."
     )]
@@ -34,6 +30,14 @@ pub enum ApiError {
     Unavailable,
     #[error("Not found: {0}")]
     RouteNotFound(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("Method {0} is not allowed on this route.")]
     MethodNotAllowed(String),
     /// A bug or an inference failure: logged with details, shown to the client generically.
@@ -43,19 +47,16 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(message: impl Into<String>, param: impl Into<Option<String>>) -> Self {
-        Self::InvalidRequest {
-            message: message.into(),
-            param: param.into(),
-            code: None,
-        }
+        Self::InvalidRequest { message: message.into(), param: param.into(), code: None }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidRequest { .. } | Self::ContextLengthExceeded { .. } => {
-                StatusCode::BAD_REQUEST
-            }
-            Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::InvalidRequest { .. } | Self::ContextLengthExceeded { .. } => StatusCode::BAD_REQUEST,
+            Self::ModelNotFound(_) | Self::RouteNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -70,7 +71,8 @@ impl ApiError {
         match self {
             Self::Overloaded { .. } => "rate_limit_error",
             Self::Internal(_) | Self::Unavailable => "server_error",
-            Self::ModelNotFound(_) | Self::RouteNotFound(_) => "invalid_request_error",
+            Self::Unauthorized(_) => "authentication_error",
+            Self::Forbidden(_) => "permission_error",
             _ => "invalid_request_error",
         }
     }
@@ -82,6 +84,7 @@ impl ApiError {
             Self::ModelNotFound(_) => Some("model_not_found"),
             Self::Overloaded { .. } => Some("rate_limit_exceeded"),
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
+            Self::Unauthorized(_) => Some("invalid_api_key"),
             _ => None,
         }
     }
@@ -98,12 +101,7 @@ impl ApiError {
     /// The OpenAI-shaped body (also used as the payload of an SSE error event).
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
-            error: ErrorDetail {
-                message: self.to_string(),
-                kind: self.kind(),
-                param: self.param(),
-                code: self.code(),
-            },
+            error: ErrorDetail { message: self.to_string(), kind: self.kind(), param: self.param(), code: self.code() },
         }
     }
 }
@@ -132,8 +130,7 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (status, axum::Json(self.body())).into_response();
         if let Self::Overloaded { .. } = self {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }
@@ -143,9 +140,7 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Overloaded { waiting } => Self::Overloaded { waiting },
-            EngineError::ContextOverflow { needed, max } => {
-                Self::ContextLengthExceeded { needed, max }
-            }
+            EngineError::ContextOverflow { needed, max } => Self::ContextLengthExceeded { needed, max },
             EngineError::TooLarge { .. } => Self::InvalidRequest {
                 message: e.to_string(),
                 param: Some("max_tokens".into()),
@@ -160,12 +155,29 @@ impl From<EngineError> for ApiError {
 impl From<TokenizerError> for ApiError {
     fn from(e: TokenizerError) -> Self {
         match e {
-            TokenizerError::Template(m) => Self::invalid(
-                format!("The chat template rejected these messages: {m}"),
-                Some("messages".into()),
-            ),
+            TokenizerError::Template(m) => {
+                Self::invalid(format!("The chat template rejected these messages: {m}"), Some("messages".into()))
+            }
             TokenizerError::NoChatTemplate => Self::invalid(e.to_string(), Some("messages".into())),
             other => Self::Internal(other.to_string()),
         }
+    }
+}
+
+impl From<crate::adapters::AdapterError> for ApiError {
+    fn from(e: crate::adapters::AdapterError) -> Self {
+        use crate::adapters::AdapterError as A;
+        match &e {
+            A::Exists(_) | A::Limit(_) => Self::Conflict(e.to_string()),
+            A::UnknownAdapter(_) => Self::NotFound(e.to_string()),
+            A::OutsideRoot(_) => Self::Forbidden(e.to_string()),
+            A::NotFound(_) | A::Invalid(_) | A::Unsupported(_) => Self::invalid(e.to_string(), Some("path".into())),
+        }
+    }
+}
+
+impl From<crate::tenants::StoreError> for ApiError {
+    fn from(e: crate::tenants::StoreError) -> Self {
+        Self::Internal(e.to_string())
     }
 }

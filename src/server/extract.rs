@@ -16,6 +16,15 @@ pub trait FromJsonObject: Sized {
     fn from_object(value: serde_json::Value) -> Result<Self, ApiError>;
 }
 
+/// A body read as one type.
+pub struct One<T>(pub T);
+
+impl<T: DeserializeOwned> FromJsonObject for One<T> {
+    fn from_object(value: serde_json::Value) -> Result<Self, ApiError> {
+        typed(value).map(One)
+    }
+}
+
 impl<A: DeserializeOwned, B: DeserializeOwned> FromJsonObject for (A, B) {
     fn from_object(value: serde_json::Value) -> Result<Self, ApiError> {
         Ok((typed(value.clone())?, typed(value)?))
@@ -28,25 +37,38 @@ impl<S: Send + Sync, T: FromJsonObject> FromRequest<S> for JsonBody<T> {
     async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
         if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
             let ct = ct.to_str().unwrap_or("");
-            let mime = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
+            let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
             if mime != "application/json" && !mime.ends_with("+json") {
-                return Err(ApiError::UnsupportedMediaType(
-                    ct.chars().take(100).collect(),
-                ));
+                return Err(ApiError::UnsupportedMediaType(ct.chars().take(100).collect()));
             }
         }
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| ApiError::PayloadTooLarge {
-                limit: MAX_BODY_BYTES,
-            })?;
+        let bytes = read_limited(req.into_body()).await?;
         parse(&bytes).map(JsonBody)
     }
+}
+
+/// Reads at most [`MAX_BODY_BYTES`]. An oversized body is still read to its end (up to a hard
+/// cap) before the 413 goes out: answering while the client is still sending would make most
+/// clients see a reset connection instead of the error.
+async fn read_limited(body: axum::body::Body) -> Result<Vec<u8>, ApiError> {
+    use futures::StreamExt;
+    const DRAIN_CAP: usize = 64 * 1024 * 1024;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid(format!("could not read the request body: {e}"), None))?;
+        total += chunk.len();
+        if total <= MAX_BODY_BYTES {
+            buf.extend_from_slice(&chunk);
+        } else if total > DRAIN_CAP {
+            break;
+        }
+    }
+    if total > MAX_BODY_BYTES {
+        return Err(ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES });
+    }
+    Ok(buf)
 }
 
 /// Parses a request body, mapping serde's errors to OpenAI's messages.
@@ -60,10 +82,7 @@ pub fn parse<T: FromJsonObject>(bytes: &[u8]) -> Result<T, ApiError> {
         )
     })?;
     if !value.is_object() {
-        return Err(ApiError::invalid(
-            "The request body must be a JSON object.",
-            None,
-        ));
+        return Err(ApiError::invalid("The request body must be a JSON object.", None));
     }
     T::from_object(value)
 }
@@ -73,19 +92,9 @@ fn typed<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        if let Some(field) = inner
-            .strip_prefix("missing field `")
-            .and_then(|s| s.split('`').next())
-        {
-            let param = if path == "." {
-                field.to_string()
-            } else {
-                format!("{path}.{field}")
-            };
-            return ApiError::invalid(
-                format!("Missing required parameter: '{param}'."),
-                Some(param),
-            );
+        if let Some(field) = inner.strip_prefix("missing field `").and_then(|s| s.split('`').next()) {
+            let param = if path == "." { field.to_string() } else { format!("{path}.{field}") };
+            return ApiError::invalid(format!("Missing required parameter: '{param}'."), Some(param));
         }
         ApiError::invalid(format!("Invalid value for '{path}': {inner}"), Some(path))
     })

@@ -3,27 +3,30 @@
 //! - [`openai`]: OpenAI-compatible routes (wire types, handlers, SSE);
 //! - [`validation`]: request checks and the translation to an engine request;
 //! - [`extract`]: the JSON body extractor (415/413/400 in OpenAI's error shape);
+//! - [`admin`]: the admin API (adapters, tenants, keys); [`auth`]: who is calling;
 //! - [`ops`]: health and readiness;
 //! - [`error`]: the one error type and its HTTP mapping.
 
+pub mod admin;
+pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod openai;
 pub mod ops;
 pub mod validation;
 
+use crate::adapters::AdapterRegistry;
 use crate::config::ServeConfig;
 use crate::engine::EngineHandle;
+use crate::tenants::{Directory, Store};
 use crate::tokenizer::Tokenizer;
 use axum::Router;
 use axum::http::{HeaderName, Request};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use error::ApiError;
 use std::sync::Arc;
 use std::time::Duration;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 /// What every handler can reach.
@@ -37,6 +40,12 @@ pub struct AppState {
     /// `system_fingerprint`: lethe's version and how the model runs.
     pub fingerprint: String,
     pub config: ServeConfig,
+    /// Loaded forget-adapters.
+    pub adapters: Arc<AdapterRegistry>,
+    /// Tenants, keys and policies (persisted).
+    pub tenants: Arc<Directory>,
+    /// Serializes admin changes (apply, persist, acknowledge, one at a time).
+    pub admin_lock: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -48,18 +57,14 @@ impl AppState {
         if let Some(n) = config.threads {
             crate::model::kernels::pool::init_global(n);
         }
-        if !config.model.exists() && config.model == std::path::Path::new(crate::DEFAULT_MODEL_PATH)
-        {
+        if !config.model.exists() && config.model == std::path::Path::new(crate::DEFAULT_MODEL_PATH) {
             anyhow::bail!(
                 "the default model is not there yet: run scripts/fetch-model.sh (or pass --model PATH)\n  expected {}",
                 config.model.display()
             );
         }
-        let opts = LoadOptions {
-            device: parse_device(&config.device)?,
-            backend: config.backend,
-            weights: config.weights,
-        };
+        let opts =
+            LoadOptions { device: parse_device(&config.device)?, backend: config.backend, weights: config.weights };
         let bundle = ModelBundle::load(&config.model, &opts, config.tokenizer.as_deref())
             .map_err(|e| anyhow::anyhow!("loading {}: {e}", config.model.display()))?;
         let engine = EngineHandle::spawn_with_kv_dtype(
@@ -75,11 +80,21 @@ impl AppState {
             },
             config.kv_dtype,
         );
-        let fingerprint = format!(
-            "lethe-{}-{}",
-            env!("CARGO_PKG_VERSION"),
-            bundle.model.weights_desc().replace('/', "-")
-        );
+        let fingerprint =
+            format!("lethe-{}-{}", env!("CARGO_PKG_VERSION"), bundle.model.weights_desc().replace('/', "-"));
+        // The control plane: persisted tenants, then the adapters they were using.
+        let tenants =
+            Directory::open(Store::new(config.state_dir.clone()), config.admin_key.as_deref(), config.require_api_key)?;
+        if !tenants.is_persistent() {
+            tracing::warn!("no --state-dir: adapters, tenant policies and keys will not survive a restart");
+        }
+        let adapters = AdapterRegistry::new(bundle.model.clone(), config.adapters_root.clone(), config.adapter_limits)?;
+        for (name, path) in tenants.snapshot().adapters {
+            adapters
+                .load(&name, &path, false)
+                .map_err(|e| anyhow::anyhow!("restoring adapter {name:?} from the state directory: {e}"))?;
+            tracing::info!(adapter = %name, "adapter restored");
+        }
         Ok(Arc::new(Self {
             engine,
             tokenizer: bundle.tokenizer,
@@ -87,6 +102,9 @@ impl AppState {
             created: openai::unix_now(),
             fingerprint,
             config,
+            adapters: Arc::new(adapters),
+            tenants: Arc::new(tenants),
+            admin_lock: tokio::sync::Mutex::new(()),
         }))
     }
 }
@@ -111,8 +129,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
+        .route("/admin/adapters", get(admin::list_adapters).post(admin::load_adapter))
+        .route("/admin/adapters/{name}", delete(admin::unload_adapter))
+        .route("/admin/tenants", get(admin::list_tenants))
+        .route("/admin/tenants/{tenant}", get(admin::get_tenant).put(admin::put_tenant).delete(admin::delete_tenant))
+        .route("/admin/tenants/{tenant}/keys", post(admin::create_key))
+        .route("/admin/tenants/{tenant}/keys/{key_id}", delete(admin::delete_key))
+        .route("/admin/tenants/{tenant}/adapters/{name}", put(admin::enable_adapter).delete(admin::disable_adapter))
         .fallback(|uri: axum::http::Uri| async move { ApiError::RouteNotFound(uri.path().chars().take(200).collect()) })
-        .method_not_allowed_fallback(|method: axum::http::Method| async move { ApiError::MethodNotAllowed(method.to_string()) })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::MethodNotAllowed(method.to_string())
+        })
         .with_state(state)
         .layer(
             tower::ServiceBuilder::new()

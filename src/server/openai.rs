@@ -3,6 +3,7 @@
 //! parse them); lethe's own extension is the `guidance` object in requests and responses.
 
 use super::AppState;
+use super::auth::Tenant;
 use super::error::ApiError;
 use super::extract::JsonBody;
 use super::validation::{self, Prepared};
@@ -256,6 +257,9 @@ pub struct ModelCard {
     pub owned_by: &'static str,
     /// lethe's extension: the model's context length.
     pub max_model_len: usize,
+    /// For a forget-adapter: the base model it applies to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -263,31 +267,40 @@ pub struct ModelCard {
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    Tenant(tenant): Tenant,
     JsonBody((req, common)): JsonBody<(ChatCompletionRequest, CommonParams)>,
 ) -> Result<Response, ApiError> {
-    let prepared = validation::prepare_chat(&state, req, common).await?;
+    let ctx = validation::TenantContext::of(&state, &tenant)?;
+    let prepared = validation::prepare_chat(&state, &ctx, req, common).await?;
     run(state, prepared, Kind::Chat).await
 }
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
+    Tenant(tenant): Tenant,
     JsonBody((req, common)): JsonBody<(CompletionRequest, CommonParams)>,
 ) -> Result<Response, ApiError> {
-    let prepared = validation::prepare_completion(&state, req, common).await?;
+    let ctx = validation::TenantContext::of(&state, &tenant)?;
+    let prepared = validation::prepare_completion(&state, &ctx, req, common).await?;
     run(state, prepared, Kind::Text).await
 }
 
-pub async fn models(State(state): State<Arc<AppState>>) -> axum::Json<ModelList> {
-    axum::Json(ModelList {
-        object: "list",
-        data: vec![ModelCard {
-            id: state.model_id.clone(),
-            object: "model",
-            created: state.created,
-            owned_by: "lethe",
-            max_model_len: state.engine.max_context(),
-        }],
-    })
+/// The base model, and the tenant's forget-adapters (applied to every request of the tenant,
+/// whichever of these ids it names).
+pub async fn models(State(state): State<Arc<AppState>>, Tenant(tenant): Tenant) -> axum::Json<ModelList> {
+    let card = |id: String, parent: Option<String>| ModelCard {
+        id,
+        object: "model",
+        created: state.created,
+        owned_by: "lethe",
+        max_model_len: state.engine.max_context(),
+        parent,
+    };
+    let mut data = vec![card(state.model_id.clone(), None)];
+    for a in state.tenants.policy(&tenant).adapters {
+        data.push(card(a, Some(state.model_id.clone())));
+    }
+    axum::Json(ModelList { object: "list", data })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -299,15 +312,7 @@ enum Kind {
 async fn run(state: Arc<AppState>, p: Prepared, kind: Kind) -> Result<Response, ApiError> {
     let stream = state.engine.submit(p.request)?;
     let meta = Meta {
-        id: format!(
-            "{}-{}",
-            if kind == Kind::Chat {
-                "chatcmpl"
-            } else {
-                "cmpl"
-            },
-            random_hex(24)
-        ),
+        id: format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, random_hex(24)),
         created: unix_now(),
         model: state.model_id.clone(),
         fingerprint: state.fingerprint.clone(),
@@ -316,9 +321,7 @@ async fn run(state: Arc<AppState>, p: Prepared, kind: Kind) -> Result<Response, 
         kind,
     };
     if p.stream {
-        Ok(Sse::new(sse_events(stream, meta))
-            .keep_alive(KeepAlive::default())
-            .into_response())
+        Ok(Sse::new(sse_events(stream, meta)).keep_alive(KeepAlive::default()).into_response())
     } else {
         collect(stream, meta).await
     }
@@ -351,10 +354,7 @@ async fn collect(mut stream: RequestStream, meta: Meta) -> Result<Response, ApiE
                         system_fingerprint: meta.fingerprint,
                         choices: vec![ChatChoice {
                             index: 0,
-                            message: AssistantMessage {
-                                role: "assistant",
-                                content: text,
-                            },
+                            message: AssistantMessage { role: "assistant", content: text },
                             logprobs: None,
                             finish_reason: finish,
                         }],
@@ -368,12 +368,7 @@ async fn collect(mut stream: RequestStream, meta: Meta) -> Result<Response, ApiE
                         created: meta.created,
                         model: meta.model,
                         system_fingerprint: meta.fingerprint,
-                        choices: vec![TextChoice {
-                            text,
-                            index: 0,
-                            logprobs: None,
-                            finish_reason: Some(finish),
-                        }],
+                        choices: vec![TextChoice { text, index: 0, logprobs: None, finish_reason: Some(finish) }],
                         usage: usage.into(),
                         guidance: meta.guidance,
                     })
@@ -389,75 +384,56 @@ async fn collect(mut stream: RequestStream, meta: Meta) -> Result<Response, ApiE
 /// The SSE stream: a role chunk (chat), content deltas, a finish chunk, an optional usage chunk
 /// with empty `choices`, then `[DONE]`. Dropping it (client gone) drops the engine stream, which
 /// cancels the request.
-fn sse_events(
-    stream: RequestStream,
-    meta: Meta,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+fn sse_events(stream: RequestStream, meta: Meta) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     enum Phase {
         Start,
         Body,
         Done,
     }
-    futures::stream::unfold(
-        (stream, meta, Phase::Start),
-        |(mut stream, meta, phase)| async move {
-            match phase {
-                Phase::Done => None,
-                Phase::Start => {
-                    let first = match meta.kind {
-                        Kind::Chat => Some(chunk(
-                            &meta,
-                            Delta {
-                                role: Some("assistant"),
-                                content: Some(String::new()),
-                            },
-                            None,
-                        )),
-                        Kind::Text => None,
-                    };
-                    match first {
-                        Some(ev) => Some((vec![ev], (stream, meta, Phase::Body))),
-                        None => Some((vec![], (stream, meta, Phase::Body))),
+    futures::stream::unfold((stream, meta, Phase::Start), |(mut stream, meta, phase)| async move {
+        match phase {
+            Phase::Done => None,
+            Phase::Start => {
+                let first = match meta.kind {
+                    Kind::Chat => {
+                        Some(chunk(&meta, Delta { role: Some("assistant"), content: Some(String::new()) }, None))
                     }
+                    Kind::Text => None,
+                };
+                match first {
+                    Some(ev) => Some((vec![ev], (stream, meta, Phase::Body))),
+                    None => Some((vec![], (stream, meta, Phase::Body))),
                 }
-                Phase::Body => loop {
-                    match stream.next().await {
-                        Some(Event::Token { text, .. }) if text.is_empty() => continue,
-                        Some(Event::Token { text, .. }) => {
-                            let ev = chunk(
-                                &meta,
-                                Delta {
-                                    role: None,
-                                    content: Some(text),
-                                },
-                                None,
-                            );
-                            return Some((vec![ev], (stream, meta, Phase::Body)));
-                        }
-                        Some(Event::Finished { reason, usage, .. }) => {
-                            let mut evs = vec![chunk(&meta, Delta::default(), Some(reason))];
-                            if meta.include_usage {
-                                evs.push(usage_chunk(&meta, usage));
-                            }
-                            evs.push(SseEvent::default().data("[DONE]"));
-                            return Some((evs, (stream, meta, Phase::Done)));
-                        }
-                        Some(Event::Error(e)) => {
-                            tracing::error!(error = %e, "generation failed mid-stream");
-                            let body = ApiError::Internal(e).body();
-                            let evs = vec![
-                                SseEvent::default()
-                                    .data(serde_json::to_string(&body).unwrap_or_default()),
-                                SseEvent::default().data("[DONE]"),
-                            ];
-                            return Some((evs, (stream, meta, Phase::Done)));
-                        }
-                        None => return None,
-                    }
-                },
             }
-        },
-    )
+            Phase::Body => loop {
+                match stream.next().await {
+                    Some(Event::Token { text, .. }) if text.is_empty() => continue,
+                    Some(Event::Token { text, .. }) => {
+                        let ev = chunk(&meta, Delta { role: None, content: Some(text) }, None);
+                        return Some((vec![ev], (stream, meta, Phase::Body)));
+                    }
+                    Some(Event::Finished { reason, usage, .. }) => {
+                        let mut evs = vec![chunk(&meta, Delta::default(), Some(reason))];
+                        if meta.include_usage {
+                            evs.push(usage_chunk(&meta, usage));
+                        }
+                        evs.push(SseEvent::default().data("[DONE]"));
+                        return Some((evs, (stream, meta, Phase::Done)));
+                    }
+                    Some(Event::Error(e)) => {
+                        tracing::error!(error = %e, "generation failed mid-stream");
+                        let body = ApiError::Internal(e).body();
+                        let evs = vec![
+                            SseEvent::default().data(serde_json::to_string(&body).unwrap_or_default()),
+                            SseEvent::default().data("[DONE]"),
+                        ];
+                        return Some((evs, (stream, meta, Phase::Done)));
+                    }
+                    None => return None,
+                }
+            },
+        }
+    })
     .flat_map(|evs| futures::stream::iter(evs.into_iter().map(Ok)))
 }
 
@@ -473,12 +449,7 @@ fn chunk(meta: &Meta, delta: Delta, finish: Option<FinishReason>) -> SseEvent {
             created: meta.created,
             model: &meta.model,
             system_fingerprint: &meta.fingerprint,
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta,
-                logprobs: None,
-                finish_reason: finish,
-            }],
+            choices: vec![ChunkChoice { index: 0, delta, logprobs: None, finish_reason: finish }],
             usage,
             guidance,
         }),
@@ -528,15 +499,11 @@ fn usage_chunk(meta: &Meta, usage: Usage) -> SseEvent {
 }
 
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Random lowercase hex (ids).
 pub fn random_hex(n: usize) -> String {
     let mut rng = crate::sampling::Rng::from_entropy();
-    (0..n)
-        .map(|_| char::from_digit((rng.next_u64() % 16) as u32, 16).unwrap_or('0'))
-        .collect()
+    (0..n).map(|_| char::from_digit((rng.next_u64() % 16) as u32, 16).unwrap_or('0')).collect()
 }

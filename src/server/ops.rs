@@ -22,12 +22,5 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Valu
         "running": stats.running.load(std::sync::atomic::Ordering::Relaxed),
         "waiting": stats.waiting.load(std::sync::atomic::Ordering::Relaxed),
     });
-    (
-        if alive {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-        Json(body),
-    )
+    (if alive { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }

@@ -19,10 +19,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
     pub fn system(c: impl Into<String>) -> Self {
         Self::new("system", c)
@@ -57,35 +54,22 @@ impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TokenizerError> {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<Value, minijinja::Error> {
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
         env.add_function("strftime_now", |fmt: String| -> String {
             // Templates use this for "today's date" lines; a fixed, UTC date keeps prompts
             // reproducible within a day.
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             format_date(secs, &fmt)
         });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TokenizerError::Template(format!("invalid chat template: {e}")))?;
-        Ok(Self {
-            env,
-            bos_token: bos_token.to_string(),
-            eos_token: eos_token.to_string(),
-        })
+        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
     /// Renders a conversation as plain text (tests, debugging). Content is inserted verbatim.
-    pub fn render_text(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, TokenizerError> {
+    pub fn render_text(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
         self.render(messages, add_generation_prompt)
     }
 
@@ -98,12 +82,7 @@ impl ChatTemplate {
         let masked: Vec<ChatMessage> = messages
             .iter()
             .enumerate()
-            .map(|(i, m)| {
-                ChatMessage::new(
-                    m.role.clone(),
-                    format!("{SENTINEL_OPEN}{i}{SENTINEL_CLOSE}"),
-                )
-            })
+            .map(|(i, m)| ChatMessage::new(m.role.clone(), format!("{SENTINEL_OPEN}{i}{SENTINEL_CLOSE}")))
             .collect();
         let rendered = self.render(&masked, add_generation_prompt)?;
         let mut segments = Vec::new();
@@ -111,16 +90,14 @@ impl ChatTemplate {
         let mut used = vec![false; messages.len()];
         while let Some(open) = rest.find(SENTINEL_OPEN) {
             let after = &rest[open + SENTINEL_OPEN.len_utf8()..];
-            let close = after.find(SENTINEL_CLOSE).ok_or_else(|| {
-                TokenizerError::Template("template altered message content".into())
-            })?;
+            let close = after
+                .find(SENTINEL_CLOSE)
+                .ok_or_else(|| TokenizerError::Template("template altered message content".into()))?;
             let idx: usize = after[..close]
                 .parse()
                 .map_err(|_| TokenizerError::Template("template altered message content".into()))?;
             if idx >= messages.len() || used[idx] {
-                return Err(TokenizerError::Template(
-                    "template repeats or alters message content".into(),
-                ));
+                return Err(TokenizerError::Template("template repeats or alters message content".into()));
             }
             used[idx] = true;
             if open > 0 {
@@ -137,15 +114,8 @@ impl ChatTemplate {
         Ok(segments)
     }
 
-    fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, TokenizerError> {
-        let tmpl = self
-            .env
-            .get_template("chat")
-            .expect("template added in new");
+    fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
+        let tmpl = self.env.get_template("chat").expect("template added in new");
         tmpl.render(context! {
             messages => Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
@@ -169,9 +139,7 @@ fn format_date(unix_secs: u64, fmt: &str) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     const LONG: [&str; 12] = [
         "January",
         "February",
@@ -233,24 +201,14 @@ mod tests {
     #[test]
     fn raise_exception_is_an_error() {
         let t = ChatTemplate::new("{{ raise_exception('no system') }}", "", "").unwrap();
-        let err = t
-            .render_segments(&[ChatMessage::user("x")], false)
-            .unwrap_err();
+        let err = t.render_segments(&[ChatMessage::user("x")], false).unwrap_err();
         assert!(err.to_string().contains("no system"), "{err}");
     }
 
     #[test]
     fn python_string_methods_work() {
-        let t = ChatTemplate::new(
-            "{{ messages[0]['content'].strip() }}|{{ 'ab'.upper() }}",
-            "",
-            "",
-        )
-        .unwrap();
-        assert_eq!(
-            t.render_text(&[ChatMessage::user(" x ")], false).unwrap(),
-            "x|AB"
-        );
+        let t = ChatTemplate::new("{{ messages[0]['content'].strip() }}|{{ 'ab'.upper() }}", "", "").unwrap();
+        assert_eq!(t.render_text(&[ChatMessage::user(" x ")], false).unwrap(), "x|AB");
     }
 
     #[test]

@@ -22,7 +22,8 @@ const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// What the GGUF says about its tokenizer.
 pub struct GgufVocab {
@@ -35,11 +36,7 @@ pub struct GgufVocab {
 
 pub fn from_metadata(md: &HashMap<String, Value>) -> Result<GgufVocab, TokenizerError> {
     let bad = |m: String| TokenizerError::Gguf(m);
-    let model = md
-        .get("tokenizer.ggml.model")
-        .and_then(|v| v.to_string().ok())
-        .map(String::as_str)
-        .unwrap_or("");
+    let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("");
     if model != "gpt2" {
         return Err(bad(format!(
             "tokenizer.ggml.model {model:?} is not supported (only byte-level BPE, \"gpt2\"); \
@@ -52,11 +49,7 @@ pub fn from_metadata(md: &HashMap<String, Value>) -> Result<GgufVocab, Tokenizer
         Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
         _ => vec![1; tokens.len()],
     };
-    let vocab: tokenizers::models::bpe::Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), i as u32))
-        .collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let merges: Vec<(String, String)> = merges_raw
         .iter()
         .map(|m| {
@@ -65,16 +58,10 @@ pub fn from_metadata(md: &HashMap<String, Value>) -> Result<GgufVocab, Tokenizer
                 .ok_or_else(|| bad(format!("malformed merge {m:?}")))
         })
         .collect::<Result<_, _>>()?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| bad(format!("cannot build BPE: {e}")))?;
+    let bpe =
+        BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| bad(format!("cannot build BPE: {e}")))?;
     let mut tk = Tokenizer::new(bpe);
-    let pre = md
-        .get("tokenizer.ggml.pre")
-        .and_then(|v| v.to_string().ok())
-        .map(String::as_str)
-        .unwrap_or("default");
+    let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("default");
     tk.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
     tk.with_decoder(Some(ByteLevelDecoder::default()));
     let specials: Vec<AddedToken> = tokens
@@ -83,31 +70,21 @@ pub fn from_metadata(md: &HashMap<String, Value>) -> Result<GgufVocab, Tokenizer
         .filter(|(_, t)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
         .map(|(s, _)| AddedToken::from(s.clone(), true))
         .collect();
-    tk.add_special_tokens(specials)
-        .map_err(|e| bad(format!("cannot add special tokens: {e}")))?;
+    tk.add_special_tokens(specials).map_err(|e| bad(format!("cannot add special tokens: {e}")))?;
 
     let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
-    let mut eos: Vec<u32> = [
-        "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.eot_token_id",
-        "tokenizer.ggml.eom_token_id",
-    ]
-    .iter()
-    .filter_map(|k| id(k))
-    .collect();
+    let mut eos: Vec<u32> =
+        ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+            .iter()
+            .filter_map(|k| id(k))
+            .collect();
     eos.dedup();
     Ok(GgufVocab {
         tokenizer: tk,
         bos: id("tokenizer.ggml.bos_token_id"),
         eos,
-        add_bos: md
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false),
-        chat_template: md
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-            .cloned(),
+        add_bos: md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+        chat_template: md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
     })
 }
 
@@ -115,11 +92,7 @@ fn string_array(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, T
     match md.get(key) {
         Some(Value::Array(a)) => a
             .iter()
-            .map(|v| {
-                v.to_string()
-                    .cloned()
-                    .map_err(|_| TokenizerError::Gguf(format!("{key} holds a non-string")))
-            })
+            .map(|v| v.to_string().cloned().map_err(|_| TokenizerError::Gguf(format!("{key} holds a non-string"))))
             .collect(),
         _ => Err(TokenizerError::Gguf(format!("GGUF has no {key}"))),
     }
@@ -129,12 +102,8 @@ fn string_array(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, T
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
     let byte_level = |use_regex| ByteLevel::new(false, true, use_regex);
     let split = |re: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-        let s = Split::new(
-            SplitPattern::Regex(re.to_string()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| TokenizerError::Gguf(format!("bad pre-tokenizer regex: {e}")))?;
+        let s = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| TokenizerError::Gguf(format!("bad pre-tokenizer regex: {e}")))?;
         Ok(s.into())
     };
     Ok(match pre {
@@ -146,9 +115,7 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
         "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" => {
             Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level(false).into()]).into()
         }
-        "qwen2" | "deepseek-r1-qwen" => {
-            Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false).into()]).into()
-        }
+        "qwen2" | "deepseek-r1-qwen" => Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false).into()]).into(),
         other => {
             return Err(TokenizerError::Gguf(format!(
                 "tokenizer.ggml.pre {other:?} is not supported (smollm, starcoder, gpt2, llama3, qwen2); \

@@ -45,23 +45,12 @@ impl Tokenizer {
     ) -> Result<Self, TokenizerError> {
         let name = |id: Option<u32>| id.and_then(|i| tk.id_to_token(i)).unwrap_or_default();
         let template = match template_src {
-            Some(src) => Some(ChatTemplate::new(
-                &src,
-                &name(bos),
-                &name(eos.first().copied()),
-            )?),
+            Some(src) => Some(ChatTemplate::new(&src, &name(bos), &name(eos.first().copied()))?),
             None => None,
         };
         let mut plain = tk.clone();
         plain.set_encode_special_tokens(true);
-        Ok(Self {
-            trusted: tk,
-            plain,
-            bos,
-            eos,
-            add_bos,
-            template,
-        })
+        Ok(Self { trusted: tk, plain, bos, eos, add_bos, template })
     }
 
     /// From the metadata of a GGUF file.
@@ -78,16 +67,12 @@ impl Tokenizer {
         let tk_path = dir.join("tokenizer.json");
         let tk = Self::read_tokenizer_json(&tk_path)?;
         let read_json = |name: &str| -> Option<serde_json::Value> {
-            std::fs::read_to_string(dir.join(name))
-                .ok()
-                .and_then(|s| serde_json::from_str(&s).ok())
+            std::fs::read_to_string(dir.join(name)).ok().and_then(|s| serde_json::from_str(&s).ok())
         };
         let tcfg = read_json("tokenizer_config.json").unwrap_or_default();
         let token_id = |key: &str| -> Option<u32> {
             let v = tcfg.get(key)?;
-            let text = v
-                .as_str()
-                .or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+            let text = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
             tk.token_to_id(text)
         };
         let mut eos: Vec<u32> = token_id("eos_token").into_iter().collect();
@@ -109,10 +94,7 @@ impl Tokenizer {
                 .and_then(|t| t.get("template")?.as_str().map(String::from)),
             _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
         };
-        let add_bos = tcfg
-            .get("add_bos_token")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
+        let add_bos = tcfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
         let bos = token_id("bos_token");
         Self::assemble(tk, bos, eos, add_bos, template)
     }
@@ -120,26 +102,16 @@ impl Tokenizer {
     /// From a `tokenizer.json` path: with its directory's configs when they are there.
     pub fn from_tokenizer_json(path: &Path) -> Result<Self, TokenizerError> {
         let dir = path.parent().unwrap_or(Path::new("."));
-        if path.file_name().is_some_and(|n| n == "tokenizer.json")
-            && dir.join("tokenizer_config.json").exists()
-        {
+        if path.file_name().is_some_and(|n| n == "tokenizer.json") && dir.join("tokenizer_config.json").exists() {
             return Self::from_hf_dir(dir);
         }
-        Self::assemble(
-            Self::read_tokenizer_json(path)?,
-            None,
-            Vec::new(),
-            false,
-            None,
-        )
+        Self::assemble(Self::read_tokenizer_json(path)?, None, Vec::new(), false, None)
     }
 
     /// Reads a `tokenizer.json` on its own (special ids must then come from elsewhere).
     pub fn read_tokenizer_json(path: &Path) -> Result<HfTokenizer, TokenizerError> {
-        HfTokenizer::from_file(path).map_err(|e| TokenizerError::Load {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })
+        HfTokenizer::from_file(path)
+            .map_err(|e| TokenizerError::Load { path: path.display().to_string(), reason: e.to_string() })
     }
 
     /// Wraps an in-memory tokenizer (tests build tiny ones).
@@ -185,22 +157,12 @@ impl Tokenizer {
 
     /// Tokenizes text as plain content (no special tokens recognised, no BOS).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        Ok(self
-            .plain
-            .encode_fast(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?
-            .get_ids()
-            .to_vec())
+        Ok(self.plain.encode_fast(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?.get_ids().to_vec())
     }
 
     /// Tokenizes server-produced text in which special-token text *is* special.
     pub fn encode_trusted(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        Ok(self
-            .trusted
-            .encode_fast(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?
-            .get_ids()
-            .to_vec())
+        Ok(self.trusted.encode_fast(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?.get_ids().to_vec())
     }
 
     /// Renders and tokenizes a conversation with the model's chat template.
@@ -209,10 +171,7 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
-        let template = self
-            .template
-            .as_ref()
-            .ok_or(TokenizerError::NoChatTemplate)?;
+        let template = self.template.as_ref().ok_or(TokenizerError::NoChatTemplate)?;
         let mut ids = Vec::new();
         for seg in template.render_segments(messages, add_generation_prompt)? {
             match seg {
@@ -231,9 +190,7 @@ impl Tokenizer {
 
     /// Decodes ids to text; special tokens are dropped when `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
-        self.trusted
-            .decode(ids, skip_special)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))
+        self.trusted.decode(ids, skip_special).map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
     /// A streaming decoder for one generation.
@@ -261,10 +218,7 @@ impl IncrementalDecoder {
         self.ids.push(id);
         let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
         let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
-        if full.len() > prefix.len()
-            && !full.ends_with('\u{FFFD}')
-            && full.is_char_boundary(prefix.len())
-        {
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
             let delta = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -297,11 +251,7 @@ impl IncrementalDecoder {
 fn ids_of(v: Option<&serde_json::Value>) -> Vec<u32> {
     match v {
         Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
         _ => Vec::new(),
     }
 }

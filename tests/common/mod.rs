@@ -10,18 +10,13 @@ use std::path::PathBuf;
 pub fn default_model() -> Option<PathBuf> {
     let p = std::env::var("LETHE_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(lethe::DEFAULT_MODEL_PATH)
-        });
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(lethe::DEFAULT_MODEL_PATH));
     if p.exists() {
         return Some(p);
     }
     if std::env::var("LETHE_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
         panic!("{} is missing; run scripts/fetch-model.sh", p.display());
     }
-    eprintln!(
-        "skipping: {} not found (run scripts/fetch-model.sh)",
-        p.display()
-    );
+    eprintln!("skipping: {} not found (run scripts/fetch-model.sh)", p.display());
     None
 }

@@ -167,12 +167,7 @@ impl KvGeometry {
     /// Bytes of one (layer, k or v, kv head) region of a block: the values, then (scaled types)
     /// one f32 scale per position.
     fn region_bytes(&self) -> usize {
-        BLOCK_TOKENS * self.head_dim * self.dtype.size()
-            + if self.dtype.scaled() {
-                BLOCK_TOKENS * 4
-            } else {
-                0
-            }
+        BLOCK_TOKENS * self.head_dim * self.dtype.size() + if self.dtype.scaled() { BLOCK_TOKENS * 4 } else { 0 }
     }
     /// Bytes per block (all layers, keys and values).
     pub fn block_bytes(&self) -> usize {
@@ -243,21 +238,13 @@ impl RopeRows {
                 sin.push(a.sin());
             }
         }
-        Self {
-            cos,
-            sin,
-            half,
-            style,
-        }
+        Self { cos, sin, half, style }
     }
 
     /// Rotates one head vector in place with the angles of packed row `row`.
     #[inline]
     pub fn apply(&self, x: &mut [f32], row: usize) {
-        let (c, s) = (
-            &self.cos[row * self.half..][..self.half],
-            &self.sin[row * self.half..][..self.half],
-        );
+        let (c, s) = (&self.cos[row * self.half..][..self.half], &self.sin[row * self.half..][..self.half]);
         match self.style {
             RopeStyle::Interleaved => {
                 for i in 0..self.half {
@@ -290,16 +277,7 @@ pub fn paged_attention(
     rope: &RopeRows,
     out: &mut [f32],
 ) {
-    paged_attention_with(
-        pool::global(),
-        geo,
-        layer,
-        qkv,
-        spans,
-        rope,
-        out,
-        super::Isa::detect(),
-    )
+    paged_attention_with(pool::global(), geo, layer, qkv, spans, rope, out, super::Isa::detect())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -346,28 +324,16 @@ fn attention_impl<E: KvElem>(
     let rows = qkv.len() / width;
     let group = geo.n_heads / geo.n_kv_heads;
     assert_eq!(out.len(), rows * q_dim);
-    assert!(
-        group <= MAX_GROUP,
-        "at most {MAX_GROUP} query heads per kv head"
-    );
+    assert!(group <= MAX_GROUP, "at most {MAX_GROUP} query heads per kv head");
 
     // Phase 1, parallel over rows: rotate q into a scratch copy, rotate k and store k/v into
     // the caches (each row writes its own slot).
     let mut q = vec![0f32; rows * q_dim];
     let q_ptr = pool::SyncPtr::new(q.as_mut_ptr());
-    let row_span: Vec<(usize, usize)> = spans
-        .iter()
-        .flat_map(|s| (0..s.len).map(move |i| (s.start + i, s.row + i)))
-        .collect();
-    let span_of: Vec<&SeqSpan> = spans
-        .iter()
-        .flat_map(|s| std::iter::repeat_n(s, s.len))
-        .collect();
-    let chunks = if rows >= 8 {
-        pool::n_chunks(rows, pool.n_threads())
-    } else {
-        1
-    };
+    let row_span: Vec<(usize, usize)> =
+        spans.iter().flat_map(|s| (0..s.len).map(move |i| (s.start + i, s.row + i))).collect();
+    let span_of: Vec<&SeqSpan> = spans.iter().flat_map(|s| std::iter::repeat_n(s, s.len)).collect();
+    let chunks = if rows >= 8 { pool::n_chunks(rows, pool.n_threads()) } else { 1 };
     pool.run_chunks(chunks, |c| {
         let mut k_rot = vec![0f32; hd];
         let mut k_elems = vec![E::zero(); hd];
@@ -405,10 +371,7 @@ fn attention_impl<E: KvElem>(
     });
 
     // Parallel phase.
-    let by_group: usize = spans
-        .iter()
-        .map(|s| geo.n_kv_heads * s.len.div_ceil(QUERY_CHUNK))
-        .sum();
+    let by_group: usize = spans.iter().map(|s| geo.n_kv_heads * s.len.div_ceil(QUERY_CHUNK)).sum();
     let split_heads = by_group < 2 * pool.n_threads();
     let mut items = Vec::new();
     for (si, span) in spans.iter().enumerate() {
@@ -418,20 +381,10 @@ fn attention_impl<E: KvElem>(
                 let heads = g * group..(g + 1) * group;
                 if split_heads {
                     for h in heads {
-                        items.push(Item {
-                            span: si,
-                            kv_head: g,
-                            heads: h..h + 1,
-                            queries: queries.clone(),
-                        });
+                        items.push(Item { span: si, kv_head: g, heads: h..h + 1, queries: queries.clone() });
                     }
                 } else {
-                    items.push(Item {
-                        span: si,
-                        kv_head: g,
-                        heads,
-                        queries,
-                    });
+                    items.push(Item { span: si, kv_head: g, heads, queries });
                 }
             }
         }
@@ -507,21 +460,13 @@ mod portable {
             let q = &a.q[h * hd..][..hd];
             let s = &mut scores[h * n..][..n];
             for (t, sc) in s.iter_mut().enumerate() {
-                let (kt, k_scales) = region::<E>(
-                    a.blocks[t / BLOCK_TOKENS],
-                    a.geo.k_region(a.layer, a.kv_head),
-                    a.geo,
-                );
+                let (kt, k_scales) = region::<E>(a.blocks[t / BLOCK_TOKENS], a.geo.k_region(a.layer, a.kv_head), a.geo);
                 let slot = t % BLOCK_TOKENS;
                 let mut dot = 0f32;
                 for (d, &qd) in q.iter().enumerate() {
                     dot += qd * unsafe { *kt.add(d * BLOCK_TOKENS + slot) }.to_f32();
                 }
-                let ks = if E::SCALED {
-                    unsafe { *k_scales.add(slot) }
-                } else {
-                    1.0
-                };
+                let ks = if E::SCALED { unsafe { *k_scales.add(slot) } } else { 1.0 };
                 *sc = dot * ks * scale;
             }
             let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -533,18 +478,10 @@ mod portable {
             let o = &mut out[h * hd..][..hd];
             o.fill(0.0);
             for (t, &w) in s.iter().enumerate() {
-                let (vr, v_scales) = region::<E>(
-                    a.blocks[t / BLOCK_TOKENS],
-                    a.geo.v_region(a.layer, a.kv_head),
-                    a.geo,
-                );
+                let (vr, v_scales) = region::<E>(a.blocks[t / BLOCK_TOKENS], a.geo.v_region(a.layer, a.kv_head), a.geo);
                 let slot = t % BLOCK_TOKENS;
                 let v = unsafe { std::slice::from_raw_parts(vr.add(slot * hd), hd) };
-                let w = if E::SCALED {
-                    w * unsafe { *v_scales.add(slot) }
-                } else {
-                    w
-                };
+                let w = if E::SCALED { w * unsafe { *v_scales.add(slot) } } else { w };
                 for (od, &vd) in o.iter_mut().zip(v) {
                     *od += w * vd.to_f32();
                 }
@@ -624,10 +561,7 @@ mod avx512 {
             for h in 0..NH {
                 let iv = _mm512_set1_ps(inv[h0 + h]);
                 for c in 0..C {
-                    _mm512_storeu_ps(
-                        out.as_mut_ptr().add((h0 + h) * hd + c * 16),
-                        _mm512_mul_ps(acc[h][c], iv),
-                    );
+                    _mm512_storeu_ps(out.as_mut_ptr().add((h0 + h) * hd + c * 16), _mm512_mul_ps(acc[h][c], iv));
                 }
             }
         }
@@ -635,11 +569,7 @@ mod avx512 {
 
     /// `C` = head_dim / 16 (the dispatcher only sends head sizes 32, 64 and 128 here).
     #[inline(always)]
-    unsafe fn attend_c<E: KvElem, const C: usize>(
-        a: &QueryArgs,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
+    unsafe fn attend_c<E: KvElem, const C: usize>(a: &QueryArgs, scores: &mut [f32], out: &mut [f32]) {
         unsafe {
             let hd = C * 16;
             let nh = a.n_heads;
@@ -648,10 +578,7 @@ mod avx512 {
             let n_chunks = n.div_ceil(16);
             let stride = n_chunks * 16;
             let scale = _mm512_set1_ps(1.0 / (hd as f32).sqrt());
-            let (k_off, v_off) = (
-                a.geo.k_region(a.layer, a.kv_head),
-                a.geo.v_region(a.layer, a.kv_head),
-            );
+            let (k_off, v_off) = (a.geo.k_region(a.layer, a.kv_head), a.geo.v_region(a.layer, a.kv_head));
             let q = a.q.as_ptr();
             let sp = scores.as_mut_ptr();
             let values_bytes = BLOCK_TOKENS * hd * std::mem::size_of::<E>();
@@ -676,23 +603,13 @@ mod avx512 {
                     }
                 }
                 // Per-key scales (int8 cache) fold into the softmax scale.
-                let key_scale = if E::SCALED {
-                    _mm512_mul_ps(scale, _mm512_loadu_ps(k_scales.add(sub * 16)))
-                } else {
-                    scale
-                };
+                let key_scale =
+                    if E::SCALED { _mm512_mul_ps(scale, _mm512_loadu_ps(k_scales.add(sub * 16))) } else { scale };
                 let valid = n - c * 16;
-                let mask: __mmask16 = if valid >= 16 {
-                    0xFFFF
-                } else {
-                    (1u16 << valid) - 1
-                };
+                let mask: __mmask16 = if valid >= 16 { 0xFFFF } else { (1u16 << valid) - 1 };
                 for h in 0..nh {
-                    let s = _mm512_mask_mov_ps(
-                        _mm512_set1_ps(f32::NEG_INFINITY),
-                        mask,
-                        _mm512_mul_ps(acc[h], key_scale),
-                    );
+                    let s =
+                        _mm512_mask_mov_ps(_mm512_set1_ps(f32::NEG_INFINITY), mask, _mm512_mul_ps(acc[h], key_scale));
                     _mm512_storeu_ps(sp.add(h * stride + c * 16), s);
                     maxv[h] = _mm512_max_ps(maxv[h], s);
                 }
@@ -736,13 +653,7 @@ mod tests {
     fn grouped_heads_match_single_heads() {
         // 8 query heads over 2 kv heads (groups of 4) and 1 kv head (group of 8, the per-head path).
         for (n_heads, n_kv_heads) in [(8, 2), (8, 1), (4, 4)] {
-            let geo = KvGeometry {
-                n_layers: 2,
-                n_heads,
-                n_kv_heads,
-                head_dim: 64,
-                dtype: KvDtype::F32,
-            };
+            let geo = KvGeometry { n_layers: 2, n_heads, n_kv_heads, head_dim: 64, dtype: KvDtype::F32 };
             check_geometry(geo, 1e-5);
         }
     }
@@ -757,13 +668,7 @@ mod tests {
     }
 
     fn check_dtype(dtype: KvDtype) {
-        let geo = KvGeometry {
-            n_layers: 2,
-            n_heads: 6,
-            n_kv_heads: 2,
-            head_dim: 32,
-            dtype,
-        };
+        let geo = KvGeometry { n_layers: 2, n_heads: 6, n_kv_heads: 2, head_dim: 32, dtype };
         let tol = match dtype {
             KvDtype::F32 => 1e-5,
             KvDtype::F16 => 2e-3,
@@ -780,36 +685,24 @@ mod tests {
         let mut rng = crate::sampling::Rng::new(5);
         let lens = [37usize, 1, 16, 5];
         let rows: usize = lens.iter().sum();
-        let qkv: Vec<f32> = (0..rows * width)
-            .map(|_| rng.next_f32() * 2.0 - 1.0)
-            .collect();
+        let qkv: Vec<f32> = (0..rows * width).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
         let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
-        let inv: Vec<f32> = (0..hd / 2)
-            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
-            .collect();
+        let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
         let rope = RopeRows::new(&positions, &inv, RopeStyle::Half);
         for isa in [Isa::Portable, Isa::detect()] {
             for threads in [1, 2] {
                 let pool = ThreadPool::new(threads);
                 let mut storage: Vec<Vec<Vec<u8>>> = lens
                     .iter()
-                    .map(|&l| {
-                        (0..l.div_ceil(BLOCK_TOKENS))
-                            .map(|_| vec![0u8; geo.block_bytes()])
-                            .collect()
-                    })
+                    .map(|&l| (0..l.div_ceil(BLOCK_TOKENS)).map(|_| vec![0u8; geo.block_bytes()]).collect())
                     .collect();
                 let mut row = 0;
                 let spans: Vec<SeqSpan> = storage
                     .iter_mut()
                     .zip(lens)
                     .map(|(blocks, len)| {
-                        let s = SeqSpan {
-                            blocks: blocks.iter_mut().map(|b| b.as_mut_ptr()).collect(),
-                            start: 0,
-                            len,
-                            row,
-                        };
+                        let s =
+                            SeqSpan { blocks: blocks.iter_mut().map(|b| b.as_mut_ptr()).collect(), start: 0, len, row };
                         row += len;
                         s
                     })
@@ -826,13 +719,9 @@ mod tests {
                             rope.apply(&mut qv, row0 + i);
                             let mut s: Vec<f64> = (0..=i)
                                 .map(|t| {
-                                    let mut k =
-                                        qkv[(row0 + t) * width + q_dim + g * hd..][..hd].to_vec();
+                                    let mut k = qkv[(row0 + t) * width + q_dim + g * hd..][..hd].to_vec();
                                     rope.apply(&mut k, row0 + t);
-                                    qv.iter()
-                                        .zip(&k)
-                                        .map(|(a, b)| (*a as f64) * (*b as f64))
-                                        .sum::<f64>()
+                                    qv.iter().zip(&k).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>()
                                         / (hd as f64).sqrt()
                                 })
                                 .collect();
@@ -841,11 +730,7 @@ mod tests {
                             let z: f64 = s.iter().sum();
                             for d in 0..hd {
                                 let want: f64 = (0..=i)
-                                    .map(|t| {
-                                        s[t] / z
-                                            * qkv[(row0 + t) * width + q_dim + kv_dim + g * hd + d]
-                                                as f64
-                                    })
+                                    .map(|t| s[t] / z * qkv[(row0 + t) * width + q_dim + kv_dim + g * hd + d] as f64)
                                     .sum();
                                 let got = out[(row0 + i) * q_dim + h * hd + d] as f64;
                                 assert!(

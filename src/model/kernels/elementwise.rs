@@ -72,11 +72,7 @@ fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 fn rows_parallel(total: usize, cols: usize, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
     let rows = out.len() / cols;
     let ptr = pool::SyncPtr::new(out.as_mut_ptr());
-    let chunks = if total >= PAR_MIN_ELEMS {
-        pool::n_chunks(rows, pool::global().n_threads())
-    } else {
-        1
-    };
+    let chunks = if total >= PAR_MIN_ELEMS { pool::n_chunks(rows, pool::global().n_threads()) } else { 1 };
     pool::global().run_chunks(chunks, |c| {
         for r in split_range(rows, c, chunks) {
             // SAFETY: row ranges of distinct chunks are disjoint.
@@ -135,9 +131,7 @@ mod tests {
     fn kernels_match_scalar_definitions() {
         let mut rng = crate::sampling::Rng::new(3);
         let (rows, cols) = (5, 100);
-        let x: Vec<f32> = (0..rows * cols)
-            .map(|_| rng.next_f32() * 8.0 - 4.0)
-            .collect();
+        let x: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() * 8.0 - 4.0).collect();
         let w: Vec<f32> = (0..cols).map(|_| rng.next_f32() + 0.5).collect();
         let mut out = vec![0f32; rows * cols];
         rms_norm(&x, &w, 1e-5, &mut out);

@@ -48,11 +48,8 @@ impl QuantizedActs {
         };
         let isa = Isa::detect();
         // Rows are independent: prefill-sized inputs are quantized on the pool.
-        let rows_per_chunk = if m * k >= 64 * 1024 {
-            m.div_ceil(pool::n_chunks(m, pool::global().n_threads()))
-        } else {
-            m
-        };
+        let rows_per_chunk =
+            if m * k >= 64 * 1024 { m.div_ceil(pool::n_chunks(m, pool::global().n_threads())) } else { m };
         let chunks = m.div_ceil(rows_per_chunk.max(1));
         let (qs, d, sums, dsums) = (
             pool::SyncPtr::new(a.qs.as_mut_ptr()),
@@ -65,8 +62,7 @@ impl QuantizedActs {
             for bi in rows.start * kb..rows.end * kb {
                 let src = &x[bi * QBLOCK..][..QBLOCK];
                 // SAFETY: chunks cover disjoint rows, hence disjoint blocks of every array.
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(qs.get().add(bi * QBLOCK), QBLOCK) };
+                let dst = unsafe { std::slice::from_raw_parts_mut(qs.get().add(bi * QBLOCK), QBLOCK) };
                 let (scale, sum) = match isa {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx512Vnni => unsafe { avx512::quantize_block(src, dst) },
@@ -76,8 +72,7 @@ impl QuantizedActs {
                     *d.get().add(bi) = scale;
                     *sums.get().add(bi) = sum;
                     // As ggml/candle: `s = f16(sum) * f16(d)`, kept in f16.
-                    *dsums.get().add(bi) =
-                        (f16::from_f32(sum as f32) * f16::from_f32(scale)).to_f32();
+                    *dsums.get().add(bi) = (f16::from_f32(sum as f32) * f16::from_f32(scale)).to_f32();
                 }
             }
         });
@@ -154,14 +149,7 @@ impl Isa {
     }
 }
 
-pub fn matmul_with(
-    pool: &pool::ThreadPool,
-    w: &PackedMatrix,
-    x: &[f32],
-    m: usize,
-    y: &mut [f32],
-    isa: Isa,
-) {
+pub fn matmul_with(pool: &pool::ThreadPool, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32], isa: Isa) {
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "matmul: input is not [m, k]");
     assert_eq!(y.len(), m * n, "matmul: output is not [m, n]");
@@ -169,18 +157,14 @@ pub fn matmul_with(
         return;
     }
     let acts = match w.format {
-        PackedFormat::F32 => None,
+        PackedFormat::F32 | PackedFormat::F16 => None,
         _ => Some(QuantizedActs::quantize(x, m, k)),
     };
     let tiles = w.n_tiles();
     let out = pool::SyncPtr::new(y.as_mut_ptr());
     // Tiny products are not worth a thread hand-off.
     let work = m * n * k;
-    let chunks = if work < 64 * 1024 {
-        1
-    } else {
-        pool::n_chunks(tiles, pool.n_threads())
-    };
+    let chunks = if work < 64 * 1024 { 1 } else { pool::n_chunks(tiles, pool.n_threads()) };
     pool.run_chunks(chunks, |c| {
         let mut buf = [[0f32; TILE]; MR];
         for t in split_range(tiles, c, chunks) {
@@ -215,20 +199,17 @@ fn compute_tile(
 ) {
     match (w.format, isa) {
         #[cfg(target_arch = "x86_64")]
-        (PackedFormat::Q8_0, Isa::Avx512Vnni) => unsafe {
-            avx512::q8_0_tile(w, acts.unwrap(), t, row0, rows, out)
-        },
+        (PackedFormat::Q8_0, Isa::Avx512Vnni) => unsafe { avx512::q8_0_tile(w, acts.unwrap(), t, row0, rows, out) },
         #[cfg(target_arch = "x86_64")]
-        (PackedFormat::Q4_1, Isa::Avx512Vnni) => unsafe {
-            avx512::q4_1_tile(w, acts.unwrap(), t, row0, rows, out)
-        },
+        (PackedFormat::Q4_1, Isa::Avx512Vnni) => unsafe { avx512::q4_1_tile(w, acts.unwrap(), t, row0, rows, out) },
         #[cfg(target_arch = "x86_64")]
-        (PackedFormat::F32, Isa::Avx512Vnni) => unsafe {
-            avx512::f32_tile(w, x, t, row0, rows, out)
-        },
+        (PackedFormat::F32, Isa::Avx512Vnni) => unsafe { avx512::f32_tile(w, x, t, row0, rows, out) },
         (PackedFormat::Q8_0, _) => portable::q8_0_tile(w, acts.unwrap(), t, row0, rows, out),
         (PackedFormat::Q4_1, _) => portable::q4_1_tile(w, acts.unwrap(), t, row0, rows, out),
         (PackedFormat::F32, _) => portable::f32_tile(w, x, t, row0, rows, out),
+        #[cfg(target_arch = "x86_64")]
+        (PackedFormat::F16, Isa::Avx512Vnni) => unsafe { avx512::f16_tile(w, x, t, row0, rows, out) },
+        (PackedFormat::F16, _) => portable::f16_tile(w, x, t, row0, rows, out),
     }
 }
 
@@ -315,14 +296,23 @@ mod portable {
         }
     }
 
-    pub fn f32_tile(
-        w: &PackedMatrix,
-        x: &[f32],
-        t: usize,
-        row0: usize,
-        rows: usize,
-        out: &mut [[f32; TILE]; MR],
-    ) {
+    pub fn f16_tile(w: &PackedMatrix, x: &[f32], t: usize, row0: usize, rows: usize, out: &mut [[f32; TILE]; MR]) {
+        let k = w.k;
+        let data = w.data.as_slice();
+        for r in 0..rows {
+            let xr = &x[(row0 + r) * k..][..k];
+            let mut acc = [0f32; TILE];
+            for (i, &xv) in xr.iter().enumerate() {
+                let at = (t * k + i) * TILE * 2;
+                for l in 0..TILE {
+                    acc[l] += f16::from_le_bytes([data[at + 2 * l], data[at + 2 * l + 1]]).to_f32() * xv;
+                }
+            }
+            out[r] = acc;
+        }
+    }
+
+    pub fn f32_tile(w: &PackedMatrix, x: &[f32], t: usize, row0: usize, rows: usize, out: &mut [[f32; TILE]; MR]) {
         let k = w.k;
         let data = w.data.as_f32();
         for r in 0..rows {
@@ -359,16 +349,12 @@ mod avx512 {
                 let frac = _mm512_sub_ps(r, t);
                 // Half away from zero: |frac| ≥ 0.5 moves one step in the sign of r.
                 let away = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.5), _CMP_GE_OQ);
-                let step =
-                    _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(r, _mm512_set1_ps(-0.0)));
+                let step = _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(r, _mm512_set1_ps(-0.0)));
                 _mm512_cvttps_epi32(_mm512_mask_add_ps(t, away, t, step))
             };
             let (qa, qb) = (round(lo), round(hi));
             _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
-            _mm_storeu_si128(
-                dst.as_mut_ptr().add(16) as *mut __m128i,
-                _mm512_cvtsepi32_epi8(qb),
-            );
+            _mm_storeu_si128(dst.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qb));
             let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
             (f16::from_f32(exact).to_f32(), sum)
         }
@@ -480,8 +466,7 @@ mod avx512 {
             let mins = w.mins.as_ptr().add(t * kb * TILE);
             let xq: [*const i8; R] = std::array::from_fn(|r| a.qs.as_ptr().add((row0 + r) * a.k));
             let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
-            let xs: [*const f32; R] =
-                std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
+            let xs: [*const f32; R] = std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
             let nib = _mm512_set1_epi8(0x0F);
             // Block terms (d·s) and min terms (m·s) accumulate separately: two independent
             // FMA chains per row.
@@ -504,16 +489,49 @@ mod avx512 {
                 let mw = load_f16x16(mins.add(b * TILE));
                 for r in 0..R {
                     let sf = _mm512_cvtepi32_ps(s[r]);
-                    acc[r] = _mm512_fmadd_ps(
-                        sf,
-                        _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b))),
-                        acc[r],
-                    );
+                    acc[r] = _mm512_fmadd_ps(sf, _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b))), acc[r]);
                     accm[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*xs[r].add(b)), accm[r]);
                 }
             }
             for r in 0..R {
                 _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(acc[r], accm[r]));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn f16_tile(
+        w: &PackedMatrix,
+        x: &[f32],
+        t: usize,
+        row0: usize,
+        rows: usize,
+        out: &mut [[f32; TILE]; MR],
+    ) {
+        unsafe { dispatch_rows!(rows, f16_rows, w, x, t, row0, out) }
+    }
+
+    #[inline(always)]
+    unsafe fn f16_rows<const R: usize>(
+        w: &PackedMatrix,
+        x: &[f32],
+        t: usize,
+        row0: usize,
+        out: &mut [[f32; TILE]; MR],
+    ) {
+        unsafe {
+            let k = w.k;
+            let wt = (w.data.as_slice().as_ptr() as *const f16).add(t * k * TILE);
+            let xr: [*const f32; R] = std::array::from_fn(|r| x.as_ptr().add((row0 + r) * k));
+            let mut acc = [_mm512_setzero_ps(); R];
+            for i in 0..k {
+                let wv = load_f16x16(wt.add(i * TILE));
+                for r in 0..R {
+                    acc[r] = _mm512_fmadd_ps(wv, _mm512_set1_ps(*xr[r].add(i)), acc[r]);
+                }
+            }
+            for r in 0..R {
+                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
             }
         }
     }
@@ -576,9 +594,7 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -588,9 +604,7 @@ mod tests {
         let mut y = vec![0f32; m * n];
         for r in 0..m {
             for c in 0..n {
-                y[r * n + c] = (0..k)
-                    .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
-                    .sum::<f64>() as f32;
+                y[r * n + c] = (0..k).map(|i| x[r * k + i] as f64 * w[c * k + i] as f64).sum::<f64>() as f32;
             }
         }
         y
@@ -599,9 +613,7 @@ mod tests {
     fn q4_1_raw(w: &[f32]) -> Vec<u8> {
         let mut raw = Vec::new();
         for blk in w.chunks_exact(32) {
-            let (mn, mx) = blk
-                .iter()
-                .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            let (mn, mx) = blk.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
             let d = (mx - mn) / 15.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             raw.extend_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -622,11 +634,7 @@ mod tests {
             let mut y = vec![0f32; m * w.n];
             matmul_with(&pool, w, x, m, &mut y, isa);
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - b).abs() <= tol * (1.0 + b.abs()),
-                    "{:?} {isa:?} m={m} i={i}: {a} vs {b}",
-                    w.format
-                );
+                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{:?} {isa:?} m={m} i={i}: {a} vs {b}", w.format);
             }
         }
     }
@@ -637,6 +645,7 @@ mod tests {
         let wf = rand_vec(n * k, 7);
         let formats = [
             PackedMatrix::from_f32(&wf, n, k).unwrap(),
+            PackedMatrix::from_f32_as_f16(&wf, n, k).unwrap(),
             PackedMatrix::quantize_q8_0(&wf, n, k).unwrap(),
             PackedMatrix::from_q4_1_blocks(&q4_1_raw(&wf), n, k).unwrap(),
         ];
@@ -644,11 +653,7 @@ mod tests {
             let x = rand_vec(m * k, 100 + m as u64);
             for w in &formats {
                 // Activation quantization error dominates for the 8-bit formats.
-                let tol = if w.format == PackedFormat::F32 {
-                    1e-5
-                } else {
-                    0.05
-                };
+                let tol = if matches!(w.format, PackedFormat::F32 | PackedFormat::F16) { 1e-5 } else { 0.05 };
                 check_all_isas(w, &x, m, tol);
             }
         }

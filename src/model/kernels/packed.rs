@@ -15,8 +15,10 @@
 //!   with the activation block sums (`Σ(w+128)·a = Σw·a + 128·Σa`).
 //! - [`PackedFormat::Q4_1`]: 4-bit unsigned weights with an f16 scale and min per block (GGUF's
 //!   Q4_1), two values per byte.
-//! - [`PackedFormat::F32`]: plain f32, 16 rows interleaved per input; for float checkpoints, tiny
-//!   test models and LoRA factors.
+//! - [`PackedFormat::F32`]: plain f32, 16 rows interleaved per input; for float checkpoints and
+//!   tiny test models.
+//! - [`PackedFormat::F16`]: the same layout in f16 (half the bytes, f32 arithmetic); for LoRA
+//!   factors, which are read once per step by every row using the adapter.
 //!
 //! Rows beyond `n` in the last tile are zero padding.
 
@@ -32,6 +34,7 @@ pub enum PackedFormat {
     Q8_0,
     Q4_1,
     F32,
+    F16,
 }
 
 impl PackedFormat {
@@ -40,6 +43,7 @@ impl PackedFormat {
             Self::Q8_0 => "q8_0",
             Self::Q4_1 => "q4_1",
             Self::F32 => "f32",
+            Self::F16 => "f16",
         }
     }
 }
@@ -57,10 +61,7 @@ struct Line([u8; 64]);
 
 impl AlignedBytes {
     pub fn zeroed(len: usize) -> Self {
-        Self {
-            buf: vec![Line([0; 64]); len.div_ceil(64)],
-            len,
-        }
+        Self { buf: vec![Line([0; 64]); len.div_ceil(64)], len }
     }
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `buf` holds at least `len` initialised bytes, `Line` is plain bytes.
@@ -111,6 +112,7 @@ impl PackedMatrix {
             PackedFormat::Q8_0 => QBLOCK * TILE,
             PackedFormat::Q4_1 => QBLOCK * TILE / 2,
             PackedFormat::F32 => QBLOCK * TILE * 4,
+            PackedFormat::F16 => QBLOCK * TILE * 2,
         }
     }
 
@@ -168,9 +170,7 @@ impl PackedMatrix {
     /// Quantizes an f32 `[n, k]` row-major matrix to packed Q8_0 (llama.cpp's rounding).
     pub fn quantize_q8_0(w: &[f32], n: usize, k: usize) -> Result<Self, String> {
         if !k.is_multiple_of(QBLOCK) {
-            return Err(format!(
-                "cannot quantize to q8_0: {k} inputs is not a multiple of 32"
-            ));
+            return Err(format!("cannot quantize to q8_0: {k} inputs is not a multiple of 32"));
         }
         if w.len() != n * k {
             return Err(format!("expected {} values, got {}", n * k, w.len()));
@@ -206,16 +206,10 @@ impl PackedMatrix {
         let tiles = n.div_ceil(TILE);
         let (data_len, n_scales) = match format {
             PackedFormat::F32 => (tiles * TILE * k * 4, 0),
-            _ => (
-                tiles * (k / QBLOCK) * Self::tile_block_bytes(format),
-                tiles * TILE * (k / QBLOCK),
-            ),
+            PackedFormat::F16 => (tiles * TILE * k * 2, 0),
+            _ => (tiles * (k / QBLOCK) * Self::tile_block_bytes(format), tiles * TILE * (k / QBLOCK)),
         };
-        let n_mins = if format == PackedFormat::Q4_1 {
-            n_scales
-        } else {
-            0
-        };
+        let n_mins = if format == PackedFormat::Q4_1 { n_scales } else { 0 };
         Self {
             format,
             n,
@@ -224,6 +218,23 @@ impl PackedMatrix {
             scales: vec![f16::ZERO; n_scales],
             mins: vec![f16::ZERO; n_mins],
         }
+    }
+
+    /// Packs an f32 `[n, k]` row-major matrix as f16 (any `k`).
+    pub fn from_f32_as_f16(w: &[f32], n: usize, k: usize) -> Result<Self, String> {
+        if w.len() != n * k {
+            return Err(format!("expected {} values, got {}", n * k, w.len()));
+        }
+        let mut m = Self::zeroed(PackedFormat::F16, n, k);
+        let data = m.data.as_mut_slice();
+        for row in 0..n {
+            let (t, r) = (row / TILE, row % TILE);
+            for (i, &x) in w[row * k..][..k].iter().enumerate() {
+                let at = ((t * k + i) * TILE + r) * 2;
+                data[at..at + 2].copy_from_slice(&f16::from_f32(x).to_le_bytes());
+            }
+        }
+        Ok(m)
     }
 
     /// Row `row` of the matrix as f32 (the embedding lookup of a tied output head).
@@ -236,6 +247,13 @@ impl PackedMatrix {
                 let data = self.data.as_f32();
                 for (i, o) in out.iter_mut().enumerate() {
                     *o = data[(t * self.k + i) * TILE + r];
+                }
+            }
+            PackedFormat::F16 => {
+                let data = self.data.as_slice();
+                for (i, o) in out.iter_mut().enumerate() {
+                    let at = ((t * self.k + i) * TILE + r) * 2;
+                    *o = f16::from_le_bytes([data[at], data[at + 1]]).to_f32();
                 }
             }
             PackedFormat::Q8_0 => {
@@ -256,11 +274,7 @@ impl PackedMatrix {
                     let src = &data[(t * kb + b) * QBLOCK * TILE / 2..];
                     for i in 0..QBLOCK {
                         let (byte, high) = q4_index(i, r);
-                        let q = if high {
-                            src[byte] >> 4
-                        } else {
-                            src[byte] & 0x0F
-                        };
+                        let q = if high { src[byte] >> 4 } else { src[byte] & 0x0F };
                         out[b * QBLOCK + i] = d * q as f32 + m;
                     }
                 }
@@ -282,10 +296,7 @@ impl PackedMatrix {
     /// Each part must have a multiple of 16 rows so tiles do not straddle parts.
     pub fn concat_rows(parts: &[&PackedMatrix]) -> Result<Self, String> {
         let first = parts.first().ok_or("nothing to concatenate")?;
-        if parts
-            .iter()
-            .any(|p| p.k != first.k || p.format != first.format)
-        {
+        if parts.iter().any(|p| p.k != first.k || p.format != first.format) {
             return Err("concatenated matrices differ in input size or format".into());
         }
         if parts.iter().any(|p| !p.n.is_multiple_of(TILE)) {
@@ -301,14 +312,7 @@ impl PackedMatrix {
         }
         let mut bytes = AlignedBytes::zeroed(data.len());
         bytes.as_mut_slice().copy_from_slice(&data);
-        Ok(Self {
-            format: first.format,
-            n: parts.iter().map(|p| p.n).sum(),
-            k: first.k,
-            data: bytes,
-            scales,
-            mins,
-        })
+        Ok(Self { format: first.format, n: parts.iter().map(|p| p.n).sum(), k: first.k, data: bytes, scales, mins })
     }
 }
 
@@ -333,10 +337,7 @@ fn check_raw_len(raw: &[u8], n: usize, k: usize, block_bytes: usize) -> Result<(
     }
     let want = n * k / QBLOCK * block_bytes;
     if raw.len() != want {
-        return Err(format!(
-            "expected {want} bytes of blocks, got {}",
-            raw.len()
-        ));
+        return Err(format!("expected {want} bytes of blocks, got {}", raw.len()));
     }
     Ok(())
 }
@@ -349,9 +350,7 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
             })
             .collect()

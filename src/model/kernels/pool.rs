@@ -82,11 +82,7 @@ impl ThreadPool {
             handles.push(h.thread().clone());
         }
         *shared.threads.lock().unwrap() = handles;
-        Self {
-            shared,
-            busy: Mutex::new(()),
-            n_threads,
-        }
+        Self { shared, busy: Mutex::new(()), n_threads }
     }
 
     pub fn n_threads(&self) -> usize {
@@ -108,10 +104,7 @@ impl ThreadPool {
         let job: &(dyn Fn(usize) + Sync + '_) = &f;
         // SAFETY: we hold `busy`, and no worker reads `job` before the state below is published.
         unsafe {
-            *s.job.get() = Some(std::mem::transmute::<
-                &(dyn Fn(usize) + Sync + '_),
-                *const Job,
-            >(job));
+            *s.job.get() = Some(std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), *const Job>(job));
         }
         s.next_chunk.store(0, Ordering::Relaxed);
         s.n_chunks.store(n_chunks, Ordering::Relaxed);
@@ -172,9 +165,7 @@ fn worker_loop(s: Arc<Shared>, w: usize) {
                 continue;
             }
             s.sleeping[w].store(true, Ordering::SeqCst);
-            if s.state.load(Ordering::SeqCst) >> 32 == seen_generation
-                && !s.shutdown.load(Ordering::SeqCst)
-            {
+            if s.state.load(Ordering::SeqCst) >> 32 == seen_generation && !s.shutdown.load(Ordering::SeqCst) {
                 thread::park();
             }
             s.sleeping[w].store(false, Ordering::SeqCst);
@@ -186,10 +177,7 @@ fn worker_loop(s: Arc<Shared>, w: usize) {
             if st >> 32 != seen_generation || st & OPEN == 0 {
                 break false;
             }
-            match s
-                .state
-                .compare_exchange_weak(st, st + 1, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match s.state.compare_exchange_weak(st, st + 1, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break true,
                 Err(now) => st = now,
             }
@@ -217,9 +205,7 @@ static GLOBAL: OnceLock<ThreadPool> = OnceLock::new();
 /// Sets the number of kernel threads. Only the first call (before any kernel ran) has an effect;
 /// returns the number actually in use.
 pub fn init_global(n_threads: usize) -> usize {
-    GLOBAL
-        .get_or_init(|| ThreadPool::new(n_threads))
-        .n_threads()
+    GLOBAL.get_or_init(|| ThreadPool::new(n_threads)).n_threads()
 }
 
 /// The process-wide kernel pool; defaults to one thread per available core.
@@ -335,11 +321,7 @@ mod tests {
                 slow_done.fetch_add(1, Ordering::Relaxed);
             }
         });
-        assert_eq!(
-            slow_done.load(Ordering::Relaxed),
-            1,
-            "all chunks ran before returning"
-        );
+        assert_eq!(slow_done.load(Ordering::Relaxed), 1, "all chunks ran before returning");
         assert!(t.elapsed() >= Duration::from_millis(50));
     }
 

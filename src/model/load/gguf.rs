@@ -18,40 +18,22 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let io = |source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io = |source| ModelError::Io { path: path.to_path_buf(), source };
         let file = File::open(path).map_err(io)?;
         let mut reader = BufReader::new(file);
-        let corrupt = |reason: String| ModelError::Corrupt {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let corrupt = |reason: String| ModelError::Corrupt { path: path.to_path_buf(), reason };
         // candle's reader bounds-checks counts against the file size; the unwind guard is a
         // second line of defence so no malformed file can take the process down.
-        let content =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
-                .map_err(|_| corrupt("malformed GGUF header".into()))?
-                .map_err(|e| corrupt(e.to_string()))?;
+        let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
+            .map_err(|_| corrupt("malformed GGUF header".into()))?
+            .map_err(|e| corrupt(e.to_string()))?;
         for (name, info) in &content.tensor_infos {
-            let elems = info
-                .shape
-                .dims()
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d));
+            let elems = info.shape.dims().iter().try_fold(1usize, |a, &d| a.checked_mul(d));
             if elems.is_none() {
-                return Err(corrupt(format!(
-                    "tensor {name} has an impossible shape {:?}",
-                    info.shape.dims()
-                )));
+                return Err(corrupt(format!("tensor {name} has an impossible shape {:?}", info.shape.dims())));
             }
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            reader,
-            content,
-        })
+        Ok(Self { path: path.to_path_buf(), reader, content })
     }
 
     pub fn metadata(&self) -> &HashMap<String, Value> {
@@ -86,8 +68,7 @@ impl GgufFile {
                 .map(|v| v as usize)
                 .ok_or_else(|| ModelError::Config(format!("GGUF is missing {arch_name}.{key}")))
         };
-        let f32_of =
-            |key: &str, default: f32| get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default);
+        let f32_of = |key: &str, default: f32| get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default);
         let hidden_size = usize_of("embedding_length")?;
         let n_heads = usize_of("attention.head_count")?;
         let n_kv_heads = usize_of("attention.head_count_kv").unwrap_or(n_heads);
@@ -107,13 +88,7 @@ impl GgufFile {
             .get("general.name")
             .and_then(|v| v.to_string().ok())
             .cloned()
-            .unwrap_or_else(|| {
-                self.path
-                    .file_stem()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned()
-            });
+            .unwrap_or_else(|| self.path.file_stem().unwrap_or_default().to_string_lossy().into_owned());
         let cfg = ModelConfig {
             arch,
             name,
@@ -153,17 +128,11 @@ impl WeightSource for GgufFile {
         let t = self
             .content
             .tensor(&mut self.reader, &key, device)
-            .map_err(|e| ModelError::Corrupt {
-                path: self.path.clone(),
-                reason: format!("tensor {key}: {e}"),
-            })?;
+            .map_err(|e| ModelError::Corrupt { path: self.path.clone(), reason: format!("tensor {key}: {e}") })?;
         Ok(Some(RawWeight::Quantized(t)))
     }
 
     fn dims(&self, name: WeightName) -> Option<Vec<usize>> {
-        self.content
-            .tensor_infos
-            .get(&name.gguf())
-            .map(|i| i.shape.dims().to_vec())
+        self.content.tensor_infos.get(&name.gguf()).map(|i| i.shape.dims().to_vec())
     }
 }

@@ -70,11 +70,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self {
-            device: Device::Cpu,
-            backend: Backend::Auto,
-            weights: WeightFormat::Native,
-        }
+        Self { device: Device::Cpu, backend: Backend::Auto, weights: WeightFormat::Native }
     }
 }
 
@@ -85,8 +81,7 @@ impl LoadOptions {
             (Backend::Auto, cpu) => Ok(cpu),
             (Backend::Native, true) => Ok(true),
             (Backend::Native, false) => Err(ModelError::Config(
-                "the native backend runs on the CPU only; use --backend candle (or auto) on a GPU"
-                    .into(),
+                "the native backend runs on the CPU only; use --backend candle (or auto) on a GPU".into(),
             )),
             (Backend::Candle, _) => Ok(false),
         }
@@ -167,9 +162,7 @@ impl RawWeight {
     pub fn to_f32_cpu(&self) -> Result<Tensor> {
         Ok(match self {
             Self::Quantized(q) => q.dequantize(&Device::Cpu)?,
-            Self::Float(t) => t
-                .to_device(&Device::Cpu)?
-                .to_dtype(candle_core::DType::F32)?,
+            Self::Float(t) => t.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?,
         })
     }
 }
@@ -204,10 +197,7 @@ impl ModelFiles {
             });
         }
         let mut magic = [0u8; 4];
-        let io = |source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io = |source| ModelError::Io { path: path.to_path_buf(), source };
         let mut f = std::fs::File::open(path).map_err(io)?;
         use std::io::Read;
         let n = f.read(&mut magic).map_err(io)?;
@@ -217,21 +207,13 @@ impl ModelFiles {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         let reason = match ext {
             "gguf" => "the file does not start with the GGUF magic bytes".to_string(),
-            "safetensors" => {
-                "pass the directory holding config.json and the .safetensors files".into()
-            }
+            "safetensors" => "pass the directory holding config.json and the .safetensors files".into(),
             "bin" | "pt" | "pth" => {
-                "PyTorch pickles are not supported (they can run code); use safetensors or GGUF"
-                    .into()
+                "PyTorch pickles are not supported (they can run code); use safetensors or GGUF".into()
             }
-            _ => {
-                "expected a .gguf file or an HF directory with config.json and *.safetensors".into()
-            }
+            _ => "expected a .gguf file or an HF directory with config.json and *.safetensors".into(),
         };
-        Err(ModelError::UnrecognizedFormat {
-            path: path.to_path_buf(),
-            reason,
-        })
+        Err(ModelError::UnrecognizedFormat { path: path.to_path_buf(), reason })
     }
 
     pub fn path(&self) -> &Path {
@@ -251,13 +233,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 Some(rest) => rest
                     .strip_prefix(':')
                     .and_then(|n| n.parse().ok())
-                    .ok_or_else(|| {
-                        ModelError::Config(format!("bad device {s:?} (cpu, cuda, cuda:N)"))
-                    })?,
+                    .ok_or_else(|| ModelError::Config(format!("bad device {s:?} (cpu, cuda, cuda:N)")))?,
                 None => {
-                    return Err(ModelError::Config(format!(
-                        "unknown device {s:?} (cpu, cuda, cuda:N)"
-                    )));
+                    return Err(ModelError::Config(format!("unknown device {s:?} (cpu, cuda, cuda:N)")));
                 }
             };
             if !candle_core::utils::cuda_is_available() {

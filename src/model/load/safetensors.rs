@@ -27,10 +27,8 @@ impl SafetensorsDir {
         };
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
-        let hf_config: HfConfig = serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
-            path: config_path.clone(),
-            reason: e.to_string(),
-        })?;
+        let hf_config: HfConfig = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Corrupt { path: config_path.clone(), reason: e.to_string() })?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io(dir))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -54,41 +52,20 @@ impl SafetensorsDir {
             let file = std::fs::File::open(&path).map_err(io(&path))?;
             // SAFETY: the file is opened read-only; lethe never writes model files it serves.
             let map = unsafe { Mmap::map(&file) }.map_err(io(&path))?;
-            let (header_len, metadata) =
-                SafeTensors::read_metadata(&map).map_err(|e| ModelError::Corrupt {
-                    path: path.clone(),
-                    reason: format!("{e:?}"),
-                })?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&map)
+                .map_err(|e| ModelError::Corrupt { path: path.clone(), reason: format!("{e:?}") })?;
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
                 let (a, b) = info.data_offsets;
-                index.insert(
-                    name,
-                    (
-                        fi,
-                        info.dtype,
-                        info.shape.clone(),
-                        data_start + a..data_start + b,
-                    ),
-                );
+                index.insert(name, (fi, info.dtype, info.shape.clone(), data_start + a..data_start + b));
             }
             maps.push((path, map));
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            maps,
-            index,
-            hf_config,
-        })
+        Ok(Self { dir: dir.to_path_buf(), maps, index, hf_config })
     }
 
     pub fn config(&self) -> Result<ModelConfig> {
-        let name = self
-            .dir
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
+        let name = self.dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
         self.hf_config.to_config(name)
     }
 
@@ -118,12 +95,7 @@ impl SafetensorsDir {
             }
         };
         let bytes = &self.maps[*fi].1[range.clone()];
-        Ok(Some(Tensor::from_raw_buffer(
-            bytes,
-            dtype,
-            shape,
-            &Device::Cpu,
-        )?))
+        Ok(Some(Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?))
     }
 }
 

@@ -1,0 +1,26 @@
+//! LoRA forget-adapters: reading PEFT directories ([`peft`]) and keeping versions in memory with
+//! leases and limits ([`registry`]). The math of applying them lives in [`crate::model::lora`].
+
+pub mod peft;
+pub mod registry;
+
+pub use peft::GuidanceProfile;
+pub use registry::{AdapterInfo, AdapterLimits, AdapterRegistry, LoadedAdapter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("adapter directory not found: {0}")]
+    NotFound(String),
+    #[error("invalid adapter: {0}")]
+    Invalid(String),
+    #[error("unsupported adapter: {0}")]
+    Unsupported(String),
+    #[error("adapter {0:?} is already loaded (pass \"replace\": true to replace it)")]
+    Exists(String),
+    #[error("no adapter named {0:?} is loaded")]
+    UnknownAdapter(String),
+    #[error("adapter path {0:?} is outside the adapters root")]
+    OutsideRoot(String),
+    #[error("adapter limit: {0}")]
+    Limit(String),
+}
