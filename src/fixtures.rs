@@ -210,3 +210,140 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A random LoRA adapter in PEFT's on-disk layout, for a model of shape `model`.
+#[derive(Debug, Clone)]
+pub struct PeftSpec {
+    pub rank: usize,
+    pub alpha: f32,
+    /// Projection names (`q_proj`, ...) that get LoRA weights.
+    pub modules: Vec<&'static str>,
+    pub use_rslora: bool,
+    /// Extra `adapter_config.json` fields (e.g. `rank_pattern`), merged over the defaults.
+    pub extra_config: serde_json::Value,
+    /// Write keys as `lora_A.default.weight` (as some PEFT versions do).
+    pub default_suffix: bool,
+    pub seed: u64,
+    /// `lethe.json` guidance profile to write beside the PEFT files.
+    pub profile: Option<serde_json::Value>,
+    /// Override the rank of one module (name, rank) in the written tensors.
+    pub rank_override: Option<(&'static str, usize)>,
+}
+
+impl Default for PeftSpec {
+    fn default() -> Self {
+        Self {
+            rank: 4,
+            alpha: 8.0,
+            modules: vec!["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            use_rslora: false,
+            extra_config: serde_json::json!({}),
+            default_suffix: false,
+            seed: 11,
+            profile: None,
+            rank_override: None,
+        }
+    }
+}
+
+/// In and out features of an HF projection of `model`.
+fn hf_proj_dims(model: &TinySpec, module: &str) -> (usize, usize) {
+    let head_dim = model.hidden / model.heads;
+    let (h, q, kv, f) = (model.hidden, model.heads * head_dim, model.kv_heads * head_dim, model.intermediate);
+    match module {
+        "q_proj" => (h, q),
+        "k_proj" | "v_proj" => (h, kv),
+        "o_proj" => (q, h),
+        "gate_proj" | "up_proj" => (h, f),
+        "down_proj" => (f, h),
+        other => panic!("unknown module {other}"),
+    }
+}
+
+/// Writes a random PEFT LoRA adapter for `model` into `dir`. Returns, per (layer, module), the
+/// factors `(a: [r, in], b: [out, r])` it wrote, for reference computations.
+pub fn write_peft_adapter(
+    dir: &Path,
+    model: &TinySpec,
+    spec: &PeftSpec,
+) -> anyhow::Result<Vec<(usize, &'static str, Vec<f32>, Vec<f32>, usize)>> {
+    std::fs::create_dir_all(dir)?;
+    let mut config = serde_json::json!({
+        "peft_type": "LORA",
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "target_modules": spec.modules,
+        "use_rslora": spec.use_rslora,
+        "lora_dropout": 0.01,
+        "bias": "none",
+        "base_model_name_or_path": "tiny",
+        "task_type": "CAUSAL_LM",
+    });
+    if let (Some(c), Some(extra)) = (config.as_object_mut(), spec.extra_config.as_object()) {
+        for (k, v) in extra {
+            c.insert(k.clone(), v.clone());
+        }
+    }
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&config)?)?;
+    if let Some(p) = &spec.profile {
+        std::fs::write(dir.join("lethe.json"), serde_json::to_string_pretty(p)?)?;
+    }
+    let mut rng = Rng::new(spec.seed);
+    let mut written = Vec::new();
+    let mut views = Vec::new();
+    let suffix = if spec.default_suffix { ".default" } else { "" };
+    for l in 0..model.layers {
+        for &m in &spec.modules {
+            let (inp, out) = hf_proj_dims(model, m);
+            let r = match spec.rank_override {
+                Some((om, or)) if om == m => or,
+                _ => spec.rank,
+            };
+            let a: Vec<f32> = (0..r * inp).map(|_| (rng.next_f32() - 0.5) * 0.5).collect();
+            let b: Vec<f32> = (0..out * r).map(|_| (rng.next_f32() - 0.5) * 0.5).collect();
+            let block = if m.ends_with("_proj") && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&m) { "self_attn" } else { "mlp" };
+            let base = format!("base_model.model.model.layers.{l}.{block}.{m}");
+            views.push((format!("{base}.lora_A{suffix}.weight"), RawView::new(Dtype::F32, vec![r, inp], &a)));
+            views.push((format!("{base}.lora_B{suffix}.weight"), RawView::new(Dtype::F32, vec![out, r], &b)));
+            written.push((l, m, a, b, r));
+        }
+    }
+    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors"))?;
+    Ok(written)
+}
+
+/// Writes a copy of the tiny model in `base` with LoRA updates merged into its weights:
+/// `W += scale · B A` for each `(layer, module, a, b, rank)` with its `scale`.
+pub fn write_merged_model(
+    base: &Path,
+    out: &Path,
+    model: &TinySpec,
+    updates: &[(usize, &'static str, Vec<f32>, Vec<f32>, usize, f32)],
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(out)?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(base.join(f), out.join(f))?;
+    }
+    let bytes = std::fs::read(base.join("model.safetensors"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let mut tensors: Vec<(String, RawView)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let mut vals: Vec<f32> =
+            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        for (l, m, a, b, r, scale) in updates {
+            let block = if ["q_proj", "k_proj", "v_proj", "o_proj"].contains(m) { "self_attn" } else { "mlp" };
+            if name == format!("model.layers.{l}.{block}.{m}.weight") {
+                let (inp, outf) = hf_proj_dims(model, m);
+                for o in 0..outf {
+                    for i in 0..inp {
+                        let d: f32 = (0..*r).map(|k| b[o * r + k] * a[k * inp + i]).sum();
+                        vals[o * inp + i] += scale * d;
+                    }
+                }
+            }
+        }
+        tensors.push((name, RawView::new(Dtype::F32, view.shape().to_vec(), &vals)));
+    }
+    safetensors::serialize_to_file(tensors, None, &out.join("model.safetensors"))?;
+    Ok(out.to_path_buf())
+}

@@ -147,7 +147,7 @@ pub fn load(dir: &Path, model: &Llama) -> Result<PeftAdapter, AdapterError> {
     let mut max_rank = 0;
     let mut modules = 0;
     let mut total = 0;
-    for layer in 0..mcfg.n_layers {
+    for (layer, slots) in layers.iter_mut().enumerate() {
         for kind in ProjKind::ALL {
             let module = module_name(layer, kind);
             let a = factors.remove(&(module.clone(), false));
@@ -185,7 +185,7 @@ pub fn load(dir: &Path, model: &Llama) -> Result<PeftAdapter, AdapterError> {
             total += pair.size_in_bytes();
             max_rank = max_rank.max(rank);
             modules += 1;
-            layers[layer][kind as usize] = Some(pair);
+            slots[kind as usize] = Some(pair);
         }
     }
     if let Some(((module, _), _)) = factors.into_iter().next() {

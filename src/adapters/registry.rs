@@ -178,7 +178,7 @@ impl AdapterRegistry {
     }
 
     pub fn list(&self) -> Vec<AdapterInfo> {
-        self.entries.read().expect("registry lock").values().map(|a| info(a)).collect()
+        self.entries.read().expect("registry lock").values().map(info).collect()
     }
 
     /// Bytes held by loaded adapters, and by replaced or unloaded generations still leased.
