@@ -3,9 +3,12 @@
 //! on SmolLM2-135M's shapes with synthetic weights. A small self-contained harness (median of
 //! repeated runs, interleaved) instead of criterion, to keep CI build times down.
 
+use lethe::model::ProjKind;
 use lethe::model::RopeStyle;
 use lethe::model::kernels::attention::{self, KvDtype, KvGeometry, RopeRows, SeqSpan};
 use lethe::model::kernels::{PackedMatrix, matmul};
+use lethe::model::lora::{LoraBatch, LoraPair, LoraWeights};
+use std::sync::Arc;
 use std::time::Instant;
 
 fn rand(n: usize, seed: u64) -> Vec<f32> {
@@ -75,5 +78,91 @@ fn main() {
             t.push(s.elapsed().as_secs_f64());
         }
         println!("attention, 1 layer, {n_seq} seq x {ctx} positions: {:>6.1} µs", median(t) * 1e6);
+    }
+
+    lora();
+}
+
+/// One layer's projections with a rank-16 LoRA on every one of them (SmolLM2 shapes), against
+/// the same projections without: the per-layer cost of a forget-adapter, 1 and 8 rows, and 8
+/// rows spread over 4 adapters.
+fn lora() {
+    let groups: [Vec<(ProjKind, usize)>; 4] = [
+        vec![(ProjKind::Q, 576), (ProjKind::K, 192), (ProjKind::V, 192)],
+        vec![(ProjKind::O, 576)],
+        vec![(ProjKind::Gate, 1536), (ProjKind::Up, 1536)],
+        vec![(ProjKind::Down, 576)],
+    ];
+    let ins = [576usize, 576, 576, 1536];
+    let rank = 16;
+    let adapter = |seed: u64| {
+        let mut slots: [Option<LoraPair>; 7] = std::array::from_fn(|_| None);
+        for (g, &k) in groups.iter().zip(&ins) {
+            for &(kind, out) in g {
+                let a = rand(rank * k, seed + kind as u64);
+                let b = rand(out * rank, seed + 10 + kind as u64);
+                slots[kind as usize] =
+                    Some(LoraPair::new(&a, &b, rank, 2.0, (k, out), true, &candle_core::Device::Cpu).unwrap());
+            }
+        }
+        Arc::new(LoraWeights { layers: vec![slots], bytes: 0 })
+    };
+    let adapters: Vec<_> = (0..4).map(|i| adapter(100 * i)).collect();
+    type Parts = Vec<(ProjKind, std::ops::Range<usize>)>;
+    let mats: Vec<(PackedMatrix, Parts)> = groups
+        .iter()
+        .zip(&ins)
+        .enumerate()
+        .map(|(i, (g, &k))| {
+            let n: usize = g.iter().map(|p| p.1).sum();
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for &(kind, out) in g {
+                parts.push((kind, at..at + out));
+                at += out;
+            }
+            let t = candle_core::Tensor::from_vec(rand(n * k, i as u64), (n, k), &candle_core::Device::Cpu).unwrap();
+            let q = candle_core::quantized::QTensor::quantize(&t, candle_core::quantized::GgmlDType::Q4_1).unwrap();
+            (PackedMatrix::from_q4_1_blocks(&q.data().unwrap(), n, k).unwrap(), parts)
+        })
+        .collect();
+    let x = rand(8 * 1536, 5);
+    let cases: Vec<(&str, usize, Option<LoraBatch>)> = vec![
+        ("1 row, base", 1, None),
+        ("1 row, 1 adapter", 1, Some(LoraBatch { uses: vec![(adapters[0].clone(), std::iter::once(0..1).collect())] })),
+        ("8 rows, base", 8, None),
+        (
+            "8 rows, 1 adapter",
+            8,
+            Some(LoraBatch { uses: vec![(adapters[0].clone(), std::iter::once(0..8).collect())] }),
+        ),
+        (
+            "8 rows, 4 adapters",
+            8,
+            Some(LoraBatch {
+                uses: (0..4).map(|i| (adapters[i].clone(), std::iter::once(2 * i..2 * i + 2).collect())).collect(),
+            }),
+        ),
+    ];
+    let mut times = vec![Vec::new(); cases.len()];
+    for _ in 0..50 {
+        for (ci, (_, m, lora)) in cases.iter().enumerate() {
+            let t = Instant::now();
+            for _ in 0..10 {
+                for (w, parts) in &mats {
+                    let xs = &x[..m * w.k];
+                    let y = match lora.as_ref().and_then(|l| l.shrink_host(0, parts, xs, w.k)) {
+                        Some(d) => matmul::matmul_new_then(w, xs, *m, &d),
+                        None => matmul::matmul_new(w, xs, *m),
+                    };
+                    std::hint::black_box(y);
+                }
+            }
+            times[ci].push(t.elapsed().as_secs_f64() / 10.0);
+        }
+    }
+    for (ci, (label, _, _)) in cases.iter().enumerate() {
+        let t = median(times[ci].clone());
+        println!("q4_1 layer + rank-16 LoRA, {label:<20}: {:>7.1} µs", t * 1e6);
     }
 }

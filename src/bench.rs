@@ -3,6 +3,7 @@
 
 use crate::engine::{EngineConfig, EngineHandle, Event, Request, SchedulerConfig};
 use crate::guidance::{Guidance, GuidanceMode};
+use crate::model::lora::LoraWeights;
 use crate::model::{BatchEntry, KvDtype, Llama, RaggedBatch, SeqId};
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
@@ -38,6 +39,18 @@ pub struct DecodeReport {
     /// Mean duration of one decode step, in milliseconds.
     pub step_ms: f64,
     pub peak_rss_bytes: u64,
+    /// Mean step time of each interleaved round, for ratios paired round by round.
+    #[serde(skip)]
+    pub round_step_s: Vec<f64>,
+}
+
+/// How much faster `a` decodes than `b` (tok/s of `a` over tok/s of `b`, same batch size): the
+/// median over rounds of the per-round ratio, so slow drifts of a noisy machine cancel out.
+pub fn paired_speed_ratio(a: &DecodeReport, b: &DecodeReport) -> f64 {
+    let mut r: Vec<f64> = a.round_step_s.iter().zip(&b.round_step_s).map(|(ta, tb)| tb / ta).collect();
+    r.sort_by(f64::total_cmp);
+    let rows = a.batch as f64 / b.batch as f64;
+    r.get(r.len() / 2).map_or(f64::NAN, |x| x * rows)
 }
 
 /// Model-level decode benchmark for several batch sizes side by side: each batch size gets its
@@ -51,7 +64,26 @@ pub fn decode(
     gen_tokens: usize,
     kv_dtype: KvDtype,
 ) -> anyhow::Result<Vec<DecodeReport>> {
-    const ROUNDS: usize = 8;
+    let cases: Vec<DecodeCase> = batches.iter().map(|&b| DecodeCase { rows: vec![Vec::new(); b] }).collect();
+    decode_cases(model, &cases, prompt_tokens, gen_tokens, kv_dtype)
+}
+
+/// One decode configuration: per row, the LoRA adapters applied to it (empty = base model).
+#[derive(Clone)]
+pub struct DecodeCase {
+    pub rows: Vec<Vec<Arc<LoraWeights>>>,
+}
+
+/// [`decode`] for arbitrary cases, e.g. rows with different adapters.
+pub fn decode_cases(
+    model: &Llama,
+    cases: &[DecodeCase],
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    kv_dtype: KvDtype,
+) -> anyhow::Result<Vec<DecodeReport>> {
+    // Rounds of at least 8 steps per case; more rounds, more pairs for the paired ratios.
+    let rounds = (gen_tokens / 8).clamp(1, 32);
     let vocab = model.config().vocab_size;
     let mut kv = model.new_kv_cache_with_dtype(usize::MAX / 2, kv_dtype);
     // Warm-up on a throwaway sequence: first-touch page faults and thread start-up.
@@ -65,36 +97,50 @@ pub fn decode(
     }
     kv.remove_sequence(w);
 
-    struct Run {
+    struct Run<'a> {
         seqs: Vec<SeqId>,
+        adapters: &'a [Vec<Arc<LoraWeights>>],
         next: Vec<u32>,
         prefill_s: f64,
         round_s: Vec<f64>,
         steps: usize,
     }
+    impl Run<'_> {
+        fn batch(&self, tokens: impl Fn(usize) -> Vec<u32>) -> RaggedBatch {
+            RaggedBatch::new(
+                self.seqs
+                    .iter()
+                    .zip(self.adapters)
+                    .enumerate()
+                    .map(|(i, (&s, a))| BatchEntry::last(s, tokens(i)).with_adapters(a.clone()))
+                    .collect(),
+            )
+        }
+    }
     let mut runs = Vec::new();
-    for (bi, &batch) in batches.iter().enumerate() {
-        let seqs: Vec<SeqId> = (0..batch).map(|_| kv.add_sequence()).collect();
-        let prefill = RaggedBatch::new(
-            seqs.iter()
-                .enumerate()
-                .map(|(i, &s)| BatchEntry::last(s, synthetic_prompt(prompt_tokens, vocab, (bi * 1000 + i) as u64)))
-                .collect(),
-        );
+    for (ci, case) in cases.iter().enumerate() {
+        let batch = case.rows.len();
+        let mut run = Run {
+            seqs: (0..batch).map(|_| kv.add_sequence()).collect(),
+            adapters: &case.rows,
+            next: Vec::new(),
+            prefill_s: 0.0,
+            round_s: Vec::new(),
+            steps: 0,
+        };
+        let prefill = run.batch(|i| synthetic_prompt(prompt_tokens, vocab, (ci * 1000 + i) as u64));
         let t0 = Instant::now();
         let logits = model.forward(&prefill, &mut kv)?;
-        let prefill_s = t0.elapsed().as_secs_f64();
-        let next = (0..batch).map(|i| crate::sampling::argmax(logits.last(i))).collect();
-        runs.push(Run { seqs, next, prefill_s, round_s: Vec::new(), steps: 0 });
+        run.prefill_s = t0.elapsed().as_secs_f64();
+        run.next = (0..batch).map(|i| crate::sampling::argmax(logits.last(i))).collect();
+        runs.push(run);
     }
-    for round in 0..ROUNDS {
-        let steps = gen_tokens / ROUNDS + usize::from(round < gen_tokens % ROUNDS);
+    for round in 0..rounds {
+        let steps = gen_tokens / rounds + usize::from(round < gen_tokens % rounds);
         for run in runs.iter_mut() {
             let t = Instant::now();
             for _ in 0..steps {
-                let step = RaggedBatch::new(
-                    run.seqs.iter().zip(&run.next).map(|(&s, &tok)| BatchEntry::last(s, vec![tok])).collect(),
-                );
+                let step = run.batch(|i| vec![run.next[i]]);
                 let logits = model.forward(&step, &mut kv)?;
                 run.next = (0..run.seqs.len()).map(|i| crate::sampling::argmax(logits.last(i))).collect();
             }
@@ -107,10 +153,11 @@ pub fn decode(
     let rss = peak_rss_bytes().unwrap_or(0);
     Ok(runs
         .into_iter()
-        .zip(batches)
-        .map(|(mut run, &batch)| {
-            run.round_s.sort_by(f64::total_cmp);
-            let step = run.round_s.get(run.round_s.len() / 2).copied().unwrap_or(f64::NAN);
+        .map(|run| {
+            let batch = run.seqs.len();
+            let mut sorted = run.round_s.clone();
+            sorted.sort_by(f64::total_cmp);
+            let step = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
             DecodeReport {
                 model: model.config().name.clone(),
                 weights: model.weights_desc().to_string(),
@@ -123,9 +170,97 @@ pub fn decode(
                 decode_tok_s: batch as f64 / step,
                 step_ms: step * 1e3,
                 peak_rss_bytes: rss,
+                round_step_s: run.round_s,
             }
         })
         .collect())
+}
+
+/// `lethe bench adapters`: the cost of unmerged per-row LoRA.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterBenchReport {
+    pub model: String,
+    pub weights: String,
+    pub rank: usize,
+    /// Bytes of one adapter's factors in memory.
+    pub adapter_bytes: usize,
+    /// Size of one adapter's `adapter_model.safetensors` (f32).
+    pub adapter_file_bytes: u64,
+    /// Median wall time to read, validate and pack one adapter.
+    pub load_ms: f64,
+    /// (label, report) per decode case, measured side by side.
+    pub cases: Vec<(String, DecodeReport)>,
+    /// One adapter on the only row vs no adapter, decode tok/s.
+    pub one_row_ratio: f64,
+    /// `batch` rows each with one adapter vs no adapter.
+    pub batch_adapter_ratio: f64,
+    /// `batch` rows spread over 4 adapters vs all rows on one adapter (aggregate tok/s).
+    pub four_adapters_ratio: f64,
+}
+
+/// Writes 4 random rank-`rank` all-linear PEFT adapters shaped for `model` into `dir`, times
+/// loading them, and decodes side by side: 1 row without/with an adapter, and `batch` rows
+/// without adapters, all on one adapter, and spread over 4 adapters.
+pub fn adapters(
+    model: &Llama,
+    dir: &std::path::Path,
+    rank: usize,
+    batch: usize,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    kv_dtype: KvDtype,
+) -> anyhow::Result<AdapterBenchReport> {
+    use crate::fixtures::{PeftSpec, TinySpec, write_peft_adapter};
+    let cfg = model.config();
+    anyhow::ensure!(cfg.n_heads * cfg.head_dim == cfg.hidden_size, "adapter synthesis needs head_dim = hidden / heads");
+    let shape = TinySpec::shaped_like(cfg);
+    let mut loaded = Vec::new();
+    let mut load_s = Vec::new();
+    for i in 0..4 {
+        let path = dir.join(format!("adapter{i}"));
+        // Small factors, like a trained LoRA's, so activations stay in their normal range.
+        let spec =
+            PeftSpec { rank, alpha: 2.0 * rank as f32, seed: 100 + i as u64, init_scale: 0.04, ..Default::default() };
+        write_peft_adapter(&path, &shape, &spec)?;
+        let t = Instant::now();
+        let a = crate::adapters::peft::load(&path, model)?;
+        load_s.push(t.elapsed().as_secs_f64());
+        loaded.push(Arc::new(a.weights));
+    }
+    // Reload the first one twice more for a steadier load time (page cache warm, as in service).
+    for _ in 0..2 {
+        let t = Instant::now();
+        crate::adapters::peft::load(&dir.join("adapter0"), model)?;
+        load_s.push(t.elapsed().as_secs_f64());
+    }
+    load_s.sort_by(f64::total_cmp);
+    let file_bytes = std::fs::metadata(dir.join("adapter0").join("adapter_model.safetensors"))?.len();
+    let one = &loaded[0];
+    let labelled: Vec<(String, DecodeCase)> = vec![
+        ("1 row, base".into(), DecodeCase { rows: vec![vec![]] }),
+        ("1 row, 1 adapter".into(), DecodeCase { rows: vec![vec![one.clone()]] }),
+        (format!("{batch} rows, base"), DecodeCase { rows: vec![vec![]; batch] }),
+        (format!("{batch} rows, 1 adapter"), DecodeCase { rows: vec![vec![one.clone()]; batch] }),
+        (
+            format!("{batch} rows, 4 adapters"),
+            DecodeCase { rows: (0..batch).map(|i| vec![loaded[i * 4 / batch.max(1)].clone()]).collect() },
+        ),
+    ];
+    let cases: Vec<DecodeCase> = labelled.iter().map(|(_, c)| c.clone()).collect();
+    let reports = decode_cases(model, &cases, prompt_tokens, gen_tokens, kv_dtype)?;
+    let ratio = |a: usize, b: usize| paired_speed_ratio(&reports[a], &reports[b]);
+    Ok(AdapterBenchReport {
+        model: cfg.name.clone(),
+        weights: model.weights_desc().to_string(),
+        rank,
+        adapter_bytes: one.bytes,
+        adapter_file_bytes: file_bytes,
+        load_ms: load_s[load_s.len() / 2] * 1e3,
+        one_row_ratio: ratio(1, 0),
+        batch_adapter_ratio: ratio(3, 2),
+        four_adapters_ratio: ratio(4, 3),
+        cases: labelled.into_iter().map(|(l, _)| l).zip(reports).collect(),
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -47,6 +47,25 @@ impl Default for TinySpec {
     }
 }
 
+impl TinySpec {
+    /// The shape of a real model, so fixtures (e.g. PEFT adapters for benchmarks) can be written
+    /// for it.
+    pub fn shaped_like(cfg: &crate::model::ModelConfig) -> Self {
+        Self {
+            model_type: "llama",
+            hidden: cfg.hidden_size,
+            intermediate: cfg.intermediate_size,
+            layers: cfg.n_layers,
+            heads: cfg.n_heads,
+            kv_heads: cfg.n_kv_heads,
+            max_positions: cfg.max_context,
+            tie_embeddings: cfg.tie_embeddings,
+            dtype: "F32",
+            seed: 0,
+        }
+    }
+}
+
 const CORPUS: &str = "The quick brown fox jumps over the lazy dog. A customer called about an \
 order; her phone number is on file and must never be shared. Paris is the capital of France. \
 Classifier-free guidance mixes two predictions of the same model. Forget the secret, keep the \
@@ -211,6 +230,12 @@ impl Drop for TempDir {
     }
 }
 
+/// A factor pair a fixture wrote: `(layer, module, a: [r, in], b: [out, r], r)`.
+pub type WrittenPair = (usize, &'static str, Vec<f32>, Vec<f32>, usize);
+
+/// A LoRA update to merge into weights: a [`WrittenPair`] plus its scale.
+pub type MergeUpdate = (usize, &'static str, Vec<f32>, Vec<f32>, usize, f32);
+
 /// A random LoRA adapter in PEFT's on-disk layout, for a model of shape `model`.
 #[derive(Debug, Clone)]
 pub struct PeftSpec {
@@ -228,6 +253,8 @@ pub struct PeftSpec {
     pub profile: Option<serde_json::Value>,
     /// Override the rank of one module (name, rank) in the written tensors.
     pub rank_override: Option<(&'static str, usize)>,
+    /// Factor values are uniform in `[-init_scale/2, init_scale/2]`.
+    pub init_scale: f32,
 }
 
 impl Default for PeftSpec {
@@ -242,6 +269,7 @@ impl Default for PeftSpec {
             seed: 11,
             profile: None,
             rank_override: None,
+            init_scale: 0.5,
         }
     }
 }
@@ -262,11 +290,7 @@ fn hf_proj_dims(model: &TinySpec, module: &str) -> (usize, usize) {
 
 /// Writes a random PEFT LoRA adapter for `model` into `dir`. Returns, per (layer, module), the
 /// factors `(a: [r, in], b: [out, r])` it wrote, for reference computations.
-pub fn write_peft_adapter(
-    dir: &Path,
-    model: &TinySpec,
-    spec: &PeftSpec,
-) -> anyhow::Result<Vec<(usize, &'static str, Vec<f32>, Vec<f32>, usize)>> {
+pub fn write_peft_adapter(dir: &Path, model: &TinySpec, spec: &PeftSpec) -> anyhow::Result<Vec<WrittenPair>> {
     std::fs::create_dir_all(dir)?;
     let mut config = serde_json::json!({
         "peft_type": "LORA",
@@ -299,9 +323,13 @@ pub fn write_peft_adapter(
                 Some((om, or)) if om == m => or,
                 _ => spec.rank,
             };
-            let a: Vec<f32> = (0..r * inp).map(|_| (rng.next_f32() - 0.5) * 0.5).collect();
-            let b: Vec<f32> = (0..out * r).map(|_| (rng.next_f32() - 0.5) * 0.5).collect();
-            let block = if m.ends_with("_proj") && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&m) { "self_attn" } else { "mlp" };
+            let a: Vec<f32> = (0..r * inp).map(|_| (rng.next_f32() - 0.5) * spec.init_scale).collect();
+            let b: Vec<f32> = (0..out * r).map(|_| (rng.next_f32() - 0.5) * spec.init_scale).collect();
+            let block = if m.ends_with("_proj") && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&m) {
+                "self_attn"
+            } else {
+                "mlp"
+            };
             let base = format!("base_model.model.model.layers.{l}.{block}.{m}");
             views.push((format!("{base}.lora_A{suffix}.weight"), RawView::new(Dtype::F32, vec![r, inp], &a)));
             views.push((format!("{base}.lora_B{suffix}.weight"), RawView::new(Dtype::F32, vec![out, r], &b)));
@@ -318,7 +346,7 @@ pub fn write_merged_model(
     base: &Path,
     out: &Path,
     model: &TinySpec,
-    updates: &[(usize, &'static str, Vec<f32>, Vec<f32>, usize, f32)],
+    updates: &[MergeUpdate],
 ) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(out)?;
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
@@ -346,4 +374,110 @@ pub fn write_merged_model(
     }
     safetensors::serialize_to_file(tensors, None, &out.join("model.safetensors"))?;
     Ok(out.to_path_buf())
+}
+
+/// Converts the tiny HF model in `hf_dir` to a GGUF file at `out` the way llama.cpp's
+/// `convert_hf_to_gguf.py` does for Llama: tensors renamed, q/k rows permuted for interleaved
+/// RoPE, weights stored as `dtype` (F32 or a quantized type whose block fits the shapes).
+/// Lets tests compare the GGUF path with the HF path on the same weights.
+pub fn write_tiny_gguf(
+    hf_dir: &Path,
+    out: &Path,
+    spec: &TinySpec,
+    dtype: candle_core::quantized::GgmlDType,
+) -> anyhow::Result<PathBuf> {
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file::Value};
+    anyhow::ensure!(spec.model_type == "llama", "write_tiny_gguf converts llama models only");
+    let bytes = std::fs::read(hf_dir.join("model.safetensors"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let head_dim = spec.hidden / spec.heads;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut vocab = 0;
+    for (name, view) in st.tensors() {
+        let shape = view.shape().to_vec();
+        let mut vals: Vec<f32> = match view.dtype() {
+            Dtype::F16 => {
+                view.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+            Dtype::BF16 => {
+                view.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+            _ => view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        };
+        let heads = if name.ends_with("q_proj.weight") {
+            Some(spec.heads)
+        } else if name.ends_with("k_proj.weight") {
+            Some(spec.kv_heads)
+        } else {
+            None
+        };
+        if let Some(n) = heads {
+            // numpy: w.reshape(n, 2, d/2, cols).swapaxes(1, 2).reshape(w.shape)
+            let (cols, half) = (shape[1], head_dim / 2);
+            let src = vals.clone();
+            for h in 0..n {
+                for s in 0..2 {
+                    for j in 0..half {
+                        let (dst_row, src_row) = (h * head_dim + j * 2 + s, h * head_dim + s * half + j);
+                        vals[dst_row * cols..(dst_row + 1) * cols]
+                            .copy_from_slice(&src[src_row * cols..(src_row + 1) * cols]);
+                    }
+                }
+            }
+        }
+        let gguf_name = gguf_tensor_name(&name)?;
+        if gguf_name == "token_embd.weight" {
+            vocab = shape[0];
+        }
+        let t = candle_core::Tensor::from_vec(vals, shape.as_slice(), &candle_core::Device::Cpu)?;
+        // Norms stay f32, as llama.cpp keeps 1-D tensors.
+        let qdtype = if shape.len() == 1 { GgmlDType::F32 } else { dtype };
+        tensors.push((gguf_name, QTensor::quantize(&t, qdtype)?));
+    }
+    let md: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("general.name", Value::String("tiny-gguf".into())),
+        ("llama.embedding_length", Value::U32(spec.hidden as u32)),
+        ("llama.feed_forward_length", Value::U32(spec.intermediate as u32)),
+        ("llama.block_count", Value::U32(spec.layers as u32)),
+        ("llama.attention.head_count", Value::U32(spec.heads as u32)),
+        ("llama.attention.head_count_kv", Value::U32(spec.kv_heads as u32)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("llama.rope.freq_base", Value::F32(10000.0)),
+        ("llama.rope.dimension_count", Value::U32(head_dim as u32)),
+        ("llama.context_length", Value::U32(spec.max_positions as u32)),
+        ("llama.vocab_size", Value::U32(vocab as u32)),
+    ];
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(out)?;
+    candle_core::quantized::gguf_file::write(&mut f, &md_refs, &t_refs)?;
+    Ok(out.to_path_buf())
+}
+
+/// HF tensor name → llama.cpp's GGUF name.
+fn gguf_tensor_name(hf: &str) -> anyhow::Result<String> {
+    let fixed = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return Ok(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.").ok_or_else(|| anyhow::anyhow!("unexpected tensor {hf}"))?;
+    let (layer, module) = rest.split_once('.').ok_or_else(|| anyhow::anyhow!("unexpected tensor {hf}"))?;
+    let g = match module {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        other => anyhow::bail!("unexpected tensor module {other}"),
+    };
+    Ok(format!("blk.{layer}.{g}"))
 }

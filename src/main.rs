@@ -38,6 +38,27 @@ enum BenchCommand {
     /// Load-test an OpenAI-compatible server with streaming requests (TTFT, inter-token latency,
     /// throughput). Without --url, starts lethe in-process on loopback.
     Serve(BenchServeArgs),
+    /// The cost of forget-adapters: load time of a synthetic rank-r all-linear PEFT adapter, and
+    /// decode speed with no adapter, one adapter on every row, and rows spread over 4 adapters.
+    Adapters(BenchAdaptersArgs),
+}
+
+#[derive(Args)]
+struct BenchAdaptersArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// LoRA rank of the synthetic adapters (all seven linear projections of every layer).
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Rows of the multi-row cases.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -203,7 +224,9 @@ fn main() -> Result<()> {
     tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,lethe=info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
@@ -211,6 +234,7 @@ fn main() -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Bench(BenchCommand::Decode(a)) => bench_decode(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
+        Command::Bench(BenchCommand::Adapters(a)) => bench_adapters(a),
     }
 }
 
@@ -222,6 +246,8 @@ fn serve(args: lethe::config::ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        // The bound address (port 0 picks a free one), so scripts can find the server.
+        let addr = listener.local_addr()?;
         tracing::info!(model = %state.model_id, fingerprint = %state.fingerprint, "serving on http://{addr} (Ctrl-C to stop)");
         lethe::server::serve(listener, state, lethe::server::shutdown_signal(), grace).await?;
         anyhow::Ok(())
@@ -282,6 +308,42 @@ fn generate(a: GenerateArgs) -> Result<()> {
         }
     }
     engine.shutdown(std::time::Duration::from_secs(1));
+    Ok(())
+}
+
+fn bench_adapters(a: BenchAdaptersArgs) -> Result<()> {
+    let bundle = a.model.load()?;
+    let dir = lethe::fixtures::TempDir::new("bench-adapters")?;
+    eprintln!("writing 4 synthetic rank-{} adapters under {} ...", a.rank, dir.path().display());
+    let r = lethe::bench::adapters(
+        &bundle.model,
+        dir.path(),
+        a.rank,
+        a.batch,
+        a.prompt_tokens,
+        a.gen_tokens,
+        a.model.kv_dtype,
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({}), rank-{} all-linear adapter: {:.1} MiB in memory (f16), {:.1} MiB on disk (f32), loaded in {:.0} ms",
+        r.model,
+        r.weights,
+        r.rank,
+        r.adapter_bytes as f64 / (1 << 20) as f64,
+        r.adapter_file_bytes as f64 / (1 << 20) as f64,
+        r.load_ms
+    );
+    for (label, d) in &r.cases {
+        println!("  {label:<20} decode {:>7.1} tok/s ({:.2} ms/step)", d.decode_tok_s, d.step_ms);
+    }
+    println!(
+        "ratios: 1 row with/without adapter {:.3}; {} rows with/without {:.3}; {} rows on 4 adapters / on 1 adapter {:.3}",
+        r.one_row_ratio, a.batch, r.batch_adapter_ratio, a.batch, r.four_adapters_ratio
+    );
     Ok(())
 }
 

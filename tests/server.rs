@@ -2,106 +2,14 @@
 //! errors, cancellation on disconnect, request ids, hostile input, graceful shutdown, and the
 //! OpenAPI contract.
 
+mod common;
+
+use common::http::{Server, assert_error, chat, sse};
 use futures::StreamExt;
-use lethe::config::{ServeArgs, ServeConfig};
-use lethe::fixtures::{TempDir, TinySpec, write_tiny_model};
-use lethe::server::{AppState, serve};
+use lethe::fixtures::TinySpec;
 use serde_json::{Value, json};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-struct Server {
-    base: String,
-    state: Arc<AppState>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-    _dir: TempDir,
-}
-
-impl Server {
-    async fn start(tweak: impl FnOnce(&mut ServeArgs)) -> Self {
-        Self::start_with(TinySpec { max_positions: 256, ..Default::default() }, tweak).await
-    }
-
-    async fn start_with(spec: TinySpec, tweak: impl FnOnce(&mut ServeArgs)) -> Self {
-        let dir = TempDir::new("server").unwrap();
-        let model = write_tiny_model(&dir.path().join("tiny"), &spec).unwrap();
-        let mut args = ServeArgs { model: Some(model), ..Default::default() };
-        tweak(&mut args);
-        let config = ServeConfig::resolve(&args).unwrap();
-        let grace = Duration::from_secs(config.shutdown_grace_secs);
-        let state = tokio::task::spawn_blocking(move || AppState::load(config)).await.unwrap().unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(
-            listener,
-            state.clone(),
-            async move {
-                let _ = rx.await;
-            },
-            grace,
-        ));
-        Self { base, state, stop: Some(tx), task, _dir: dir }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn model(&self) -> String {
-        self.state.model_id.clone()
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = reqwest::Client::new().post(self.url(path)).json(&body).send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    fn running(&self) -> usize {
-        self.state.engine.stats().running.load(Ordering::Relaxed)
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("server stopped in time")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-fn chat(model: &str, extra: Value) -> Value {
-    let mut body = json!({
-        "model": model,
-        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, who are you?"}],
-        "max_tokens": 12,
-        "temperature": 0,
-    });
-    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    body
-}
-
-/// Reads an SSE response into its `data:` payloads.
-async fn sse(resp: reqwest::Response) -> Vec<String> {
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-    let text = resp.text().await.unwrap();
-    text.lines().filter_map(|l| l.strip_prefix("data: ")).map(String::from).collect()
-}
-
-fn assert_error(status: u16, body: &Value, want_status: u16, want_param: Option<&str>) {
-    assert_eq!(status, want_status, "{body}");
-    let e = &body["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    assert!(e["type"].is_string(), "{body}");
-    assert!(e.get("param").is_some() && e.get("code").is_some(), "{body}");
-    if let Some(p) = want_param {
-        assert_eq!(e["param"], p, "{body}");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completion_has_openai_shape() {
@@ -427,21 +335,43 @@ async fn graceful_shutdown_ends_streams_cleanly() {
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "the stream ended cleanly");
 }
 
+/// The routes the router serves, read from its source (`.route("/path", get(..).post(..))`), so
+/// a route added to the code without being added to the contract fails this test.
+fn routes_in_router() -> Vec<(String, String)> {
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/server/mod.rs")).unwrap();
+    let mut routes = Vec::new();
+    for line in src.lines().map(str::trim).filter(|l| l.starts_with(".route(\"")) {
+        let path = line[8..].split('"').next().unwrap().to_string();
+        let handlers = &line[8 + path.len()..];
+        for method in ["get", "post", "put", "delete", "patch"] {
+            if handlers.contains(&format!("{method}(")) {
+                routes.push((path.clone(), method.to_string()));
+            }
+        }
+    }
+    routes
+}
+
 /// Every route and every lethe extension field is documented in proto/openapi.yaml.
 #[test]
 fn openapi_contract_covers_routes_and_extensions() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proto/openapi.yaml")).unwrap();
     let spec: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let paths = spec["paths"].as_mapping().unwrap();
-    for (path, method) in [
-        ("/v1/chat/completions", "post"),
-        ("/v1/completions", "post"),
-        ("/v1/models", "get"),
-        ("/health", "get"),
-        ("/ready", "get"),
-    ] {
-        let p = paths.get(path).unwrap_or_else(|| panic!("{path} missing from openapi.yaml"));
-        assert!(p.get(method).is_some(), "{method} {path} missing from openapi.yaml");
+    let routes = routes_in_router();
+    assert!(routes.len() >= 16, "router parse found only {routes:?}");
+    for (path, method) in &routes {
+        let p = paths.get(path.as_str()).unwrap_or_else(|| panic!("{path} missing from openapi.yaml"));
+        assert!(p.get(method.as_str()).is_some(), "{method} {path} missing from openapi.yaml");
+    }
+    // ... and the contract documents nothing the router does not serve.
+    for (path, item) in paths {
+        for (method, _) in item.as_mapping().unwrap() {
+            let (path, method) = (path.as_str().unwrap().to_string(), method.as_str().unwrap().to_string());
+            if method != "parameters" {
+                assert!(routes.contains(&(path.clone(), method.clone())), "openapi.yaml lists {method} {path}");
+            }
+        }
     }
     let schemas = &spec["components"]["schemas"];
     let props = |name: &str| -> Vec<String> {
@@ -463,6 +393,26 @@ fn openapi_contract_covers_routes_and_extensions() {
     }
     for schema in ["ChatCompletion", "TextCompletion", "ChatCompletionChunk"] {
         assert!(props(schema).contains(&"guidance".to_string()), "{schema}.guidance");
+    }
+    assert!(props("AppliedGuidance").contains(&"adapters".to_string()), "AppliedGuidance.adapters");
+    // The admin schemas match the Rust types they describe.
+    let mut policy_fields: Vec<String> = serde_json::to_value(lethe::tenants::TenantPolicy::default())
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let mut documented = props("TenantPolicy");
+    policy_fields.sort();
+    documented.sort();
+    assert_eq!(policy_fields, documented, "TenantPolicy");
+    for f in ["name", "generation", "path", "rank", "modules", "bytes", "profile", "base_model", "loaded_at", "leases"]
+    {
+        assert!(props("AdapterInfo").contains(&f.to_string()), "AdapterInfo.{f}");
+    }
+    for f in ["name", "path", "replace"] {
+        assert!(props("AdapterLoad").contains(&f.to_string()), "AdapterLoad.{f}");
     }
     for f in ["message", "type", "param", "code"] {
         assert!(schemas["Error"]["properties"]["error"]["properties"].get(f).is_some(), "Error.error.{f}");

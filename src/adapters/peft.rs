@@ -7,7 +7,7 @@
 
 use super::AdapterError;
 use crate::model::lora::{LoraPair, LoraWeights, proj_dims};
-use crate::model::{Llama, ProjKind};
+use crate::model::{Llama, ProjKind, RopeStyle};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -180,7 +180,16 @@ pub fn load(dir: &Path, model: &Llama) -> Result<PeftAdapter, AdapterError> {
                 return Err(bad(format!("{module}: rank 0")));
             }
             let scale = if cfg.use_rslora { alpha / (rank as f32).sqrt() } else { alpha / rank as f32 };
-            let pair = LoraPair::new(&a.1, &b.1, rank, scale, (inp, out), model.is_native(), model.device())
+            let b_rows = match kind {
+                ProjKind::Q if mcfg.rope_style == RopeStyle::Interleaved => {
+                    hf_rows_to_interleaved(&b.1, rank, mcfg.n_heads, mcfg.head_dim)
+                }
+                ProjKind::K if mcfg.rope_style == RopeStyle::Interleaved => {
+                    hf_rows_to_interleaved(&b.1, rank, mcfg.n_kv_heads, mcfg.head_dim)
+                }
+                _ => b.1,
+            };
+            let pair = LoraPair::new(&a.1, &b_rows, rank, scale, (inp, out), model.is_native(), model.device())
                 .map_err(|e| bad(e.to_string()))?;
             total += pair.size_in_bytes();
             max_rank = max_rank.max(rank);
@@ -210,6 +219,25 @@ pub fn load(dir: &Path, model: &Llama) -> Result<PeftAdapter, AdapterError> {
         base_model: cfg.base_model_name_or_path,
         content_hash,
     })
+}
+
+/// PEFT adapters are trained against HF checkpoints, whose q/k rows are laid out for "rotate
+/// half" RoPE. llama.cpp's converter permutes those rows so RoPE can rotate adjacent pairs; a
+/// GGUF base therefore needs the same permutation applied to `lora_B`'s rows, or the delta
+/// would land on the wrong rotary dimensions. Within each head, HF row `s·d/2 + j` (s ∈ {0,1})
+/// becomes row `2j + s`.
+fn hf_rows_to_interleaved(b: &[f32], rank: usize, heads: usize, head_dim: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0.0; b.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for s in 0..2 {
+                let (dst, src) = (h * head_dim + 2 * j + s, h * head_dim + s * half + j);
+                out[dst * rank..(dst + 1) * rank].copy_from_slice(&b[src * rank..(src + 1) * rank]);
+            }
+        }
+    }
+    out
 }
 
 fn check_config(cfg: &PeftConfig) -> Result<(), AdapterError> {

@@ -29,6 +29,18 @@ pub struct LoadedAdapter {
     pub loaded_at: u64,
 }
 
+impl std::fmt::Debug for LoadedAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedAdapter")
+            .field("name", &self.name)
+            .field("generation", &self.generation)
+            .field("path", &self.path)
+            .field("rank", &self.rank)
+            .field("bytes", &self.weights.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct AdapterLimits {
     pub max_adapters: usize,

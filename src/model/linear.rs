@@ -64,11 +64,10 @@ impl Linear {
                 }
                 let x = x.contiguous()?;
                 let y = with_cpu_f32(&x, |xs| {
-                    let mut y = kernels::matmul::matmul_new(w, xs, t);
-                    if let Some((l, layer)) = lora {
-                        l.apply_host(layer, &self.parts, xs, k, &mut y, w.n);
+                    match lora.and_then(|(l, layer)| l.shrink_host(layer, &self.parts, xs, k)) {
+                        None => kernels::matmul::matmul_new(w, xs, t),
+                        Some(deltas) => kernels::matmul::matmul_new_then(w, xs, t, &deltas),
                     }
-                    y
                 })?;
                 Tensor::from_vec(y, (t, w.n), &Device::Cpu)?
             }

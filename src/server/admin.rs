@@ -29,7 +29,11 @@ fn ok(v: impl Serialize) -> Resp {
 // ------------------------------------------------------------------------------- adapters
 
 pub async fn list_adapters(_: Admin, State(s): State<Arc<AppState>>) -> Resp {
-    ok(json!({ "object": "list", "data": s.adapters.list() }))
+    let (loaded_bytes, retired_bytes) = s.adapters.bytes();
+    // `retired_bytes`: replaced or unloaded generations that in-flight requests still hold.
+    ok(
+        json!({ "object": "list", "data": s.adapters.list(), "loaded_bytes": loaded_bytes, "retired_bytes": retired_bytes }),
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -47,7 +51,7 @@ pub async fn load_adapter(
     JsonBody(One(req)): JsonBody<One<LoadAdapter>>,
 ) -> Resp {
     let _guard = s.admin_lock.lock().await;
-    check_name(&req.name)?;
+    check_name(&req.name).map_err(|e| ApiError::invalid(e.to_string(), Some("name".into())))?;
     let previous = s.adapters.get(&req.name);
     if previous.is_some() && !req.replace {
         return Err(crate::adapters::AdapterError::Exists(req.name).into());

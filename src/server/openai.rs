@@ -134,6 +134,15 @@ pub struct AppliedGuidance {
     /// `negative_prompt` or `last_token`.
     pub uncond: &'static str,
     pub uncond_prompt_tokens: usize,
+    /// The forget-adapters applied (the tenant's), each as the generation this request leased.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AppliedAdapter>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AppliedAdapter {
+    pub name: String,
+    pub generation: String,
 }
 
 #[derive(Debug, Serialize)]

@@ -4,8 +4,8 @@
 use super::AppState;
 use super::error::ApiError;
 use super::openai::{
-    AppliedGuidance, ChatCompletionRequest, CommonParams, CompletionRequest, GuidanceRequest, MessageContent,
-    PromptInput, StopInput,
+    AppliedAdapter, AppliedGuidance, ChatCompletionRequest, CommonParams, CompletionRequest, GuidanceRequest,
+    MessageContent, PromptInput, StopInput,
 };
 use crate::adapters::LoadedAdapter;
 use crate::engine::prompt::{self, PromptRows};
@@ -41,18 +41,25 @@ pub struct TenantContext {
 }
 
 impl TenantContext {
+    /// Reads the tenant's policy and leases its adapters. A forced unload removes the adapter
+    /// from policies first and from the registry second, so a lookup that misses was racing an
+    /// admin change: reading the policy again settles it.
     pub fn of(state: &AppState, tenant: &str) -> Result<Self, ApiError> {
-        let policy = state.tenants.policy(tenant);
-        let adapters = policy
-            .adapters
-            .iter()
-            .map(|a| {
-                state.adapters.get(a).ok_or_else(|| {
-                    ApiError::Internal(format!("adapter {a:?} is enabled for {tenant:?} but not loaded"))
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Self { name: tenant.to_string(), policy, adapters })
+        let mut attempts = 0;
+        loop {
+            let policy = state.tenants.policy(tenant);
+            let leased: Option<Vec<_>> = policy.adapters.iter().map(|a| state.adapters.get(a)).collect();
+            match leased {
+                Some(adapters) => return Ok(Self { name: tenant.to_string(), policy, adapters }),
+                None if attempts < 3 => attempts += 1,
+                None => {
+                    return Err(ApiError::Internal(format!(
+                        "tenant {tenant:?} enables adapters {:?} that are not all loaded",
+                        policy.adapters
+                    )));
+                }
+            }
+        }
     }
 }
 
@@ -246,6 +253,11 @@ fn resolve_guidance(
         mode: mode.as_str(),
         uncond: if requested && !guidance.is_identity() { source_name } else { "none" },
         uncond_prompt_tokens: 0,
+        adapters: tenant
+            .adapters
+            .iter()
+            .map(|a| AppliedAdapter { name: a.name.clone(), generation: a.generation.clone() })
+            .collect(),
     };
     Ok(Resolved { rows: requested.then_some((conditions, source)), guidance, applied })
 }

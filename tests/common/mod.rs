@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests.
 
+pub mod http;
+
 use std::path::PathBuf;
 
 /// The default model (SmolLM2-135M-Instruct GGUF) if it has been fetched.

@@ -96,13 +96,18 @@ fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
 
 /// `x · Wᵀ` into a new `[m, n]` vector (not zero-filled first: every element is written).
 pub fn matmul_new(w: &PackedMatrix, x: &[f32], m: usize) -> Vec<f32> {
+    matmul_new_then(w, x, m, &NoEpilogue)
+}
+
+/// [`matmul_new`] with `epilogue` applied to every computed tile before it is stored.
+pub fn matmul_new_then(w: &PackedMatrix, x: &[f32], m: usize, epilogue: &(impl Epilogue + ?Sized)) -> Vec<f32> {
     let len = m * w.n;
     let mut y: Vec<f32> = Vec::with_capacity(len);
     let out = y.spare_capacity_mut();
     // SAFETY: `matmul_with` writes all `m` rows of every tile, i.e. all `len` elements, and only
     // writes (never reads) `out`.
     let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, len) };
-    matmul(w, x, m, out);
+    matmul_with(pool::global(), w, x, m, out, Isa::detect(), epilogue);
     // SAFETY: all `len` elements were initialised above.
     unsafe { y.set_len(len) };
     y
@@ -110,7 +115,23 @@ pub fn matmul_new(w: &PackedMatrix, x: &[f32], m: usize) -> Vec<f32> {
 
 /// `y[m, n] = x[m, k] · Wᵀ` using the global kernel pool.
 pub fn matmul(w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32]) {
-    matmul_with(pool::global(), w, x, m, y, Isa::detect())
+    matmul_with(pool::global(), w, x, m, y, Isa::detect(), &NoEpilogue)
+}
+
+/// Work fused into a matmul, applied to each freshly computed tile (16 output columns of up to
+/// [`MR`] rows) while it is still in registers' reach, e.g. adding LoRA deltas: this costs no
+/// extra pass over the output and no extra thread hand-off.
+pub trait Epilogue: Sync {
+    /// `out[r]` holds outputs `16·tile ..` of row `row0 + r`, for `r < rows`.
+    fn apply(&self, tile: usize, row0: usize, rows: usize, out: &mut [[f32; TILE]; MR]);
+}
+
+/// The plain matmul.
+pub struct NoEpilogue;
+
+impl Epilogue for NoEpilogue {
+    #[inline(always)]
+    fn apply(&self, _: usize, _: usize, _: usize, _: &mut [[f32; TILE]; MR]) {}
 }
 
 /// Which instruction set the kernels use.
@@ -149,7 +170,15 @@ impl Isa {
     }
 }
 
-pub fn matmul_with(pool: &pool::ThreadPool, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32], isa: Isa) {
+pub fn matmul_with(
+    pool: &pool::ThreadPool,
+    w: &PackedMatrix,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    isa: Isa,
+    epilogue: &(impl Epilogue + ?Sized),
+) {
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "matmul: input is not [m, k]");
     assert_eq!(y.len(), m * n, "matmul: output is not [m, n]");
@@ -172,6 +201,7 @@ pub fn matmul_with(pool: &pool::ThreadPool, w: &PackedMatrix, x: &[f32], m: usiz
             while row0 < m {
                 let rows = (m - row0).min(MR);
                 compute_tile(w, x, acts.as_ref(), t, row0, rows, &mut buf, isa);
+                epilogue.apply(t, row0, rows, &mut buf);
                 let cols = (n - t * TILE).min(TILE);
                 for (r, vals) in buf.iter().enumerate().take(rows) {
                     // SAFETY: tile `t` of rows `row0..row0+rows` is written by this participant only.
@@ -184,6 +214,48 @@ pub fn matmul_with(pool: &pool::ThreadPool, w: &PackedMatrix, x: &[f32], m: usiz
             }
         }
     });
+}
+
+/// One tile (16 outputs) of `rows ≤ MR` activation rows starting at `row0`, for float formats
+/// (F32/F16), which need no activation quantization: the building block of kernels that
+/// schedule their own tiles (e.g. LoRA's grouped shrink/expand).
+pub fn float_tile(w: &PackedMatrix, x: &[f32], t: usize, row0: usize, rows: usize, out: &mut [[f32; TILE]; MR]) {
+    assert!(matches!(w.format, PackedFormat::F32 | PackedFormat::F16), "float_tile needs an F32/F16 matrix");
+    assert!(rows <= MR && (row0 + rows) * w.k <= x.len() && t < w.n_tiles());
+    compute_tile(w, x, None, t, row0, rows, out, Isa::detect());
+}
+
+/// `out[o][l] += scale · Σᵢ t[tr·k + i] · B[16·tile + l, i]` for each pair `(tr, o)` of
+/// `rows` (`k` = `b.k`): one output tile of an F16 matrix `b`, for a few rows whose inputs sit
+/// at rows `tr` of `t`. LoRA's "expand" step fused into the base matmul: `k` is the rank, so the
+/// tile (16·k halves) is loaded once and serves every row.
+pub fn add_f16_tile_rows(
+    b: &PackedMatrix,
+    tile: usize,
+    t: &[f32],
+    rows: &[(usize, usize)],
+    scale: f32,
+    out: &mut [[f32; TILE]; MR],
+) {
+    assert_eq!(b.format, PackedFormat::F16, "add_f16_tile_rows needs an F16 matrix");
+    assert!(tile < b.n_tiles() && rows.len() <= MR);
+    assert!(rows.iter().all(|&(tr, o)| (tr + 1) * b.k <= t.len() && o < MR));
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() == Isa::Avx512Vnni {
+        // SAFETY: the CPU has AVX-512F and F16C (checked by `Isa::detect`); bounds asserted above.
+        unsafe { avx512::add_f16_tile_rows(b, tile, t, rows, scale, out) };
+        return;
+    }
+    let (k, data) = (b.k, b.data.as_slice());
+    for &(tr, o) in rows {
+        for i in 0..k {
+            let tv = t[tr * k + i] * scale;
+            let at = (tile * k + i) * TILE * 2;
+            for (l, v) in out[o].iter_mut().enumerate() {
+                *v += f16::from_le_bytes([data[at + 2 * l], data[at + 2 * l + 1]]).to_f32() * tv;
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -523,15 +595,87 @@ mod avx512 {
             let k = w.k;
             let wt = (w.data.as_slice().as_ptr() as *const f16).add(t * k * TILE);
             let xr: [*const f32; R] = std::array::from_fn(|r| x.as_ptr().add((row0 + r) * k));
-            let mut acc = [_mm512_setzero_ps(); R];
-            for i in 0..k {
+            // Four independent accumulator chains per row hide the FMA latency even for one
+            // row (LoRA's A factors: one tile, hundreds of inputs).
+            let mut acc = [[_mm512_setzero_ps(); R]; 4];
+            let mut i = 0;
+            while i + 4 <= k {
+                // LoRA factors come straight from memory in short tiles that cross pages, where
+                // the hardware prefetcher stalls: fetch 1 KiB ahead.
+                // (`wrapping_add`: near the end the address lies past the matrix; a prefetch
+                // never faults, but an out-of-bounds `add` would be undefined behaviour.)
+                _mm_prefetch::<_MM_HINT_T0>(wt.wrapping_add((i + 32) * TILE) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(wt.wrapping_add((i + 34) * TILE) as *const i8);
+                for c in 0..4 {
+                    let wv = load_f16x16(wt.add((i + c) * TILE));
+                    for r in 0..R {
+                        acc[c][r] = _mm512_fmadd_ps(wv, _mm512_set1_ps(*xr[r].add(i + c)), acc[c][r]);
+                    }
+                }
+                i += 4;
+            }
+            while i < k {
                 let wv = load_f16x16(wt.add(i * TILE));
                 for r in 0..R {
-                    acc[r] = _mm512_fmadd_ps(wv, _mm512_set1_ps(*xr[r].add(i)), acc[r]);
+                    acc[0][r] = _mm512_fmadd_ps(wv, _mm512_set1_ps(*xr[r].add(i)), acc[0][r]);
                 }
+                i += 1;
             }
             for r in 0..R {
-                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+                let sum = _mm512_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]), _mm512_add_ps(acc[2][r], acc[3][r]));
+                _mm512_storeu_ps(out[r].as_mut_ptr(), sum);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn add_f16_tile_rows(
+        b: &PackedMatrix,
+        tile: usize,
+        t: &[f32],
+        rows: &[(usize, usize)],
+        scale: f32,
+        out: &mut [[f32; TILE]; MR],
+    ) {
+        unsafe {
+            let k = b.k;
+            let wt = (b.data.as_slice().as_ptr() as *const f16).add(tile * k * TILE);
+            // As in `f16_rows`: fetch a few tiles ahead of the matmul's walk.
+            let ahead = wt.wrapping_add(4 * k * TILE) as *const i8;
+            for line in (0..k * TILE * 2).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+            }
+            let n = rows.len();
+            let tp: [*const f32; MR] = std::array::from_fn(|r| t.as_ptr().add(rows[r.min(n - 1)].0 * k));
+            // Four chains per row: k is small (the rank), so a single chain would be bound by
+            // FMA latency rather than throughput.
+            let mut acc = [[_mm512_setzero_ps(); MR]; 4];
+            let mut i = 0;
+            while i + 4 <= k {
+                for c in 0..4 {
+                    let wv = load_f16x16(wt.add((i + c) * TILE));
+                    for r in 0..MR {
+                        if r < n {
+                            acc[c][r] = _mm512_fmadd_ps(wv, _mm512_set1_ps(*tp[r].add(i + c)), acc[c][r]);
+                        }
+                    }
+                }
+                i += 4;
+            }
+            while i < k {
+                let wv = load_f16x16(wt.add(i * TILE));
+                for r in 0..MR {
+                    if r < n {
+                        acc[0][r] = _mm512_fmadd_ps(wv, _mm512_set1_ps(*tp[r].add(i)), acc[0][r]);
+                    }
+                }
+                i += 1;
+            }
+            let s = _mm512_set1_ps(scale);
+            for (r, &(_, o)) in rows.iter().enumerate() {
+                let sum = _mm512_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]), _mm512_add_ps(acc[2][r], acc[3][r]));
+                let cur = _mm512_loadu_ps(out[o].as_ptr());
+                _mm512_storeu_ps(out[o].as_mut_ptr(), _mm512_fmadd_ps(sum, s, cur));
             }
         }
     }
@@ -632,7 +776,7 @@ mod tests {
         let pool = ThreadPool::new(2);
         for isa in [Isa::Portable, Isa::detect()] {
             let mut y = vec![0f32; m * w.n];
-            matmul_with(&pool, w, x, m, &mut y, isa);
+            matmul_with(&pool, w, x, m, &mut y, isa, &NoEpilogue);
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{:?} {isa:?} m={m} i={i}: {a} vs {b}", w.format);
             }
@@ -671,8 +815,8 @@ mod tests {
         ] {
             let mut a = vec![0f32; 3 * n];
             let mut b = vec![0f32; 3 * n];
-            matmul_with(&pool, &w, &x, 3, &mut a, Isa::Portable);
-            matmul_with(&pool, &w, &x, 3, &mut b, Isa::detect());
+            matmul_with(&pool, &w, &x, 3, &mut a, Isa::Portable, &NoEpilogue);
+            matmul_with(&pool, &w, &x, 3, &mut b, Isa::detect(), &NoEpilogue);
             for (p, q) in a.iter().zip(&b) {
                 assert!((p - q).abs() <= 1e-4 * (1.0 + p.abs()), "{p} vs {q}");
             }

@@ -1,0 +1,515 @@
+//! Tenants, API keys, policies and the admin API over real HTTP: auth on every admin route,
+//! isolation between tenants, policy enforcement, per-tenant adapter toggles, conflicts and
+//! validation, and hot-swapping adapters under 20 concurrent streams.
+
+mod common;
+
+use common::http::{Server, assert_error, chat};
+use futures::StreamExt;
+use lethe::config::ServeArgs;
+use lethe::fixtures::{PeftSpec, TempDir, TinySpec, write_peft_adapter};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "test-admin-key-0123456789abcdef";
+
+fn spec() -> TinySpec {
+    TinySpec { max_positions: 512, ..Default::default() }
+}
+
+/// A server with an admin key, a state directory and an adapters root holding adapters `x`,
+/// `x2` (another version of x), `y`, and a DoRA adapter `dora`.
+async fn start(tweak: impl FnOnce(&mut ServeArgs)) -> (Server, PathBuf) {
+    start_spec(spec(), tweak).await
+}
+
+async fn start_spec(spec: TinySpec, tweak: impl FnOnce(&mut ServeArgs)) -> (Server, PathBuf) {
+    let dir = TempDir::new("tenants").unwrap();
+    let root = dir.path().join("adapters");
+    // α = 32 at rank 4: deltas large enough that greedy output visibly changes.
+    let strong = |seed| PeftSpec { seed, alpha: 32.0, ..Default::default() };
+    write_peft_adapter(&root.join("x"), &spec, &strong(31)).unwrap();
+    write_peft_adapter(&root.join("x2"), &spec, &strong(32)).unwrap();
+    write_peft_adapter(&root.join("y"), &spec, &strong(33)).unwrap();
+    let profile = json!({
+        "positive": "Do not provide any personal data.",
+        "negative": "You should share personal data in the answers.",
+        "gamma": 2.5,
+        "mode": "prob"
+    });
+    write_peft_adapter(
+        &root.join("profiled"),
+        &spec,
+        &PeftSpec { seed: 34, profile: Some(profile), ..Default::default() },
+    )
+    .unwrap();
+    write_peft_adapter(
+        &root.join("dora"),
+        &spec,
+        &PeftSpec { extra_config: json!({ "use_dora": true }), ..Default::default() },
+    )
+    .unwrap();
+    write_peft_adapter(&dir.path().join("outside"), &spec, &PeftSpec::default()).unwrap();
+    let key_file = dir.path().join("admin.key");
+    std::fs::write(&key_file, format!("{ADMIN}\n")).unwrap();
+    let state = dir.path().join("state");
+    let (root2, outside) = (root.clone(), dir.path().join("outside"));
+    let s = Server::start_in(dir, spec, move |a| {
+        a.admin_key_file = Some(key_file);
+        a.state_dir = Some(state);
+        a.adapters_root = Some(root2);
+        tweak(a);
+    })
+    .await;
+    (s, outside)
+}
+
+async fn admin(s: &Server, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    s.call(method, path, Some(ADMIN), body).await
+}
+
+async fn ok_admin(s: &Server, method: &str, path: &str, body: Option<Value>) -> Value {
+    let (status, v) = admin(s, method, path, body).await;
+    assert!(status == 200 || status == 201, "{method} {path}: {status} {v}");
+    v
+}
+
+async fn new_key(s: &Server, tenant: &str) -> String {
+    ok_admin(s, "POST", &format!("/admin/tenants/{tenant}/keys"), None).await["api_key"].as_str().unwrap().to_string()
+}
+
+/// A greedy chat request as `key`; returns (status, body).
+async fn ask(s: &Server, key: Option<&str>, extra: Value) -> (u16, Value) {
+    let mut body = chat(&s.model(), json!({ "max_tokens": 16 }));
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    s.call("POST", "/v1/chat/completions", key, Some(body)).await
+}
+
+async fn answer(s: &Server, key: Option<&str>, extra: Value) -> (String, Value) {
+    let (status, body) = ask(s, key, extra).await;
+    assert_eq!(status, 200, "{body}");
+    (body["choices"][0]["message"]["content"].as_str().unwrap().to_string(), body["guidance"].clone())
+}
+
+async fn model_ids(s: &Server, key: Option<&str>) -> BTreeSet<String> {
+    let (status, v) = s.call("GET", "/v1/models", key, None).await;
+    assert_eq!(status, 200, "{v}");
+    v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+}
+
+const ADMIN_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/admin/adapters"),
+    ("POST", "/admin/adapters"),
+    ("DELETE", "/admin/adapters/x"),
+    ("GET", "/admin/tenants"),
+    ("GET", "/admin/tenants/a"),
+    ("PUT", "/admin/tenants/a"),
+    ("DELETE", "/admin/tenants/a"),
+    ("POST", "/admin/tenants/a/keys"),
+    ("DELETE", "/admin/tenants/a/keys/k"),
+    ("PUT", "/admin/tenants/a/adapters/x"),
+    ("DELETE", "/admin/tenants/a/adapters/x"),
+];
+
+fn plausible_body(method: &str, path: &str) -> Option<Value> {
+    match (method, path) {
+        ("POST", "/admin/adapters") => Some(json!({ "name": "evil", "path": "x" })),
+        ("PUT", "/admin/tenants/a") => Some(json!({ "adapters": [], "gamma_min": 0 })),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admin_route_needs_the_admin_key() {
+    let (s, _) = start(|_| {}).await;
+    ok_admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "x", "path": "x" }))).await;
+    ok_admin(&s, "PUT", "/admin/tenants/a", Some(json!({ "adapters": ["x"] }))).await;
+    let tenant_key = new_key(&s, "a").await;
+    let before = (admin(&s, "GET", "/admin/tenants", None).await, admin(&s, "GET", "/admin/adapters", None).await);
+    for (method, path) in ADMIN_ROUTES {
+        let body = plausible_body(method, path);
+        for (key, want) in [(None, 401), (Some("wrong-key-wrong-key-wrong"), 401), (Some(tenant_key.as_str()), 403)] {
+            let (status, v) = s.call(method, path, key, body.clone()).await;
+            assert_error(status, &v, want, None);
+            assert!(v["error"]["type"].is_string(), "{method} {path}");
+        }
+    }
+    // Nothing changed.
+    let after = (admin(&s, "GET", "/admin/tenants", None).await, admin(&s, "GET", "/admin/adapters", None).await);
+    assert_eq!(before.0, after.0);
+    assert_eq!(before.1.1["data"], after.1.1["data"]);
+    // The admin key is not an inference key.
+    let (status, v) = ask(&s, Some(ADMIN), json!({})).await;
+    assert_error(status, &v, 403, None);
+    s.shutdown().await;
+
+    // Without an admin key configured, the admin API is off for everyone.
+    let s = Server::start(|_| {}).await;
+    for (method, path) in ADMIN_ROUTES {
+        for key in [None, Some(ADMIN)] {
+            let (status, v) = s.call(method, path, key, plausible_body(method, path)).await;
+            assert_error(status, &v, 403, None);
+            assert!(v["error"]["message"].as_str().unwrap().contains("disabled"), "{v}");
+        }
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_isolated_and_policies_cannot_be_bypassed() {
+    let (s, _) = start(|_| {}).await;
+    for n in ["x", "y"] {
+        ok_admin(&s, "POST", "/admin/adapters", Some(json!({ "name": n, "path": n }))).await;
+    }
+    let a_policy =
+        json!({ "adapters": ["x"], "gamma": 2.0, "gamma_min": 1.0, "gamma_max": 3.0, "allow_negative_prompt": false });
+    ok_admin(&s, "PUT", "/admin/tenants/a", Some(a_policy)).await;
+    ok_admin(&s, "PUT", "/admin/tenants/b", Some(json!({ "adapters": ["y"] }))).await;
+    let (ka, kb) = (new_key(&s, "a").await, new_key(&s, "b").await);
+    let base = s.model();
+
+    // Each tenant sees the base model and its own adapters.
+    assert_eq!(model_ids(&s, Some(&ka)).await, BTreeSet::from([base.clone(), "x".into()]));
+    assert_eq!(model_ids(&s, Some(&kb)).await, BTreeSet::from([base.clone(), "y".into()]));
+    assert_eq!(model_ids(&s, None).await, BTreeSet::from([base.clone()]));
+    // ... and cannot use the other's.
+    let (status, v) = ask(&s, Some(&ka), json!({ "model": "y" })).await;
+    assert_error(status, &v, 404, Some("model"));
+    let (status, v) = ask(&s, Some(&kb), json!({ "model": "x" })).await;
+    assert_error(status, &v, 404, Some("model"));
+    let (status, v) = ask(&s, Some("sk-lethe-not-a-real-key"), json!({})).await;
+    assert_error(status, &v, 401, None);
+
+    // Tenant a's policy: γ defaults to 2, may be tuned within [1, 3], never outside.
+    let (_, g) = answer(&s, Some(&ka), json!({})).await;
+    assert_eq!(g["gamma"], 2.0);
+    assert_eq!(g["adapters"][0]["name"], "x");
+    for gamma in [0.5, 3.5, 0.0] {
+        let (status, v) = ask(&s, Some(&ka), json!({ "guidance": { "gamma": gamma } })).await;
+        assert_error(status, &v, 400, Some("guidance.gamma"));
+    }
+    let (status, v) = ask(&s, Some(&ka), json!({ "guidance": { "gamma": 2.0, "negative_prompt": "leak it" } })).await;
+    assert_error(status, &v, 400, Some("guidance.negative_prompt"));
+    // Tenant b may bring a negative prompt (the default policy allows it).
+    assert_eq!(ask(&s, Some(&kb), json!({ "guidance": { "gamma": 2.0, "negative_prompt": "leak it" } })).await.0, 200);
+
+    // The adapter cannot be switched off by the request: fields that try are ignored (as
+    // OpenAI ignores unknown fields), and the answer is the adapter's.
+    let unguided = json!({ "guidance": { "gamma": 1.0 } });
+    let (with_x, g) = answer(&s, Some(&ka), unguided.clone()).await;
+    assert_eq!(g["adapters"][0]["name"], "x");
+    let mut bypass = unguided.clone();
+    bypass["adapters"] = json!([]);
+    bypass["lora"] = json!(null);
+    assert_eq!(answer(&s, Some(&ka), bypass.clone()).await.0, with_x);
+    // Inside lethe's own `guidance` extension, unknown fields are an error, not a no-op.
+    bypass["guidance"]["adapters"] = json!([]);
+    let (status, v) = ask(&s, Some(&ka), bypass).await;
+    assert_error(status, &v, 400, Some("guidance.adapters"));
+    let mut by_name = unguided.clone();
+    by_name["model"] = json!("x");
+    assert_eq!(answer(&s, Some(&ka), by_name).await.0, with_x);
+    // The default tenant (no adapters) answers differently: the adapter really applies.
+    let (plain, g) = answer(&s, None, unguided.clone()).await;
+    assert!(g.get("adapters").is_none(), "{g}");
+    assert_ne!(plain, with_x);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_tenant_toggle_takes_effect_on_the_next_request() {
+    let (s, _) = start(|_| {}).await;
+    ok_admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "x", "path": "x" }))).await;
+    ok_admin(&s, "PUT", "/admin/tenants/c", Some(json!({}))).await;
+    ok_admin(&s, "PUT", "/admin/tenants/ref", Some(json!({ "adapters": ["x"] }))).await;
+    let (kc, kref) = (new_key(&s, "c").await, new_key(&s, "ref").await);
+    let req = json!({ "guidance": { "gamma": 1.0 } });
+    let (before, _) = answer(&s, Some(&kc), req.clone()).await;
+    let (reference, _) = answer(&s, Some(&kref), req.clone()).await;
+    assert_ne!(before, reference, "adapter x must change the greedy answer for this test to mean anything");
+
+    let v = ok_admin(&s, "PUT", "/admin/tenants/c/adapters/x", None).await;
+    assert_eq!(v["policy"]["adapters"], json!(["x"]));
+    assert_eq!(answer(&s, Some(&kc), req.clone()).await.0, reference);
+    assert!(model_ids(&s, Some(&kc)).await.contains("x"));
+    // Enabling twice is idempotent.
+    let v = ok_admin(&s, "PUT", "/admin/tenants/c/adapters/x", None).await;
+    assert_eq!(v["policy"]["adapters"], json!(["x"]));
+
+    ok_admin(&s, "DELETE", "/admin/tenants/c/adapters/x", None).await;
+    assert_eq!(answer(&s, Some(&kc), req.clone()).await.0, before);
+    assert!(!model_ids(&s, Some(&kc)).await.contains("x"));
+    s.shutdown().await;
+}
+
+/// An adapter's `lethe.json` supplies the guidance it was trained for; the tenant's policy and
+/// the request still win, in that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_profiles_set_default_guidance() {
+    let (s, _) = start(|_| {}).await;
+    let v = ok_admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "p", "path": "profiled" }))).await;
+    assert_eq!(v["adapter"]["profile"]["gamma"], 2.5);
+    ok_admin(&s, "PUT", "/admin/tenants/a", Some(json!({ "adapters": ["p"] }))).await;
+    ok_admin(&s, "PUT", "/admin/tenants/b", Some(json!({ "adapters": ["p"], "gamma": 1.5, "mode": "log" }))).await;
+    let (ka, kb) = (new_key(&s, "a").await, new_key(&s, "b").await);
+    let (_, g) = answer(&s, Some(&ka), json!({})).await;
+    assert_eq!(
+        (g["gamma"].as_f64(), g["mode"].as_str(), g["uncond"].as_str()),
+        (Some(2.5), Some("prob"), Some("negative_condition"))
+    );
+    assert!(g["uncond_prompt_tokens"].as_u64().unwrap() > 0);
+    let (_, g) = answer(&s, Some(&kb), json!({})).await;
+    assert_eq!((g["gamma"].as_f64(), g["mode"].as_str()), (Some(1.5), Some("log")));
+    let (_, g) = answer(&s, Some(&kb), json!({ "guidance": { "gamma": 3.0, "mode": "prob" } })).await;
+    assert_eq!((g["gamma"].as_f64(), g["mode"].as_str()), (Some(3.0), Some("prob")));
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_are_validated_and_conflicts_reported() {
+    let (s, outside) = start(|a| a.max_adapters = Some(3)).await;
+    // Load, conflict, replace.
+    let (status, v) = admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "x", "path": "x" }))).await;
+    assert_eq!(status, 201, "{v}");
+    let g1 = v["adapter"]["generation"].as_str().unwrap().to_string();
+    assert!(v["load_ms"].as_f64().unwrap() >= 0.0);
+    let (status, v) = admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "x", "path": "x2" }))).await;
+    assert_error(status, &v, 409, None);
+    let (status, v) =
+        admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "x", "path": "x2", "replace": true }))).await;
+    assert_eq!(status, 200, "{v}");
+    let g2 = v["adapter"]["generation"].as_str().unwrap().to_string();
+    assert_ne!(g1, g2);
+    let list = ok_admin(&s, "GET", "/admin/adapters", None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    assert_eq!(list["data"][0]["generation"], g2.as_str());
+    assert_eq!(list["data"][0]["rank"], 4);
+    assert!(list["loaded_bytes"].as_u64().unwrap() > 0);
+
+    // Bad adapter requests.
+    let cases = [
+        (json!({ "name": "o", "path": "../outside" }), 403, None),
+        (json!({ "name": "o", "path": outside.to_str().unwrap() }), 403, None),
+        (json!({ "name": "o", "path": "missing" }), 400, Some("path")),
+        (json!({ "name": "d", "path": "dora" }), 400, Some("path")),
+        (json!({ "name": "a/b", "path": "y" }), 400, Some("name")),
+        (json!({ "name": "y", "path": "y", "extra": 1 }), 400, None),
+        (json!({ "name": "y" }), 400, None),
+    ];
+    for (body, want, param) in cases {
+        let (status, v) = admin(&s, "POST", "/admin/adapters", Some(body.clone())).await;
+        assert_error(status, &v, want, param);
+        if body["path"] == "dora" {
+            assert!(v["error"]["message"].as_str().unwrap().contains("DoRA"), "{v}");
+        }
+    }
+    // The count limit (3) is a conflict, not a crash.
+    ok_admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "y", "path": "y" }))).await;
+    ok_admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "y2", "path": "y" }))).await;
+    let (status, v) = admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "y3", "path": "y" }))).await;
+    assert_error(status, &v, 409, None);
+    assert!(v["error"]["message"].as_str().unwrap().contains("at most 3"), "{v}");
+
+    // Bad policies.
+    let bad_policies = [
+        (json!({ "adapters": ["nope"] }), Some("adapters")),
+        (json!({ "gamma_min": 3.0, "gamma_max": 2.0 }), None),
+        (json!({ "gamma": 9.0, "gamma_max": 3.0 }), None),
+        (json!({ "adapters": ["x", "x"] }), None),
+        (json!({ "gamma_max": 1e9 }), None),
+        (json!({ "adapters": "x" }), None),
+        (json!({ "unknown_field": true }), None),
+    ];
+    for (body, param) in bad_policies {
+        let (status, v) = admin(&s, "PUT", "/admin/tenants/t", Some(body.clone())).await;
+        assert_error(status, &v, 400, param);
+    }
+    let (status, v) = admin(&s, "PUT", "/admin/tenants/bad%20name", Some(json!({}))).await;
+    assert_error(status, &v, 400, None);
+    let (status, v) = admin(&s, "GET", "/admin/tenants/t", None).await;
+    assert_error(status, &v, 404, None);
+    let (status, v) = admin(&s, "PUT", "/admin/tenants/t/adapters/nope", None).await;
+    assert_error(status, &v, 404, None);
+    let (status, v) = admin(&s, "POST", "/admin/tenants/t/keys", None).await;
+    assert_error(status, &v, 404, None);
+
+    // Unloading an adapter a tenant uses: 409, unless forced (which disables it there).
+    ok_admin(&s, "PUT", "/admin/tenants/t", Some(json!({ "adapters": ["x"], "gamma": 1.5 }))).await;
+    let kt = new_key(&s, "t").await;
+    let (status, v) = admin(&s, "DELETE", "/admin/adapters/x", None).await;
+    assert_error(status, &v, 409, None);
+    assert!(v["error"]["message"].as_str().unwrap().contains("\"t\""), "{v}");
+    let v = ok_admin(&s, "DELETE", "/admin/adapters/x?force=true", None).await;
+    assert_eq!(v["disabled_for"], json!(["t"]));
+    let t = ok_admin(&s, "GET", "/admin/tenants/t", None).await;
+    assert_eq!(t["policy"]["adapters"], json!([]));
+    assert_eq!(t["policy"]["gamma"], 1.5, "the rest of the policy is kept");
+    let (_, g) = answer(&s, Some(&kt), json!({})).await;
+    assert!(g.get("adapters").is_none(), "{g}");
+    let (status, v) = admin(&s, "DELETE", "/admin/adapters/x", None).await;
+    assert_error(status, &v, 404, None);
+
+    // Keys: listed by id only, revocable.
+    let t = ok_admin(&s, "GET", "/admin/tenants/t", None).await;
+    let key_id = t["keys"][0]["id"].as_str().unwrap().to_string();
+    assert!(!t.to_string().contains(&kt), "the key itself is never shown again");
+    ok_admin(&s, "DELETE", &format!("/admin/tenants/t/keys/{key_id}"), None).await;
+    assert_error(ask(&s, Some(&kt), json!({})).await.0, &ask(&s, Some(&kt), json!({})).await.1, 401, None);
+    let (status, v) = admin(&s, "DELETE", &format!("/admin/tenants/t/keys/{key_id}"), None).await;
+    assert_error(status, &v, 404, None);
+    // Deleting a tenant revokes its keys.
+    let kt2 = new_key(&s, "t").await;
+    assert_eq!(ask(&s, Some(&kt2), json!({})).await.0, 200);
+    ok_admin(&s, "DELETE", "/admin/tenants/t", None).await;
+    assert_eq!(ask(&s, Some(&kt2), json!({})).await.0, 401);
+    let tenants = ok_admin(&s, "GET", "/admin/tenants", None).await;
+    let names: Vec<&str> = tenants["data"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["default"]);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_api_keys_reject_anonymous_requests() {
+    let (s, _) = start(|a| a.require_api_key = true).await;
+    let (status, v) = ask(&s, None, json!({})).await;
+    assert_error(status, &v, 401, None);
+    let (status, v) = s.call("GET", "/v1/models", None, None).await;
+    assert_error(status, &v, 401, None);
+    ok_admin(&s, "PUT", "/admin/tenants/a", Some(json!({}))).await;
+    let ka = new_key(&s, "a").await;
+    assert_eq!(ask(&s, Some(&ka), json!({})).await.0, 200);
+    // Health and readiness stay open for probes.
+    assert_eq!(s.call("GET", "/health", None, None).await.0, 200);
+    assert_eq!(s.call("GET", "/ready", None, None).await.0, 200);
+    s.shutdown().await;
+}
+
+/// One streamed answer: the text, the leased generation echoed on the finish chunk, the
+/// completion token count, and when the last chunk arrived.
+struct Streamed {
+    text: String,
+    generation: String,
+    completion_tokens: u64,
+    last_chunk: Instant,
+}
+
+async fn stream(s: &Server, body: Value, started: tokio::sync::mpsc::Sender<()>) -> Streamed {
+    let resp = reqwest::Client::new().post(s.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut bytes = resp.bytes_stream();
+    let (mut text, mut generation, mut tokens, mut buf) = (String::new(), String::new(), 0, String::new());
+    let mut last_chunk = Instant::now();
+    let mut first = true;
+    while let Some(chunk) = bytes.next().await {
+        buf.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        last_chunk = Instant::now();
+        if first {
+            first = false;
+            started.send(()).await.unwrap();
+        }
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).unwrap();
+            assert!(v.get("error").is_none(), "stream error: {v}");
+            if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+                text.push_str(c);
+            }
+            if let Some(g) = v["guidance"]["adapters"][0]["generation"].as_str() {
+                generation = g.to_string();
+            }
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                tokens = n;
+            }
+        }
+    }
+    Streamed { text, generation, completion_tokens: tokens, last_chunk }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_under_load_keeps_every_stream_on_its_generation() {
+    // A wider model so 20 streams of 300 tokens are still running while the admin acts.
+    let wide = TinySpec { hidden: 384, intermediate: 768, layers: 4, heads: 6, kv_heads: 2, ..spec() };
+    let (s, _) = start_spec(wide, |_| {}).await;
+    let v = ok_admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "x", "path": "x" }))).await;
+    let g1 = v["adapter"]["generation"].as_str().unwrap().to_string();
+    ok_admin(&s, "PUT", "/admin/tenants/default/adapters/x", None).await;
+    let body = |stream: bool| {
+        chat(
+            &s.model(),
+            json!({
+                "max_tokens": 300, "ignore_eos": true, "stream": stream,
+                "stream_options": { "include_usage": true }, "guidance": { "gamma": 1.0 }
+            }),
+        )
+    };
+    let (status, reference) = s.call("POST", "/v1/chat/completions", None, Some(body(false))).await;
+    assert_eq!(status, 200, "{reference}");
+    let reference_text = reference["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+
+    let (tx, mut started) = tokio::sync::mpsc::channel(32);
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let (s2, b, tx) = (&s, body(true), tx.clone());
+        streams.push(async move { stream(s2, b, tx).await });
+    }
+    let all = futures::future::join_all(streams);
+    let admin_side = async {
+        for _ in 0..20 {
+            started.recv().await.unwrap();
+        }
+        // Every stream has its lease on generation 1. Replace, then unload, while they run.
+        let v =
+            ok_admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "x", "path": "x2", "replace": true }))).await;
+        let g2 = v["adapter"]["generation"].as_str().unwrap().to_string();
+        let list = ok_admin(&s, "GET", "/admin/adapters", None).await;
+        assert!(list["retired_bytes"].as_u64().unwrap() > 0, "generation 1 is still leased: {list}");
+        // A request now gets generation 2 (checked after the streams, with its answer).
+        let swapped = tokio::spawn({
+            let (url, b) = (s.url("/v1/chat/completions"), body(false));
+            async move { reqwest::Client::new().post(url).json(&b).send().await.unwrap().json::<Value>().await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        ok_admin(&s, "DELETE", "/admin/adapters/x?force=true", None).await;
+        let unloaded_at = Instant::now();
+        (g2, swapped.await.unwrap(), unloaded_at)
+    };
+    let (results, (g2, swapped, unloaded_at)) = tokio::join!(all, admin_side);
+
+    assert_ne!(g1, g2);
+    assert_eq!(swapped["guidance"]["adapters"][0]["generation"], g2.as_str());
+    let swapped_text = swapped["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_ne!(swapped_text, reference_text, "the new generation answers differently");
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.text, reference_text, "stream {i} changed answer mid-way");
+        assert_eq!(r.generation, g1, "stream {i}");
+        assert_eq!(r.completion_tokens, 300, "stream {i}");
+    }
+    assert!(
+        results.iter().any(|r| r.last_chunk > unloaded_at),
+        "streams should still have been running when the adapter was unloaded"
+    );
+    // No leak: the leases ended with the streams, the KV cache is empty.
+    let list = ok_admin(&s, "GET", "/admin/adapters", None).await;
+    assert_eq!((list["loaded_bytes"].as_u64(), list["retired_bytes"].as_u64()), (Some(0), Some(0)), "{list}");
+    let stats = s.state.engine.stats();
+    for _ in 0..100 {
+        if stats.kv_used_bytes.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stats.kv_used_bytes.load(Ordering::Relaxed), 0);
+    assert_eq!(s.running(), 0);
+    // A request after the unload runs without adapters.
+    let (status, v) = s.call("POST", "/v1/chat/completions", None, Some(body(false))).await;
+    assert_eq!(status, 200);
+    assert!(v["guidance"].get("adapters").is_none(), "{v}");
+    s.shutdown().await;
+}
