@@ -33,3 +33,5 @@ run $lethe bench decode --ttft-under-prefill 2000 --prompt-tokens 32 --rounds 7
 # HTTP: streaming clients against an in-process server, and HTTP vs engine for one stream.
 run $lethe bench serve --concurrency 1,4,16 --both --prompt-words 100 --gen-tokens 64
 run $lethe bench serve --concurrency 1 --compare-engine --gen-tokens 64
+# Forget-adapters: rank-16 all-linear adapters, 1 row / 8 rows / 8 rows over 4 adapters; load time.
+run $lethe bench adapters --gen-tokens 256

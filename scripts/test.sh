@@ -10,6 +10,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 ./scripts/fetch-model.sh
 export LETHE_REQUIRE_MODEL=1
+# promtool (Debian's `prometheus` package) checks /metrics and the alert rules. Installed here
+# when missing and apt is usable (CI machines); LETHE_REQUIRE_PROMTOOL=0 skips those checks.
+export LETHE_REQUIRE_PROMTOOL=${LETHE_REQUIRE_PROMTOOL:-1}
+if [[ $LETHE_REQUIRE_PROMTOOL == 1 ]] && ! command -v promtool >/dev/null 2>&1; then
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo -n"
+  echo "== installing promtool (apt: prometheus)"
+  $sudo apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 \
+    || { $sudo apt-get update -qq && $sudo apt-get install -y --no-install-recommends prometheus >/dev/null; } \
+    || { echo "error: promtool is needed (apt-get install prometheus), or set LETHE_REQUIRE_PROMTOOL=0" >&2; exit 1; }
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --check

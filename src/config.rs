@@ -24,6 +24,9 @@ pub struct ServeArgs {
     pub host: Option<IpAddr>,
     #[arg(long, env = "LETHE_PORT")]
     pub port: Option<u16>,
+    /// Also serve `/metrics` (and `/health`) on this port, e.g. for a scrape-only network policy.
+    #[arg(long, env = "LETHE_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
     /// A TOML file with any of these settings (see docs/configuration.md).
     #[arg(long, env = "LETHE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -96,6 +99,7 @@ pub struct FileConfig {
     pub tokenizer: Option<PathBuf>,
     pub host: Option<IpAddr>,
     pub port: Option<u16>,
+    pub metrics_port: Option<u16>,
     pub device: Option<String>,
     pub backend: Option<String>,
     pub weights: Option<String>,
@@ -157,6 +161,7 @@ pub struct ServeConfig {
     pub tokenizer: Option<PathBuf>,
     pub host: IpAddr,
     pub port: u16,
+    pub metrics_port: Option<u16>,
     pub device: String,
     pub backend: Backend,
     pub weights: WeightFormat,
@@ -205,6 +210,7 @@ impl ServeConfig {
             tokenizer: args.tokenizer.clone().or(file.tokenizer),
             host: args.host.or(file.host).unwrap_or(IpAddr::from([127, 0, 0, 1])),
             port: args.port.or(file.port).unwrap_or(8080),
+            metrics_port: args.metrics_port.or(file.metrics_port),
             device: args.device.clone().or(file.device).unwrap_or_else(|| "cpu".into()),
             backend,
             weights,
@@ -261,6 +267,8 @@ fn admin_key(file: Option<PathBuf>) -> anyhow::Result<Option<String>> {
     if let Ok(k) = std::env::var("LETHE_ADMIN_KEY")
         && !k.trim().is_empty()
     {
+        // A short key is a placeholder left in place (or guessable): refuse to start with it.
+        anyhow::ensure!(k.trim().len() >= 16, "LETHE_ADMIN_KEY must be at least 16 characters");
         return Ok(Some(k.trim().to_string()));
     }
     let Some(path) = file else { return Ok(None) };

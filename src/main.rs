@@ -17,6 +17,9 @@ use std::path::PathBuf;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as `pretty` text or `json` objects (filter with RUST_LOG, e.g. `lethe=debug`).
+    #[arg(long, global = true, env = "LETHE_LOG_FORMAT", default_value = "pretty")]
+    log_format: lethe::telemetry::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -223,12 +226,7 @@ struct BenchDecodeArgs {
 fn main() -> Result<()> {
     tune_allocator();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,lethe=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    lethe::telemetry::init_logging(cli.log_format);
     match cli.command {
         Command::Serve(a) => serve(a),
         Command::Generate(a) => generate(a),
@@ -242,12 +240,20 @@ fn serve(args: lethe::config::ServeArgs) -> Result<()> {
     let config = lethe::config::ServeConfig::resolve(&args)?;
     let addr = std::net::SocketAddr::new(config.host, config.port);
     let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
+    let metrics_port = config.metrics_port;
     let state = lethe::server::AppState::load(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         // The bound address (port 0 picks a free one), so scripts can find the server.
         let addr = listener.local_addr()?;
+        if let Some(port) = metrics_port {
+            let maddr = std::net::SocketAddr::new(addr.ip(), port);
+            let ml = tokio::net::TcpListener::bind(maddr).await.with_context(|| format!("binding {maddr}"))?;
+            tracing::info!("metrics on http://{}/metrics", ml.local_addr()?);
+            let app = lethe::server::metrics_router(state.clone());
+            tokio::spawn(async move { axum::serve(ml, app).await });
+        }
         tracing::info!(model = %state.model_id, fingerprint = %state.fingerprint, "serving on http://{addr} (Ctrl-C to stop)");
         lethe::server::serve(listener, state, lethe::server::shutdown_signal(), grace).await?;
         anyhow::Ok(())

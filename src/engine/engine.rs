@@ -319,10 +319,12 @@ impl Worker {
 
     /// Frees the rows of requests whose client went away.
     fn drop_cancelled(&mut self) {
-        let before = self.sched.waiting.len();
-        self.sched.waiting.retain(|g| !g.is_cancelled());
-        for _ in 0..before - self.sched.waiting.len() {
+        let (gone, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.sched.waiting).into_iter().partition(|g| g.is_cancelled());
+        self.sched.waiting = waiting.into_iter().collect();
+        for g in gone {
             self.leave_waiting();
+            record_finish(&g, "cancelled");
         }
         let mut i = 0;
         while i < self.sched.running.len() {
@@ -537,6 +539,9 @@ fn record_finish(g: &Group, reason: &'static str) {
         _ => "none",
     };
     metrics::counter!(t::GUIDED_REQUESTS, "guidance" => mode).increment(1);
+    for name in &g.req.adapter_names {
+        metrics::counter!(t::ADAPTER_REQUESTS, "adapter" => name.clone()).increment(1);
+    }
     metrics::histogram!(t::E2E_REQUEST_LATENCY).record(g.arrived.elapsed().as_secs_f64());
     if let Some(a) = g.admitted {
         metrics::histogram!(t::REQUEST_QUEUE_TIME).record((a - g.arrived).as_secs_f64());

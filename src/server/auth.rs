@@ -21,7 +21,11 @@ impl FromRequestParts<Arc<AppState>> for Tenant {
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
         match state.tenants.authenticate(bearer(parts)) {
-            Ok(Caller::Tenant(t)) => Ok(Tenant(t)),
+            Ok(Caller::Tenant(t)) => {
+                // Every later log line of this request names its tenant.
+                tracing::Span::current().record("tenant", t.as_str());
+                Ok(Tenant(t))
+            }
             Ok(Caller::Admin) => {
                 Err(ApiError::Forbidden("the admin key cannot be used for inference; use a tenant API key".into()))
             }

@@ -4,7 +4,7 @@
 //! - [`validation`]: request checks and the translation to an engine request;
 //! - [`extract`]: the JSON body extractor (415/413/400 in OpenAI's error shape);
 //! - [`admin`]: the admin API (adapters, tenants, keys); [`auth`]: who is calling;
-//! - [`ops`]: health and readiness;
+//! - [`ops`]: health, readiness, Prometheus metrics, HTTP request counting;
 //! - [`error`]: the one error type and its HTTP mapping.
 
 pub mod admin;
@@ -54,6 +54,8 @@ impl AppState {
         use crate::engine::{EngineConfig, SchedulerConfig};
         use crate::loader::ModelBundle;
         use crate::model::{LoadOptions, load::parse_device};
+        // Before anything records a metric: the recorder must already be there.
+        crate::telemetry::metrics_handle();
         if let Some(n) = config.threads {
             crate::model::kernels::pool::init_global(n);
         }
@@ -82,6 +84,13 @@ impl AppState {
         );
         let fingerprint =
             format!("lethe-{}-{}", env!("CARGO_PKG_VERSION"), bundle.model.weights_desc().replace('/', "-"));
+        metrics::gauge!(
+            crate::telemetry::BUILD_INFO,
+            "version" => env!("CARGO_PKG_VERSION"),
+            "model" => bundle.id.clone(),
+            "weights" => bundle.model.weights_desc().to_string()
+        )
+        .set(1.0);
         // The control plane: persisted tenants, then the adapters they were using.
         let tenants =
             Directory::open(Store::new(config.state_dir.clone()), config.admin_key.as_deref(), config.require_api_key)?;
@@ -129,6 +138,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
         .route("/admin/adapters", get(admin::list_adapters).post(admin::load_adapter))
         .route("/admin/adapters/{name}", delete(admin::unload_adapter))
         .route("/admin/tenants", get(admin::list_tenants))
@@ -140,16 +150,33 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(|method: axum::http::Method| async move {
             ApiError::MethodNotAllowed(method.to_string())
         })
+        .layer(axum::middleware::from_fn(ops::track_http))
         .with_state(state)
         .layer(
             tower::ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, RandomId))
                 .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
                     let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
-                    tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+                    tracing::info_span!(
+                        "request",
+                        request_id = %id,
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        tenant = tracing::field::Empty
+                    )
                 }))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )
+}
+
+/// The router of the separate metrics port (`--metrics-port`): scrapes stay off the API port's
+/// network policy and never queue behind API traffic.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(ops::metrics))
+        .route("/health", get(ops::health))
+        .fallback(|uri: axum::http::Uri| async move { ApiError::RouteNotFound(uri.path().chars().take(200).collect()) })
+        .with_state(state)
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, gives in-flight requests

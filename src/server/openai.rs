@@ -281,7 +281,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let ctx = validation::TenantContext::of(&state, &tenant)?;
     let prepared = validation::prepare_chat(&state, &ctx, req, common).await?;
-    run(state, prepared, Kind::Chat).await
+    run(state, prepared, Kind::Chat, tenant).await
 }
 
 pub async fn completions(
@@ -291,7 +291,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let ctx = validation::TenantContext::of(&state, &tenant)?;
     let prepared = validation::prepare_completion(&state, &ctx, req, common).await?;
-    run(state, prepared, Kind::Text).await
+    run(state, prepared, Kind::Text, tenant).await
 }
 
 /// The base model, and the tenant's forget-adapters (applied to every request of the tenant,
@@ -318,7 +318,7 @@ enum Kind {
     Text,
 }
 
-async fn run(state: Arc<AppState>, p: Prepared, kind: Kind) -> Result<Response, ApiError> {
+async fn run(state: Arc<AppState>, p: Prepared, kind: Kind, tenant: String) -> Result<Response, ApiError> {
     let stream = state.engine.submit(p.request)?;
     let meta = Meta {
         id: format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, random_hex(24)),
@@ -328,6 +328,7 @@ async fn run(state: Arc<AppState>, p: Prepared, kind: Kind) -> Result<Response, 
         guidance: p.applied,
         include_usage: p.include_usage,
         kind,
+        tenant,
     };
     if p.stream {
         Ok(Sse::new(sse_events(stream, meta)).keep_alive(KeepAlive::default()).into_response())
@@ -345,6 +346,28 @@ struct Meta {
     guidance: AppliedGuidance,
     include_usage: bool,
     kind: Kind,
+    tenant: String,
+}
+
+/// One log line per finished request, inside its request span (so it carries the request id):
+/// what ran and how long it took.
+fn log_finished(meta: &Meta, reason: FinishReason, usage: &crate::engine::Usage, timing: &crate::engine::Timing) {
+    let adapters: Vec<String> = meta.guidance.adapters.iter().map(|a| format!("{}@{}", a.name, a.generation)).collect();
+    tracing::info!(
+        tenant = %meta.tenant,
+        adapters = %adapters.join(","),
+        gamma = meta.guidance.gamma,
+        mode = meta.guidance.mode,
+        uncond = meta.guidance.uncond,
+        prompt_tokens = usage.prompt_tokens,
+        uncond_prompt_tokens = usage.uncond_prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        finish_reason = reason.as_str(),
+        queue_ms = timing.queue.as_secs_f64() * 1e3,
+        ttft_ms = timing.time_to_first_token.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
+        total_ms = timing.total.as_secs_f64() * 1e3,
+        "request finished"
+    );
 }
 
 async fn collect(mut stream: RequestStream, meta: Meta) -> Result<Response, ApiError> {
@@ -352,7 +375,8 @@ async fn collect(mut stream: RequestStream, meta: Meta) -> Result<Response, ApiE
     loop {
         match stream.next().await {
             Some(Event::Token { text: t, .. }) => text.push_str(&t),
-            Some(Event::Finished { reason, usage, .. }) => {
+            Some(Event::Finished { reason, usage, timing }) => {
+                log_finished(&meta, reason, &usage, &timing);
                 let finish = reason.as_str();
                 return Ok(match meta.kind {
                     Kind::Chat => axum::Json(ChatCompletion {
@@ -421,7 +445,8 @@ fn sse_events(stream: RequestStream, meta: Meta) -> impl Stream<Item = Result<Ss
                         let ev = chunk(&meta, Delta { role: None, content: Some(text) }, None);
                         return Some((vec![ev], (stream, meta, Phase::Body)));
                     }
-                    Some(Event::Finished { reason, usage, .. }) => {
+                    Some(Event::Finished { reason, usage, timing }) => {
+                        log_finished(&meta, reason, &usage, &timing);
                         let mut evs = vec![chunk(&meta, Delta::default(), Some(reason))];
                         if meta.include_usage {
                             evs.push(usage_chunk(&meta, usage));

@@ -1,9 +1,13 @@
-//! Operational routes: liveness and readiness (Kubernetes probes use them).
+//! Operational routes: liveness and readiness (Kubernetes probes use them), Prometheus metrics,
+//! and the middleware that counts HTTP requests.
 
 use super::AppState;
+use crate::telemetry as t;
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -23,4 +27,39 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Valu
         "waiting": stats.waiting.load(std::sync::atomic::Ordering::Relaxed),
     });
     (if alive { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
+}
+
+/// `GET /metrics`: the Prometheus text exposition. Gauges that describe state rather than events
+/// (readiness, adapters and their memory) are refreshed here, at scrape time.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let handle = t::metrics_handle();
+    metrics::gauge!(t::READY).set(if state.engine.is_alive() { 1.0 } else { 0.0 });
+    metrics::gauge!(t::ADAPTERS_LOADED).set(state.adapters.names().len() as f64);
+    let (loaded, retired) = state.adapters.bytes();
+    metrics::gauge!(t::ADAPTER_MEMORY_BYTES, "state" => "loaded").set(loaded as f64);
+    metrics::gauge!(t::ADAPTER_MEMORY_BYTES, "state" => "retired").set(retired as f64);
+    handle.run_upkeep();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.render()).into_response()
+}
+
+/// Counts every HTTP request by route pattern (not the raw path: bounded labels), method and
+/// status, and times it until the response head.
+pub async fn track_http(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
+    let route = matched.map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let method: &'static str = match req.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    };
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(t::HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status).increment(1);
+    metrics::histogram!(t::HTTP_REQUEST_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
+    response
 }
