@@ -35,6 +35,7 @@ if [[ ! -x $venv/bin/python ]]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai>=1.40,<3"
 port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export LETHE_ADMIN_KEY="sdk-test-admin-key-$RANDOM$RANDOM"
 ./target/release/lethe serve --port "$port" >target/sdk-serve.log 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT

@@ -371,6 +371,26 @@ async fn admin_changes_are_validated_and_conflicts_reported() {
     s.shutdown().await;
 }
 
+/// OpenAI SDKs always send some key. Until the first tenant key is issued any key acts like
+/// none; from then on unknown keys fail, and keep failing after every key is revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_server_accepts_any_key_until_the_first_key_is_issued() {
+    let (s, _) = start(|_| {}).await;
+    assert_eq!(ask(&s, Some("sk-anything"), json!({})).await.0, 200);
+    // The admin API never treats an unknown key as anonymous.
+    assert_eq!(s.call("GET", "/admin/tenants", Some("sk-anything"), None).await.0, 401);
+    ok_admin(&s, "PUT", "/admin/tenants/a", Some(json!({}))).await;
+    let ka = new_key(&s, "a").await;
+    let (status, v) = ask(&s, Some("sk-anything"), json!({})).await;
+    assert_error(status, &v, 401, None);
+    assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+    assert_eq!(ask(&s, None, json!({})).await.0, 200, "anonymous requests still act for `default`");
+    ok_admin(&s, "DELETE", "/admin/tenants/a", None).await;
+    assert_eq!(ask(&s, Some(&ka), json!({})).await.0, 401, "a revoked key must not become anonymous");
+    assert_eq!(ask(&s, Some("sk-anything"), json!({})).await.0, 401);
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_api_keys_reject_anonymous_requests() {
     let (s, _) = start(|a| a.require_api_key = true).await;

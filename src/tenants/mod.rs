@@ -47,7 +47,8 @@ pub struct Directory {
 
 impl Directory {
     pub fn open(store: Store, admin_key: Option<&str>, require_api_key: bool) -> Result<Self, StoreError> {
-        let state = store.load()?;
+        let mut state = store.load()?;
+        state.keyed |= state.has_keys();
         let d = Self {
             key_index: RwLock::new(index(&state)),
             state: RwLock::new(state),
@@ -67,24 +68,35 @@ impl Directory {
     }
 
     /// Identifies the caller from a bearer token (or its absence).
+    ///
+    /// An unknown key is rejected, with one exception: an *open* server (no tenant key ever
+    /// issued, keys not required) treats any key like no key. OpenAI SDKs always send some key, and
+    /// on such a server a key cannot name a tenant, so the caller gets exactly what an anonymous
+    /// request gets and nothing more. Once a key exists, a mistyped key must fail loudly rather
+    /// than silently run under the default tenant's policy (which may lack a forget-adapter).
     pub fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, AuthError> {
+        let anonymous = Caller::Tenant(DEFAULT_TENANT.into());
         let Some(key) = bearer.filter(|k| !k.is_empty()) else {
-            return if self.require_api_key {
-                Err(AuthError::MissingKey)
-            } else {
-                Ok(Caller::Tenant(DEFAULT_TENANT.into()))
-            };
+            return if self.require_api_key { Err(AuthError::MissingKey) } else { Ok(anonymous) };
         };
-        let hash = keys::hash_key(key);
-        if let Some(admin) = &self.admin_key_hash
-            && keys::same_hash(admin, &hash)
-        {
+        if self.is_admin_key(key) {
             return Ok(Caller::Admin);
         }
-        match self.key_index.read().expect("key index").get(&hash) {
+        match self.key_index.read().expect("key index").get(&keys::hash_key(key)) {
             Some(t) => Ok(Caller::Tenant(t.clone())),
+            None if !self.require_api_key && !self.state.read().expect("state").keyed => Ok(anonymous),
             None => Err(AuthError::InvalidKey),
         }
+    }
+
+    /// Whether `key` is the admin key.
+    pub fn is_admin_key(&self, key: &str) -> bool {
+        self.admin_key_hash.as_ref().is_some_and(|admin| keys::same_hash(admin, &keys::hash_key(key)))
+    }
+
+    /// Whether `key` is a tenant's API key.
+    pub fn is_tenant_key(&self, key: &str) -> bool {
+        self.key_index.read().expect("key index").contains_key(&keys::hash_key(key))
     }
 
     /// The policy of `tenant` (the default policy for a tenant without one, e.g. `default`).
@@ -102,6 +114,7 @@ impl Directory {
     pub fn update<R, E: From<StoreError>>(&self, f: impl FnOnce(&mut State) -> Result<R, E>) -> Result<R, E> {
         let mut next = self.snapshot();
         let r = f(&mut next)?;
+        next.keyed |= next.has_keys();
         self.store.save(&next)?;
         *self.key_index.write().expect("key index") = index(&next);
         *self.state.write().expect("state") = next;
@@ -122,7 +135,8 @@ mod tests {
         let d = Directory::open(Store::new(None), Some("admin-secret"), false).unwrap();
         assert_eq!(d.authenticate(None), Ok(Caller::Tenant(DEFAULT_TENANT.into())));
         assert_eq!(d.authenticate(Some("admin-secret")), Ok(Caller::Admin));
-        assert_eq!(d.authenticate(Some("nope")), Err(AuthError::InvalidKey));
+        // Open server: no tenant key exists, so any key acts like none (OpenAI SDKs always send one).
+        assert_eq!(d.authenticate(Some("nope")), Ok(Caller::Tenant(DEFAULT_TENANT.into())));
         let (key, rec) = keys::generate().unwrap();
         d.update(|s| {
             s.tenants.entry("acme".into()).or_default().keys.push(rec);
@@ -130,6 +144,16 @@ mod tests {
         })
         .unwrap();
         assert_eq!(d.authenticate(Some(&key)), Ok(Caller::Tenant("acme".into())));
+        // Once a key exists, unknown keys fail loudly.
+        assert_eq!(d.authenticate(Some("nope")), Err(AuthError::InvalidKey));
+        assert!(d.is_tenant_key(&key) && !d.is_tenant_key("nope") && d.is_admin_key("admin-secret"));
+        // ... and keep failing after the last key is revoked.
+        d.update(|s| {
+            s.tenants.clear();
+            Ok::<_, StoreError>(())
+        })
+        .unwrap();
+        assert_eq!(d.authenticate(Some(&key)), Err(AuthError::InvalidKey));
         let strict = Directory::open(Store::new(None), None, true).unwrap();
         assert_eq!(strict.authenticate(None), Err(AuthError::MissingKey));
         assert!(!strict.admin_enabled());

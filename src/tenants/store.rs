@@ -23,6 +23,17 @@ pub struct State {
     /// Adapters to load at start-up: name → path as given to the admin API.
     pub adapters: BTreeMap<String, String>,
     pub tenants: BTreeMap<String, TenantRecord>,
+    /// Set for good once the first tenant API key exists: from then on an unknown key is
+    /// rejected, even after every key is revoked (a revoked key must not start working again
+    /// as anonymous). See [`super::Directory::authenticate`].
+    #[serde(default)]
+    pub keyed: bool,
+}
+
+impl State {
+    pub fn has_keys(&self) -> bool {
+        self.tenants.values().any(|t| !t.keys.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

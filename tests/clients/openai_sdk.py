@@ -1,9 +1,13 @@
 """The official `openai` Python SDK against a running `lethe serve` (a client nobody here wrote).
 
-Usage: python tests/clients/openai_sdk.py http://127.0.0.1:18080
+Usage: LETHE_ADMIN_KEY=... python tests/clients/openai_sdk.py http://127.0.0.1:18080
+(the server started with the same LETHE_ADMIN_KEY and no tenant key issued yet).
 """
 
+import json
+import os
 import sys
+import urllib.request
 
 import openai
 
@@ -72,5 +76,32 @@ try:
     raise AssertionError("context overflow was accepted")
 except openai.BadRequestError as e:
     assert e.code == "context_length_exceeded", e
+
+# Tenant keys: issue one through the admin API; from then on the SDK needs it.
+admin_key = os.environ["LETHE_ADMIN_KEY"]
+
+
+def admin(method, path, body=None):
+    req = urllib.request.Request(
+        f"{base}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {admin_key}", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)
+
+
+admin("PUT", "/admin/tenants/sdk", {})
+key = admin("POST", "/admin/tenants/sdk/keys")["api_key"]
+try:
+    client.models.list()
+    raise AssertionError("an unknown key was accepted after a key was issued")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401 and e.code == "invalid_api_key", e
+keyed = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+again = keyed.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+assert again.choices[0].message.content == chat.choices[0].message.content
+print("tenant key: accepted; unknown key: AuthenticationError")
 
 print("openai SDK: all checks passed")
