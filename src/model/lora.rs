@@ -111,29 +111,28 @@ impl LoraBatch {
         self.uses.is_empty()
     }
 
-    /// The CPU path, step one ("shrink", as Punica's SGMV): `t = x Aᵀ` for every (adapter,
-    /// projection) of the fused projection `parts` at `layer`, in one launch however many
-    /// adapters the step mixes. Step two ("expand", `scale · t Bᵀ`) is fused into the base
-    /// matmul as an [`Epilogue`](kernels::matmul::Epilogue): each output tile gets its deltas
-    /// while it is computed, so expand costs neither a pass over the output nor a hand-off.
-    /// Launching per adapter and per projection instead cost ~20% of decode speed with one
-    /// adapter, and grew with the number of adapters in the batch. `None`: no adapter touches
+    /// The CPU path: the per-row deltas of the fused projection `parts` at `layer`, as work
+    /// that rides inside the base matmul's own launch. Step one ("shrink", as Punica's SGMV):
+    /// `t = x Aᵀ` for every (adapter, projection), run as the launch's first work items
+    /// ([`Epilogue::run_pre`](kernels::matmul::Epilogue::run_pre)). Step two ("expand",
+    /// `scale · t Bᵀ`) is the matmul's epilogue: each output tile gets its deltas while it is
+    /// computed. So one projection with any number of adapters costs one thread hand-off, like
+    /// the plain matmul; a separate shrink launch cost ~2 µs per projection, and a singleton
+    /// shrink (one row, one part: `o`, `down`) left the second thread idle. Launching per adapter
+    /// and per projection cost ~20% of decode speed with one adapter. `None`: no adapter touches
     /// these projections.
     pub fn shrink_host<'a>(
         &'a self,
         layer: usize,
         parts: &'a [(ProjKind, Range<usize>)],
-        x: &[f32],
+        x: &'a [f32],
         in_features: usize,
     ) -> Option<HostDeltas<'a>> {
-        use kernels::matmul::{MR, float_tile};
+        use kernels::matmul::MR;
         use kernels::packed::TILE;
-        use kernels::pool::{self, SyncPtr};
 
         let mut uses: Vec<HostUse> = Vec::with_capacity(self.uses.len());
-        let mut inputs: Vec<std::borrow::Cow<[f32]>> = Vec::with_capacity(self.uses.len());
         let mut t_len = 0;
-        let mut macs = 0;
         for (w, ranges) in &self.uses {
             let slots = &w.layers[layer];
             let m: usize = ranges.iter().map(|r| r.len()).sum();
@@ -142,65 +141,36 @@ impl LoraBatch {
                 if let Some(p) = &slots[*kind as usize] {
                     pairs.push(HostPair { part: pi, pair: p, off: t_len });
                     t_len += m * p.rank;
-                    macs += m * p.rank * in_features;
                 }
             }
             if pairs.is_empty() {
                 continue;
             }
             // The adapter's input rows, gathered unless they are one run.
-            inputs.push(match ranges.as_slice() {
+            let input = match ranges.as_slice() {
                 [r] => std::borrow::Cow::Borrowed(&x[r.start * in_features..r.end * in_features]),
                 _ => std::borrow::Cow::Owned(
                     ranges.iter().flat_map(|r| &x[r.start * in_features..r.end * in_features]).copied().collect(),
                 ),
-            });
-            uses.push(HostUse { ranges, m, pairs });
+            };
+            uses.push(HostUse { ranges, m, pairs, input });
         }
         if uses.is_empty() {
             return None;
         }
-        let mut t = vec![0f32; t_len];
-        // Items: (adapter, part, block of MR rows), so several rows spread over the threads
-        // even when one adapter has one projection here.
+        // Shrink items: (adapter, part, block of MR rows), so several rows spread over the
+        // threads even when one adapter has one projection here.
         let items: Vec<(usize, usize, usize)> = uses
             .iter()
             .enumerate()
             .flat_map(|(u, h)| (0..h.pairs.len()).flat_map(move |j| (0..h.m.div_ceil(MR)).map(move |b| (u, j, b))))
             .collect();
-        let tp = SyncPtr::new(t.as_mut_ptr());
-        let shrink = |item: usize| {
-            let (u, j, block) = items[item];
-            let (h, xs) = (&uses[u], &inputs[u]);
-            let p = &h.pairs[j];
-            let (a, _) = p.pair.packed();
-            let mut buf = [[0f32; TILE]; MR];
-            {
-                let row0 = block * MR;
-                let rows = (h.m - row0).min(MR);
-                for tile in 0..a.n_tiles() {
-                    float_tile(a, xs, tile, row0, rows, &mut buf);
-                    let cols = (p.pair.rank - tile * TILE).min(TILE);
-                    for (i, vals) in buf.iter().enumerate().take(rows) {
-                        // SAFETY: each (adapter, part, row block) item writes its own rows of `t`.
-                        unsafe {
-                            let dst = tp.get().add(p.off + (row0 + i) * p.pair.rank + tile * TILE);
-                            std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, cols);
-                        }
-                    }
-                }
-            }
-        };
-        // A hand-off costs a couple of microseconds: only worth it for several items of work.
-        if items.len() > 1 && macs >= 16 * 1024 {
-            pool::global().run_chunks(items.len(), shrink);
-        } else {
-            (0..items.len()).for_each(shrink);
-        }
         // Fused parts start on tile boundaries (`Linear::fuse` insists), so every output tile
         // belongs to one part and the deltas can ride on the matmul's tiles.
         debug_assert!(parts.iter().all(|(_, c)| c.start % TILE == 0));
-        Some(HostDeltas { parts, uses, t })
+        let mut t = vec![0f32; t_len].into_boxed_slice();
+        let t_ptr = kernels::pool::SyncPtr::new(t.as_mut_ptr());
+        Some(HostDeltas { parts, uses, items, _t: t, t_ptr, t_len })
     }
 
     /// The same on candle tensors (any device): returns `y` plus the deltas.
@@ -231,11 +201,13 @@ impl LoraBatch {
     }
 }
 
-/// One adapter of a step at one layer: its rows and its pairs for the fused parts.
+/// One adapter of a step at one layer: its rows, its input rows and its pairs for the fused
+/// parts.
 struct HostUse<'a> {
     ranges: &'a [Range<usize>],
     m: usize,
     pairs: Vec<HostPair<'a>>,
+    input: std::borrow::Cow<'a, [f32]>,
 }
 
 /// One (adapter, part): where its `t = x Aᵀ` rows (`rank` floats each) live in the buffer.
@@ -254,16 +226,56 @@ struct RowRun {
     n: usize,
 }
 
-/// The shrunk activations of one fused projection, ready to be expanded into its output.
+/// The LoRA work of one fused projection, run inside its matmul: the shrink items first, then
+/// the expansion of every output tile.
 pub struct HostDeltas<'a> {
     parts: &'a [(ProjKind, Range<usize>)],
     uses: Vec<HostUse<'a>>,
-    t: Vec<f32>,
+    items: Vec<(usize, usize, usize)>,
+    /// Owns the shrunk activations `t`; all access goes through `t_ptr` (taken from the owned
+    /// buffer before any sharing): shrink items write disjoint parts of it, and the matmul
+    /// starts epilogues only after every shrink item has finished.
+    _t: Box<[f32]>,
+    t_ptr: kernels::pool::SyncPtr<f32>,
+    t_len: usize,
 }
 
 type Tile = [[f32; kernels::packed::TILE]; kernels::matmul::MR];
 
 impl HostDeltas<'_> {
+    /// Shrink item `item`: `t = x Aᵀ` for one (adapter, part, block of rows).
+    fn shrink(&self, item: usize) {
+        use kernels::matmul::{MR, float_tile};
+        use kernels::packed::TILE;
+        let (u, j, block) = self.items[item];
+        let h = &self.uses[u];
+        let p = &h.pairs[j];
+        let (a, _) = p.pair.packed();
+        let mut buf = [[0f32; TILE]; MR];
+        let row0 = block * MR;
+        let rows = (h.m - row0).min(MR);
+        for tile in 0..a.n_tiles() {
+            float_tile(a, &h.input, tile, row0, rows, &mut buf);
+            let cols = (p.pair.rank - tile * TILE).min(TILE);
+            for (i, vals) in buf.iter().enumerate().take(rows) {
+                // SAFETY: each (adapter, part, row block) item writes its own rows of `t`, inside
+                // `t_len` (offsets were laid out in `shrink_host`); nothing reads `t` before the
+                // matmul has seen every shrink item finish.
+                unsafe {
+                    let dst = self.t_ptr.get().add(p.off + (row0 + i) * p.pair.rank + tile * TILE);
+                    std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, cols);
+                }
+            }
+        }
+    }
+
+    /// The shrunk activations; only valid once every shrink item has run.
+    fn t(&self) -> &[f32] {
+        // SAFETY: called from the epilogue, which the matmul runs only after all shrink items
+        // (the only writers) have finished; the buffer lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.t_ptr.get(), self.t_len) }
+    }
+
     /// Adds `p`'s delta for output tile `local_tile` of its part to `out`, for `rows`: pairs
     /// (row of `t`, row of `out`), consecutive in both.
     fn add_run(&self, p: &HostPair, m: usize, local_tile: usize, run: RowRun, out: &mut Tile) {
@@ -272,7 +284,7 @@ impl HostDeltas<'_> {
         let (_, b) = p.pair.packed();
         let rows: [(usize, usize); MR] = std::array::from_fn(|i| (t_row0 + i.min(n - 1), out_row0 + i.min(n - 1)));
         let r = p.pair.rank;
-        add_f16_tile_rows(b, local_tile, &self.t[p.off..p.off + m * r], &rows[..n], p.pair.scale, out);
+        add_f16_tile_rows(b, local_tile, &self.t()[p.off..p.off + m * r], &rows[..n], p.pair.scale, out);
     }
 
     /// Adds the deltas of rows `row0..row0 + rows` for output tile `tile` into `out` (whose
@@ -305,6 +317,14 @@ impl HostDeltas<'_> {
 }
 
 impl kernels::matmul::Epilogue for HostDeltas<'_> {
+    fn pre_items(&self) -> usize {
+        self.items.len()
+    }
+
+    fn run_pre(&self, item: usize) {
+        self.shrink(item);
+    }
+
     fn apply(&self, tile: usize, row0: usize, rows: usize, out: &mut Tile) {
         self.add_tile(tile, row0, rows, out);
     }

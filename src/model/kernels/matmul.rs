@@ -15,6 +15,7 @@
 use super::packed::{PackedFormat, PackedMatrix, QBLOCK, TILE};
 use super::pool::{self, split_range};
 use half::f16;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Activation rows processed together against one tile (register blocking).
 pub const MR: usize = 4;
@@ -121,9 +122,24 @@ pub fn matmul(w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32]) {
 /// Work fused into a matmul, applied to each freshly computed tile (16 output columns of up to
 /// [`MR`] rows) while it is still in registers' reach, e.g. adding LoRA deltas: this costs no
 /// extra pass over the output and no extra thread hand-off.
+///
+/// An epilogue may also bring independent work the tiles depend on (e.g. LoRA's shrink,
+/// `t = x Aᵀ`, which the deltas need): the matmul runs those `pre` items as the first work
+/// items of its own launch and applies the epilogue to a tile only once all of them are done.
+/// The pool claims work items in order, so by the time a participant waits for them they are
+/// all being run by someone: the wait cannot deadlock and is short, since the tile's own dot
+/// products come first.
 pub trait Epilogue: Sync {
     /// `out[r]` holds outputs `16·tile ..` of row `row0 + r`, for `r < rows`.
     fn apply(&self, tile: usize, row0: usize, rows: usize, out: &mut [[f32; TILE]; MR]);
+
+    /// How many work items must run before any [`Self::apply`].
+    fn pre_items(&self) -> usize {
+        0
+    }
+
+    /// Runs work item `item < pre_items()`; items are independent of each other.
+    fn run_pre(&self, _item: usize) {}
 }
 
 /// The plain matmul.
@@ -194,13 +210,29 @@ pub fn matmul_with(
     // Tiny products are not worth a thread hand-off.
     let work = m * n * k;
     let chunks = if work < 64 * 1024 { 1 } else { pool::n_chunks(tiles, pool.n_threads()) };
-    pool.run_chunks(chunks, |c| {
+    let pre = epilogue.pre_items();
+    let pre_done = AtomicUsize::new(0);
+    pool.run_chunks(pre + chunks, |c| {
+        if c < pre {
+            epilogue.run_pre(c);
+            pre_done.fetch_add(1, Ordering::Release);
+            return;
+        }
+        let c = c - pre;
+        let mut pre_ready = pre == 0;
         let mut buf = [[0f32; TILE]; MR];
         for t in split_range(tiles, c, chunks) {
             let mut row0 = 0;
             while row0 < m {
                 let rows = (m - row0).min(MR);
                 compute_tile(w, x, acts.as_ref(), t, row0, rows, &mut buf, isa);
+                if !pre_ready {
+                    // Items are claimed in order: every pre item is already running somewhere.
+                    while pre_done.load(Ordering::Acquire) < pre {
+                        std::hint::spin_loop();
+                    }
+                    pre_ready = true;
+                }
                 epilogue.apply(t, row0, rows, &mut buf);
                 let cols = (n - t * TILE).min(TILE);
                 for (r, vals) in buf.iter().enumerate().take(rows) {
@@ -799,6 +831,50 @@ mod tests {
                 // Activation quantization error dominates for the 8-bit formats.
                 let tol = if matches!(w.format, PackedFormat::F32 | PackedFormat::F16) { 1e-5 } else { 0.05 };
                 check_all_isas(w, &x, m, tol);
+            }
+        }
+    }
+
+    /// An epilogue whose `apply` reads what its pre items wrote: every tile must see all of
+    /// them finished, however the pool's participants interleave.
+    #[test]
+    fn epilogues_run_after_every_pre_item() {
+        use std::sync::atomic::AtomicU32;
+        struct Gated {
+            done: Vec<AtomicU32>,
+        }
+        impl Epilogue for Gated {
+            fn pre_items(&self) -> usize {
+                self.done.len()
+            }
+            fn run_pre(&self, item: usize) {
+                // Uneven work, so items finish out of order.
+                let spin = (item % 5) * 2000;
+                let mut acc = 0u64;
+                for i in 0..spin {
+                    acc = std::hint::black_box(acc.wrapping_add(i as u64));
+                }
+                self.done[item].store(1, Ordering::Relaxed);
+            }
+            fn apply(&self, _: usize, _: usize, rows: usize, out: &mut [[f32; TILE]; MR]) {
+                let finished = self.done.iter().map(|d| d.load(Ordering::Relaxed)).sum::<u32>() as f32;
+                out.iter_mut().take(rows).for_each(|r| r.iter_mut().for_each(|v| *v += finished));
+            }
+        }
+        let (n, k, m) = (256, 512, 3); // large enough to be split over the pool
+        let w = PackedMatrix::from_f32(&rand_vec(n * k, 3), n, k).unwrap();
+        let x = rand_vec(m * k, 4);
+        let pool = ThreadPool::new(2);
+        let mut plain = vec![0f32; m * n];
+        matmul_with(&pool, &w, &x, m, &mut plain, Isa::detect(), &NoEpilogue);
+        for pre in [1, 2, 7, 40] {
+            for _ in 0..20 {
+                let gated = Gated { done: (0..pre).map(|_| AtomicU32::new(0)).collect() };
+                let mut y = vec![0f32; m * n];
+                matmul_with(&pool, &w, &x, m, &mut y, Isa::detect(), &gated);
+                for (a, b) in y.iter().zip(&plain) {
+                    assert_eq!(*a, b + pre as f32, "a tile ran before all {pre} pre items finished");
+                }
             }
         }
     }
