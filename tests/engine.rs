@@ -324,6 +324,35 @@ fn stop_strings_end_the_text_before_the_stop() {
     assert!(usage.completion_tokens < 30);
 }
 
+/// The up-front KV check counts whole cache blocks, as admission does: a request that fits in
+/// exact bytes but not in blocks is refused at submit, instead of being accepted and then never
+/// admitted (which blocked the FIFO queue behind it). Requests with more rows than the engine
+/// may run are refused too.
+#[test]
+fn kv_check_counts_whole_blocks_and_the_engine_keeps_serving() {
+    let t = tiny();
+    let probe = t.bundle.model.new_kv_cache(0);
+    // Room for 17 positions' worth of bytes: less than two 16-position blocks.
+    let limit = probe.bytes_per_token() * 17;
+    let e = EngineHandle::spawn(
+        t.bundle.model.clone(),
+        t.bundle.tokenizer.clone(),
+        EngineConfig { scheduler: SchedulerConfig::default(), kv_cache_bytes: limit },
+    );
+    let mut big = Request::new(vec![1, 2, 3, 4, 5], 12); // 17 positions: 2 blocks
+    big.ignore_eos = true;
+    assert!(matches!(e.submit(big), Err(EngineError::TooLarge { .. })));
+    let mut small = Request::new(vec![1, 2, 3], 4); // 7 positions: 1 block
+    small.ignore_eos = true;
+    let (ids, _, reason, _) = collect(e.submit(small).unwrap());
+    assert_eq!((ids.len(), reason), (4, FinishReason::Length));
+
+    let one_row = engine(&t, SchedulerConfig { max_running_rows: 1, ..Default::default() });
+    let mut pair = chat(&t, "hi", Some((2.0, GuidanceMode::Log)));
+    pair.max_tokens = 2;
+    assert!(matches!(one_row.submit(pair), Err(EngineError::InvalidRequest(m)) if m.contains("max_running_rows")));
+}
+
 #[test]
 fn shutdown_ends_running_streams_cleanly() {
     let t = tiny();
@@ -337,7 +366,7 @@ fn shutdown_ends_running_streams_cleanly() {
     while let Some(ev) = s.blocking_next() {
         last = Some(ev);
     }
-    assert!(matches!(last, Some(Event::Error(_)) | Some(Event::Finished { .. })), "{last:?}");
+    assert!(matches!(last, Some(Event::Error(EngineError::CutByShutdown)) | Some(Event::Finished { .. })), "{last:?}");
     assert!(matches!(e.submit(Request::new(vec![1], 1)), Err(EngineError::ShuttingDown)));
 }
 

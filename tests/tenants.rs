@@ -391,6 +391,113 @@ async fn open_server_accepts_any_key_until_the_first_key_is_issued() {
     s.shutdown().await;
 }
 
+/// A key sent any way but `Bearer <key>` is refused once keys exist, never read as "no key"
+/// (which would run it as tenant `default`, without the tenant's adapters). Bad path and query
+/// parameters get OpenAI-shaped errors, not axum's plain text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_credentials_and_parameters_get_openai_errors() {
+    let (s, _) = start(|_| {}).await;
+    let raw = |auth: &'static str| {
+        let url = s.url("/v1/chat/completions");
+        let body = chat(&s.model(), json!({ "max_tokens": 2 }));
+        async move {
+            let r = reqwest::Client::new().post(url).header("authorization", auth).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // Open server: whatever is presented acts like no key.
+    assert_eq!(raw("Token whatever").await.0, 200);
+    ok_admin(&s, "PUT", "/admin/tenants/a", Some(json!({}))).await;
+    let ka = new_key(&s, "a").await;
+    let leaked: &'static str = Box::leak(ka.clone().into_boxed_str());
+    let bearer_upper: &'static str = Box::leak(format!("BEARER {ka}").into_boxed_str());
+    for auth in [leaked, "Token whatever", "Bearer ", "Bearer"] {
+        let (status, v) = raw(auth).await;
+        assert_error(status, &v, 401, None);
+    }
+    assert_eq!(raw(bearer_upper).await.0, 200, "the scheme is case-insensitive");
+    let (status, v) = s.call("GET", "/admin/tenants", None, None).await;
+    assert_error(status, &v, 401, None);
+    for (method, path) in [("DELETE", "/admin/adapters/x?force=maybe"), ("GET", "/admin/tenants/%FF")] {
+        let (status, v) = admin(&s, method, path, None).await;
+        assert_error(status, &v, 400, None);
+    }
+    s.shutdown().await;
+}
+
+/// An admin whose client hangs up in the middle of an adapter load must not leave the adapter
+/// loaded but missing from the state file (it would silently vanish, or revert to an older
+/// generation, on restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_adapter_load_is_still_persisted() {
+    use std::io::Write;
+    // An adapter big enough that loading it takes a while.
+    let spec = TinySpec { hidden: 512, intermediate: 1024, layers: 8, heads: 8, kv_heads: 8, ..spec() };
+    let dir = TempDir::new("abandoned").unwrap();
+    let root = dir.path().join("adapters");
+    write_peft_adapter(&root.join("big"), &spec, &PeftSpec { rank: 64, ..Default::default() }).unwrap();
+    let key_file = dir.path().join("admin.key");
+    std::fs::write(&key_file, format!("{ADMIN}\n")).unwrap();
+    let state = dir.path().join("state");
+    let s = Server::start_in(dir, spec, move |a| {
+        a.admin_key_file = Some(key_file);
+        a.state_dir = Some(state);
+        a.adapters_root = Some(root);
+    })
+    .await;
+    let body = r#"{"name":"big","path":"big"}"#;
+    let req = format!(
+        "POST /admin/adapters HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut tcp = std::net::TcpStream::connect(s.base.trim_start_matches("http://")).unwrap();
+    tcp.write_all(req.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(tcp); // the client gives up mid-load
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.state.adapters.get("big").is_none() {
+        assert!(Instant::now() < deadline, "the load never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The admin lock is held until the change is persisted: any admin call now sees it saved.
+    ok_admin(&s, "GET", "/admin/adapters", None).await;
+    assert!(s.state.tenants.snapshot().adapters.contains_key("big"), "loaded but not persisted");
+    s.shutdown().await;
+}
+
+/// Saved policies are checked against the configuration at start-up: a policy that a lowered
+/// `max_gamma` makes unenforceable stops the server with a clear error (it used to make every
+/// request of that tenant panic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_refuses_saved_policies_the_configuration_cannot_enforce() {
+    let dir = TempDir::new("policies").unwrap();
+    let model = dir.path().join("tiny");
+    lethe::fixtures::write_tiny_model(&model, &spec()).unwrap();
+    let args = |max_gamma: Option<f32>| ServeArgs {
+        model: Some(model.clone()),
+        state_dir: Some(dir.path().join("state")),
+        max_gamma,
+        ..Default::default()
+    };
+    let load = |a: ServeArgs| lethe::server::AppState::load(lethe::config::ServeConfig::resolve(&a).unwrap());
+    let first = load(args(None)).unwrap();
+    first
+        .tenants
+        .update(|st| {
+            st.tenants.entry("strict".into()).or_default().policy =
+                serde_json::from_value(json!({ "gamma_min": 2.0, "gamma": 2.5 })).unwrap();
+            Ok::<_, lethe::tenants::StoreError>(())
+        })
+        .unwrap();
+    first.engine.shutdown(Duration::from_secs(1));
+    drop(first);
+    let err = load(args(Some(1.5))).err().expect("start-up must fail").to_string();
+    assert!(err.contains("\"strict\"") && err.contains("max_gamma"), "{err}");
+    assert!(load(args(Some(3.0))).is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_api_keys_reject_anonymous_requests() {
     let (s, _) = start(|a| a.require_api_key = true).await;

@@ -9,7 +9,7 @@ use super::request::{Event, FinishReason, Request, Timing, Usage};
 use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig};
 use super::sequence::{Group, RowLogits};
 use crate::guidance::{self, GuidanceMode};
-use crate::model::{BatchEntry, BatchLogits, KvCache, KvDtype, Llama, RaggedBatch};
+use crate::model::{BatchEntry, BatchLogits, KvCache, KvDtype, KvSizing, Llama, RaggedBatch};
 use crate::sampling::{StopOutcome, sample_logits};
 use crate::telemetry as t;
 use crate::tokenizer::Tokenizer;
@@ -44,6 +44,10 @@ pub enum EngineError {
     InvalidRequest(String),
     #[error("the engine is shutting down")]
     ShuttingDown,
+    #[error("the server shut down before this request finished")]
+    CutByShutdown,
+    #[error("inference failed: {0}")]
+    Failed(String),
 }
 
 /// Live counters the HTTP layer and metrics read.
@@ -56,6 +60,22 @@ pub struct EngineStats {
     pub kv_limit_bytes: AtomicUsize,
     pub steps: AtomicU64,
     pub alive: AtomicBool,
+    /// The engine thread died of a panic: the process cannot serve any more and should be
+    /// restarted (`/health` turns 503, so a liveness probe does it).
+    pub crashed: AtomicBool,
+}
+
+/// Marks the engine dead however its thread ends, a panic included (then also `crashed`).
+struct ExitMarker(Arc<EngineStats>);
+
+impl Drop for ExitMarker {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.crashed.store(true, Ordering::SeqCst);
+            tracing::error!("the engine thread panicked; the server can no longer generate");
+        }
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
 }
 
 enum Command {
@@ -72,7 +92,10 @@ pub struct EngineHandle {
     max_waiting: usize,
     max_context: usize,
     vocab: usize,
-    kv_bytes_per_token: usize,
+    /// The KV cache's sizing rule: the up-front check must count exactly what admission will
+    /// reserve (whole blocks), or a request that passes it could never be admitted.
+    kv_sizing: KvSizing,
+    max_running_rows: usize,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -111,9 +134,10 @@ impl EngineHandle {
         stats.alive.store(true, Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::channel();
         let max_waiting = cfg.scheduler.max_waiting;
+        let max_running_rows = cfg.scheduler.max_running_rows;
         let max_context = model.config().max_context;
         let vocab = model.config().vocab_size;
-        let kv_bytes_per_token = kv.bytes_per_token();
+        let kv_sizing = kv.sizing();
         let worker = Worker {
             model,
             tokenizer,
@@ -126,7 +150,10 @@ impl EngineHandle {
         };
         let thread = std::thread::Builder::new()
             .name("lethe-engine".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                let _exit = ExitMarker(worker.stats.clone());
+                worker.run()
+            })
             .expect("spawning the engine thread");
         metrics::gauge!(t::KV_CACHE_LIMIT_BYTES).set(cfg.kv_cache_bytes as f64);
         Self {
@@ -136,7 +163,8 @@ impl EngineHandle {
             max_waiting,
             max_context,
             vocab,
-            kv_bytes_per_token,
+            kv_sizing,
+            max_running_rows,
             thread: Arc::new(Mutex::new(Some(thread))),
         }
     }
@@ -179,6 +207,13 @@ impl EngineHandle {
             }
             rows.push(u);
         }
+        if rows.len() > self.max_running_rows {
+            return bad(&format!(
+                "this request needs {} rows, more than the server's max_running_rows of {}",
+                rows.len(),
+                self.max_running_rows
+            ));
+        }
         let mut kv_need = 0;
         for p in rows {
             if let Some(&t) = p.iter().find(|&&t| t as usize >= self.vocab) {
@@ -188,7 +223,7 @@ impl EngineHandle {
             if needed > self.max_context {
                 return Err(EngineError::ContextOverflow { needed, max: self.max_context });
             }
-            kv_need += needed * self.kv_bytes_per_token;
+            kv_need += self.kv_sizing.bytes_for_tokens(needed);
         }
         let limit = self.stats.kv_limit_bytes.load(Ordering::Relaxed);
         if kv_need > limit {
@@ -256,17 +291,23 @@ impl Worker {
                 // Admit nothing new; reject whatever still waits.
                 while let Some(g) = self.sched.waiting.pop_front() {
                     self.leave_waiting();
-                    let _ = g.events.send(Event::Error("the server is shutting down".into()));
+                    let _ = g.events.send(Event::Error(EngineError::ShuttingDown));
                 }
                 if self.sched.running.is_empty() || Instant::now() >= deadline {
                     while !self.sched.running.is_empty() {
                         let g = self.sched.finish(0, &mut self.kv);
-                        let _ = g.events.send(Event::Error("the server shut down before this request finished".into()));
+                        let _ = g.events.send(Event::Error(EngineError::CutByShutdown));
                     }
                     self.publish_stats();
                     break;
                 }
             } else {
+                for (g, e) in self.sched.take_unfittable(&self.kv) {
+                    self.leave_waiting();
+                    tracing::warn!(error = %e, "rejected a request that can never be admitted");
+                    let _ = g.events.send(Event::Error(e));
+                    record_finish(&g, "error");
+                }
                 for _ in 0..self.sched.admit(&mut self.kv) {
                     self.leave_waiting();
                 }
@@ -390,7 +431,7 @@ impl Worker {
         groups.dedup();
         for gi in groups.into_iter().rev() {
             let g = self.sched.finish(gi, &mut self.kv);
-            let _ = g.events.send(Event::Error(format!("inference failed: {msg}")));
+            let _ = g.events.send(Event::Error(EngineError::Failed(msg.to_string())));
             record_finish(&g, "error");
         }
     }

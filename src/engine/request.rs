@@ -117,5 +117,6 @@ pub enum Event {
         usage: Usage,
         timing: Timing,
     },
-    Error(String),
+    /// The request failed after it was accepted (shutdown, a failed forward, limits).
+    Error(super::engine::EngineError),
 }

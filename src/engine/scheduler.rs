@@ -12,6 +12,7 @@
 //!   instead of queueing behind the long prompt's chunks. The budget bounds a step's duration,
 //!   hence both inter-token latency and time to first token under load.
 
+use super::engine::EngineError;
 use super::sequence::{Group, Row};
 use crate::model::KvCache;
 use std::collections::VecDeque;
@@ -72,6 +73,31 @@ impl Scheduler {
     /// KV bytes a group needs for its whole generation.
     pub fn kv_need(kv: &KvCache, g: &Group) -> usize {
         g.row_prompts().iter().map(|p| kv.bytes_for_tokens(p.len() + g.req.max_tokens)).sum()
+    }
+
+    /// Removes the waiting groups that could never be admitted, even on an idle engine (more
+    /// KV cache or rows than the limits): FIFO admission would otherwise hold one at the head
+    /// of the queue forever, and everything behind it. The submit path checks the same limits
+    /// up front; this is the guarantee that a miss there cannot wedge the engine.
+    pub fn take_unfittable(&mut self, kv: &KvCache) -> Vec<(Group, EngineError)> {
+        let (bad, ok): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|g| g.req.n_rows() > self.cfg.max_running_rows || Self::kv_need(kv, g) > kv.limit_bytes());
+        self.waiting = ok.into();
+        bad.into_iter()
+            .map(|g| {
+                let (rows, needed, limit) = (g.req.n_rows(), Self::kv_need(kv, &g), kv.limit_bytes());
+                let e = if needed > limit {
+                    EngineError::TooLarge { needed, limit }
+                } else {
+                    EngineError::InvalidRequest(format!(
+                        "this request needs {rows} rows, more than the server's max_running_rows of {}",
+                        self.cfg.max_running_rows
+                    ))
+                };
+                (g, e)
+            })
+            .collect()
     }
 
     /// Moves waiting groups to running, oldest first, while they fit. Returns how many.
@@ -142,5 +168,60 @@ impl Scheduler {
             budget -= n;
         }
         plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Event, Request};
+    use crate::model::kv_cache::KvStoreKind;
+    use crate::model::{Arch, KvDtype, ModelConfig, RopeStyle};
+
+    fn kv(limit_bytes: usize) -> KvCache {
+        let cfg = ModelConfig {
+            arch: Arch::Llama,
+            name: "t".into(),
+            hidden_size: 16,
+            intermediate_size: 32,
+            n_layers: 2,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 8,
+            vocab_size: 32,
+            rms_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_style: RopeStyle::Half,
+            rope_scaling: None,
+            max_context: 256,
+            tie_embeddings: true,
+            qkv_bias: false,
+        };
+        KvCache::new(&cfg, KvStoreKind::Paged, candle_core::Device::Cpu, limit_bytes, KvDtype::F32)
+    }
+
+    fn group(id: u64, prompt_len: usize, max_tokens: usize) -> (Group, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Group::new(id, Request::new(vec![1; prompt_len], max_tokens), tx), rx)
+    }
+
+    /// A request that can never fit must not sit at the head of the FIFO queue and block the
+    /// ones behind it; the ones that fit stay queued, in order.
+    #[test]
+    fn unfittable_requests_are_taken_out_of_the_queue() {
+        let one_block = kv(0).bytes_for_tokens(1);
+        let mut kv = kv(2 * one_block);
+        let mut s = Scheduler::new(SchedulerConfig { max_running_rows: 4, ..Default::default() });
+        let (too_big, _rx0) = group(1, 20, 100); // 8 blocks of 16 positions
+        let (small, _rx1) = group(2, 3, 5);
+        s.waiting.push_back(too_big);
+        s.waiting.push_back(small);
+        assert_eq!(s.admit(&mut kv), 0, "the head does not fit and FIFO keeps the rest behind it");
+        let out = s.take_unfittable(&kv);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.id, 1);
+        assert!(matches!(out[0].1, EngineError::TooLarge { .. }), "{:?}", out[0].1);
+        assert_eq!(s.waiting.iter().map(|g| g.id).collect::<Vec<_>>(), [2]);
+        assert_eq!(s.admit(&mut kv), 1);
     }
 }

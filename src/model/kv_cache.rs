@@ -56,6 +56,25 @@ pub struct KvCache {
     free_blocks: Vec<Block>,
 }
 
+/// The sizing rule of a [`KvCache`] (see [`KvCache::sizing`]).
+#[derive(Debug, Clone, Copy)]
+pub struct KvSizing {
+    kind: KvStoreKind,
+    block_bytes: usize,
+    bytes_per_token: usize,
+    max_context: usize,
+}
+
+impl KvSizing {
+    /// Bytes one sequence of `n` positions occupies (whole blocks / capacity doublings).
+    pub fn bytes_for_tokens(&self, n: usize) -> usize {
+        match self.kind {
+            KvStoreKind::Paged => n.div_ceil(BLOCK_TOKENS) * self.block_bytes,
+            KvStoreKind::Tensors => tensor_capacity(n, self.max_context) * self.bytes_per_token,
+        }
+    }
+}
+
 /// A step's layout, computed before the forward.
 pub struct StepPlan {
     pub tokens: Vec<u32>,
@@ -100,9 +119,17 @@ impl KvCache {
     }
     /// Bytes one sequence of `n` positions occupies (whole blocks / capacity doublings).
     pub fn bytes_for_tokens(&self, n: usize) -> usize {
-        match self.kind {
-            KvStoreKind::Paged => n.div_ceil(BLOCK_TOKENS) * self.block_bytes(),
-            KvStoreKind::Tensors => tensor_capacity(n, self.max_context) * self.bytes_per_token(),
+        self.sizing().bytes_for_tokens(n)
+    }
+
+    /// How this cache sizes sequences, detached from it: what a request will need can then be
+    /// checked where the cache is not (the engine's submit path), by the same rule admission uses.
+    pub fn sizing(&self) -> KvSizing {
+        KvSizing {
+            kind: self.kind,
+            block_bytes: self.block_bytes(),
+            bytes_per_token: self.bytes_per_token(),
+            max_context: self.max_context,
         }
     }
     fn block_bytes(&self) -> usize {

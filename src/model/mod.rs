@@ -19,7 +19,7 @@ pub mod lora;
 pub use batch::{BatchEntry, BatchLogits, RaggedBatch, SeqId};
 pub use config::{Arch, ModelConfig, RopeStyle};
 pub use kernels::attention::KvDtype;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvSizing};
 pub use llama::Llama;
 pub use load::{Backend, LoadOptions, WeightFormat};
 

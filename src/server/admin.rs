@@ -8,13 +8,13 @@
 use super::AppState;
 use super::auth::Admin;
 use super::error::ApiError;
-use super::extract::{JsonBody, One};
+use super::extract::{JsonBody, One, PathParams, QueryParams};
 use crate::adapters::registry::{AdapterInfo, check_name};
 use crate::tenants::keys::{self, KeyRecord};
 use crate::tenants::policy::check_tenant_name;
 use crate::tenants::{DEFAULT_TENANT, TenantPolicy, TenantRecord};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -50,8 +50,15 @@ pub async fn load_adapter(
     State(s): State<Arc<AppState>>,
     JsonBody(One(req)): JsonBody<One<LoadAdapter>>,
 ) -> Resp {
-    let _guard = s.admin_lock.lock().await;
     check_name(&req.name).map_err(|e| ApiError::invalid(e.to_string(), Some("name".into())))?;
+    // A load takes a while and is applied before it is persisted: run it as a task of its own,
+    // so a client that hangs up mid-load (dropping this handler) cannot leave an adapter loaded
+    // but not in the state file, or release the admin lock while the change is half done.
+    tokio::spawn(apply_load(s, req)).await.map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+async fn apply_load(s: Arc<AppState>, req: LoadAdapter) -> Resp {
+    let _guard = s.admin_lock.lock().await;
     let previous = s.adapters.get(&req.name);
     if previous.is_some() && !req.replace {
         return Err(crate::adapters::AdapterError::Exists(req.name).into());
@@ -94,8 +101,8 @@ pub struct ForceQuery {
 pub async fn unload_adapter(
     _: Admin,
     State(s): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    Query(q): Query<ForceQuery>,
+    PathParams(name): PathParams<String>,
+    QueryParams(q): QueryParams<ForceQuery>,
 ) -> Resp {
     let _guard = s.admin_lock.lock().await;
     if s.adapters.get(&name).is_none() {
@@ -162,7 +169,7 @@ pub async fn list_tenants(_: Admin, State(s): State<Arc<AppState>>) -> Resp {
     ok(json!({ "object": "list", "data": data }))
 }
 
-pub async fn get_tenant(_: Admin, State(s): State<Arc<AppState>>, Path(tenant): Path<String>) -> Resp {
+pub async fn get_tenant(_: Admin, State(s): State<Arc<AppState>>, PathParams(tenant): PathParams<String>) -> Resp {
     let st = s.tenants.snapshot();
     match st.tenants.get(&tenant) {
         Some(r) => ok(view(&tenant, Some(r))),
@@ -182,7 +189,7 @@ fn check_policy(s: &AppState, p: &TenantPolicy) -> Result<(), ApiError> {
 pub async fn put_tenant(
     _: Admin,
     State(s): State<Arc<AppState>>,
-    Path(tenant): Path<String>,
+    PathParams(tenant): PathParams<String>,
     JsonBody(One(policy)): JsonBody<One<TenantPolicy>>,
 ) -> Resp {
     check_tenant_name(&tenant).map_err(|m| ApiError::invalid(m, None))?;
@@ -199,7 +206,7 @@ pub async fn put_tenant(
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(body)))
 }
 
-pub async fn delete_tenant(_: Admin, State(s): State<Arc<AppState>>, Path(tenant): Path<String>) -> Resp {
+pub async fn delete_tenant(_: Admin, State(s): State<Arc<AppState>>, PathParams(tenant): PathParams<String>) -> Resp {
     let _guard = s.admin_lock.lock().await;
     let existed = s.tenants.update(|st| Ok::<_, crate::tenants::StoreError>(st.tenants.remove(&tenant).is_some()))?;
     if !existed {
@@ -208,7 +215,7 @@ pub async fn delete_tenant(_: Admin, State(s): State<Arc<AppState>>, Path(tenant
     ok(json!({ "deleted": tenant }))
 }
 
-pub async fn create_key(_: Admin, State(s): State<Arc<AppState>>, Path(tenant): Path<String>) -> Resp {
+pub async fn create_key(_: Admin, State(s): State<Arc<AppState>>, PathParams(tenant): PathParams<String>) -> Resp {
     check_tenant_name(&tenant).map_err(|m| ApiError::invalid(m, None))?;
     let _guard = s.admin_lock.lock().await;
     let known = s.tenants.snapshot().tenants.contains_key(&tenant) || tenant == DEFAULT_TENANT;
@@ -227,7 +234,7 @@ pub async fn create_key(_: Admin, State(s): State<Arc<AppState>>, Path(tenant): 
 pub async fn delete_key(
     _: Admin,
     State(s): State<Arc<AppState>>,
-    Path((tenant, key_id)): Path<(String, String)>,
+    PathParams((tenant, key_id)): PathParams<(String, String)>,
 ) -> Resp {
     let _guard = s.admin_lock.lock().await;
     let removed = s.tenants.update(|st| {
@@ -245,7 +252,7 @@ pub async fn delete_key(
 pub async fn enable_adapter(
     _: Admin,
     State(s): State<Arc<AppState>>,
-    Path((tenant, name)): Path<(String, String)>,
+    PathParams((tenant, name)): PathParams<(String, String)>,
 ) -> Resp {
     check_tenant_name(&tenant).map_err(|m| ApiError::invalid(m, None))?;
     let _guard = s.admin_lock.lock().await;
@@ -265,7 +272,7 @@ pub async fn enable_adapter(
 pub async fn disable_adapter(
     _: Admin,
     State(s): State<Arc<AppState>>,
-    Path((tenant, name)): Path<(String, String)>,
+    PathParams((tenant, name)): PathParams<(String, String)>,
 ) -> Resp {
     let _guard = s.admin_lock.lock().await;
     let policy = s.tenants.update(|st| {

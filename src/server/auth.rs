@@ -8,9 +8,28 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use std::sync::Arc;
 
-fn bearer(parts: &Parts) -> Option<&str> {
-    let v = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
-    v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(str::trim)
+/// What the `Authorization` header presents.
+enum Credentials<'a> {
+    None,
+    Bearer(&'a str),
+    /// A header that is not `Bearer <token>` (another scheme, no token, not text): refused, never
+    /// read as "no key" — a key sent the wrong way must not run as the default tenant.
+    Malformed,
+}
+
+fn credentials(parts: &Parts) -> Credentials<'_> {
+    let Some(v) = parts.headers.get(AUTHORIZATION) else { return Credentials::None };
+    let Ok(v) = v.to_str() else { return Credentials::Malformed };
+    match v.trim().split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+            Credentials::Bearer(token.trim())
+        }
+        _ => Credentials::Malformed,
+    }
+}
+
+fn malformed() -> ApiError {
+    ApiError::Unauthorized("the Authorization header must be `Bearer <key>`".into())
 }
 
 /// The tenant a public request acts for.
@@ -20,7 +39,14 @@ impl FromRequestParts<Arc<AppState>> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        match state.tenants.authenticate(bearer(parts)) {
+        let key = match credentials(parts) {
+            Credentials::None => None,
+            Credentials::Bearer(k) => Some(k),
+            // An open server ignores whatever a client presents (see `Directory::authenticate`).
+            Credentials::Malformed if state.tenants.is_open() => None,
+            Credentials::Malformed => return Err(malformed()),
+        };
+        match state.tenants.authenticate(key) {
             Ok(Caller::Tenant(t)) => {
                 // Every later log line of this request names its tenant.
                 tracing::Span::current().record("tenant", t.as_str());
@@ -49,13 +75,16 @@ impl FromRequestParts<Arc<AppState>> for Admin {
         }
         // Checked against the keys directly, not through `authenticate`: an open server lets
         // unknown keys act as anonymous on the public API, never here.
-        match bearer(parts).filter(|k| !k.is_empty()) {
-            Some(key) if state.tenants.is_admin_key(key) => Ok(Admin),
-            Some(key) if state.tenants.is_tenant_key(key) => {
+        match credentials(parts) {
+            Credentials::Bearer(key) if state.tenants.is_admin_key(key) => Ok(Admin),
+            Credentials::Bearer(key) if state.tenants.is_tenant_key(key) => {
                 Err(ApiError::Forbidden("tenant API keys cannot use the admin API".into()))
             }
-            Some(_) => Err(ApiError::Unauthorized("incorrect admin key".into())),
-            None => Err(ApiError::Unauthorized("the admin API needs `Authorization: Bearer <admin key>`".into())),
+            Credentials::Bearer(_) => Err(ApiError::Unauthorized("incorrect admin key".into())),
+            Credentials::Malformed => Err(malformed()),
+            Credentials::None => {
+                Err(ApiError::Unauthorized("the admin API needs `Authorization: Bearer <admin key>`".into()))
+            }
         }
     }
 }

@@ -147,7 +147,8 @@ impl From<EngineError> for ApiError {
                 code: Some("context_length_exceeded"),
             },
             EngineError::InvalidRequest(m) => Self::invalid(m, None),
-            EngineError::ShuttingDown => Self::Unavailable,
+            EngineError::ShuttingDown | EngineError::CutByShutdown => Self::Unavailable,
+            EngineError::Failed(m) => Self::Internal(m),
         }
     }
 }

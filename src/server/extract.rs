@@ -1,10 +1,40 @@
-//! A JSON body extractor whose every failure is an OpenAI-shaped error: wrong content type (415),
-//! oversized body (413), unparsable JSON (400), or a field of the wrong type (400 naming the field).
+//! Extractors whose every failure is an OpenAI-shaped error. The JSON body: wrong content type
+//! (415), oversized body (413), unparsable JSON (400), or a field of the wrong type (400 naming
+//! the field). Path and query parameters: 400 (axum's own extractors answer in plain text).
 
 use super::error::ApiError;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::header;
+use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
+
+/// Path parameters (as axum's `Path`).
+pub struct PathParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(Self(v)),
+            Err(e) => Err(ApiError::invalid(e.body_text(), None)),
+        }
+    }
+}
+
+/// Query parameters (as axum's `Query`).
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Self(v)),
+            Err(e) => Err(ApiError::invalid(e.body_text(), None)),
+        }
+    }
+}
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;

@@ -104,6 +104,20 @@ impl AppState {
                 .map_err(|e| anyhow::anyhow!("restoring adapter {name:?} from the state directory: {e}"))?;
             tracing::info!(adapter = %name, "adapter restored");
         }
+        // Saved policies must still hold under this configuration (e.g. a lowered max_gamma):
+        // serving a tenant whose policy cannot be enforced is not an option for a forget-server.
+        for (tenant, rec) in &tenants.snapshot().tenants {
+            let invalid = |why: String| {
+                anyhow::anyhow!(
+                    "tenant {tenant:?}'s saved policy is not valid with this configuration: {why} \
+                     (restore the setting, or fix the policy in the state directory)"
+                )
+            };
+            rec.policy.validate(config.max_gamma).map_err(invalid)?;
+            if let Some(missing) = rec.policy.adapters.iter().find(|a| adapters.get(a).is_none()) {
+                return Err(invalid(format!("adapter {missing:?} is not loaded")));
+            }
+        }
         Ok(Arc::new(Self {
             engine,
             tokenizer: bundle.tokenizer,

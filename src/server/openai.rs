@@ -408,7 +408,7 @@ async fn collect(mut stream: RequestStream, meta: Meta) -> Result<Response, ApiE
                     .into_response(),
                 });
             }
-            Some(Event::Error(e)) => return Err(ApiError::Internal(e)),
+            Some(Event::Error(e)) => return Err(e.into()),
             None => return Err(ApiError::Internal("the engine dropped the request".into())),
         }
     }
@@ -456,7 +456,7 @@ fn sse_events(stream: RequestStream, meta: Meta) -> impl Stream<Item = Result<Ss
                     }
                     Some(Event::Error(e)) => {
                         tracing::error!(error = %e, "generation failed mid-stream");
-                        let body = ApiError::Internal(e).body();
+                        let body = ApiError::from(e).body();
                         let evs = vec![
                             SseEvent::default().data(serde_json::to_string(&body).unwrap_or_default()),
                             SseEvent::default().data("[DONE]"),

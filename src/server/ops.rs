@@ -11,9 +11,13 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
-/// `GET /health`: the process is alive and answering.
-pub async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// `GET /health`: the process is alive and answering, and its engine has not crashed (503 if it
+/// has: only a restart helps then).
+pub async fn health(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
+    if state.engine.stats().crashed.load(std::sync::atomic::Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "engine failed" })));
+    }
+    (StatusCode::OK, Json(json!({ "status": "ok" })))
 }
 
 /// `GET /ready`: the model is loaded and the engine accepts work (503 while shutting down).

@@ -209,7 +209,8 @@ fn resolve_guidance(
     let bad = |msg: String, p: &str| ApiError::invalid(msg, Some(format!("guidance.{p}")));
     let g = req.cloned().unwrap_or_default();
     let (lo, hi) = (policy.gamma_min, policy.gamma_max(state.config.max_gamma));
-    let default_gamma = policy.gamma.or(profile.and_then(|p| p.gamma)).unwrap_or(server.gamma).clamp(lo, hi);
+    // `max`/`min` rather than `clamp`, which panics if a policy ever had lo > hi.
+    let default_gamma = policy.gamma.or(profile.and_then(|p| p.gamma)).unwrap_or(server.gamma).max(lo).min(hi);
     let gamma = g.gamma.unwrap_or(default_gamma);
     if !gamma.is_finite() || gamma < 0.0 {
         return Err(bad(format!("guidance.gamma must be a finite number ≥ 0, got {gamma}."), "gamma"));

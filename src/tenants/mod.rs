@@ -84,9 +84,15 @@ impl Directory {
         }
         match self.key_index.read().expect("key index").get(&keys::hash_key(key)) {
             Some(t) => Ok(Caller::Tenant(t.clone())),
-            None if !self.require_api_key && !self.state.read().expect("state").keyed => Ok(anonymous),
+            None if self.is_open() => Ok(anonymous),
             None => Err(AuthError::InvalidKey),
         }
+    }
+
+    /// Whether this is an *open* server: keys not required and no tenant key ever issued (see
+    /// [`Self::authenticate`]).
+    pub fn is_open(&self) -> bool {
+        !self.require_api_key && !self.state.read().expect("state").keyed
     }
 
     /// Whether `key` is the admin key.

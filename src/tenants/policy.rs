@@ -63,7 +63,9 @@ impl TenantPolicy {
             return Err(format!("gamma_max {max} is above the server's max_gamma {server_max}"));
         }
         if !(0.0 <= self.gamma_min && self.gamma_min <= max) {
-            return Err(format!("need 0 ≤ gamma_min ≤ gamma_max, got {} and {max}", self.gamma_min));
+            let which =
+                if self.gamma_max.is_some() { "gamma_max" } else { "gamma_max (unset: the server's max_gamma)" };
+            return Err(format!("need 0 ≤ gamma_min ≤ {which}, got {} and {max}", self.gamma_min));
         }
         if let Some(g) = self.gamma
             && !(self.gamma_min <= g && g <= max)
