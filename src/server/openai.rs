@@ -454,16 +454,20 @@ fn sse_events(stream: RequestStream, meta: Meta) -> impl Stream<Item = Result<Ss
                         evs.push(SseEvent::default().data("[DONE]"));
                         return Some((evs, (stream, meta, Phase::Done)));
                     }
-                    Some(Event::Error(e)) => {
-                        tracing::error!(error = %e, "generation failed mid-stream");
-                        let body = ApiError::from(e).body();
+                    ended => {
+                        // A failure, or the engine dropped the request without a word: either
+                        // way the client gets an error event and `[DONE]`, never a bare EOF.
+                        let err = match ended {
+                            Some(Event::Error(e)) => ApiError::from(e),
+                            _ => ApiError::Internal("the engine dropped the request".into()),
+                        };
+                        tracing::error!(error = %err, "generation failed mid-stream");
                         let evs = vec![
-                            SseEvent::default().data(serde_json::to_string(&body).unwrap_or_default()),
+                            SseEvent::default().data(serde_json::to_string(&err.body()).unwrap_or_default()),
                             SseEvent::default().data("[DONE]"),
                         ];
                         return Some((evs, (stream, meta, Phase::Done)));
                     }
-                    None => return None,
                 }
             },
         }
