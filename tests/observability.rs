@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 const ADMIN: &str = "observability-admin-key-0123456789";
 
@@ -213,7 +214,16 @@ async fn metrics_follow_real_traffic_and_cover_dashboards_and_alerts() {
     assert_eq!(s.call("POST", "/v1/chat/completions", Some(&kg), Some(bad)).await.0, 400);
     admin("DELETE", "/admin/adapters/obs-y", None).await;
 
-    let (text, after) = scrape(&s).await;
+    // The engine updates its gauges just after it sends a request's last event, so a scrape
+    // right after the last response may still count that request as running.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (text, after) = loop {
+        let (text, after) = scrape(&s).await;
+        if sum(&after, "lethe_num_requests_running", &[]) == 0.0 || std::time::Instant::now() > deadline {
+            break (text, after);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let delta = |name: &str, filter: &[(&str, &str)]| sum(&after, name, filter) - sum(&before, name, filter);
     assert_eq!(delta("lethe_requests_total", &[("tenant", "obs-g")]), 5.0);
     assert_eq!(delta("lethe_requests_total", &[("tenant", "obs-t")]), 2.0);
