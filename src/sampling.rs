@@ -18,6 +18,10 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
 }
 
+/// Temperatures below this sample greedily: the distribution is the argmax for any logits
+/// that differ by more than ~1e-3, and `1/T` stays far from overflowing f32.
+pub const MIN_TEMPERATURE: f32 = 1e-4;
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None }
@@ -28,8 +32,12 @@ impl SamplingParams {
     pub fn greedy() -> Self {
         Self::default()
     }
+    /// Greedy: temperature 0 (or below [`MIN_TEMPERATURE`], where `1/T` would overflow the
+    /// scaled scores and sampling would degenerate), or top-k 1.
     pub fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0 || self.top_k == 1
+        // Written so that a NaN temperature also counts as greedy.
+        let sampling = self.temperature >= MIN_TEMPERATURE;
+        !sampling || self.top_k == 1
     }
 }
 
@@ -111,8 +119,9 @@ pub fn sample_logits(scores: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
     if inv_t == 1.0 {
         crate::simd::exp_shifted(scores, max, &mut weights);
     } else {
-        let scaled: Vec<f32> = scores.iter().map(|&s| s * inv_t).collect();
-        crate::simd::exp_shifted(&scaled, max * inv_t, &mut weights);
+        // Shift before scaling: `(s − max)/T ≤ 0` cannot overflow, whatever T and the logits.
+        let scaled: Vec<f32> = scores.iter().map(|&s| (s - max) * inv_t).collect();
+        crate::simd::exp_shifted(&scaled, 0.0, &mut weights);
     }
     draw(weights, p, rng)
 }
@@ -269,6 +278,20 @@ mod tests {
         let mut rng = Rng::new(0);
         assert_eq!(sample_logits(&[0.1, 3.0, -1.0, 3.0], &SamplingParams::greedy(), &mut rng), 1);
         assert_eq!(sample_probs(&[0.2, 0.5, 0.3], &SamplingParams::greedy(), &mut rng), 1);
+    }
+
+    /// Tiny and low temperatures never degenerate to token 0: they pick the argmax (or near it).
+    #[test]
+    fn tiny_temperatures_pick_the_best_token() {
+        let mut rng = Rng::new(3);
+        let logits = [1.0f32, 9.0, 30.0, 29.0, -4.0];
+        for t in [1e-40, 1e-10, 1e-5, 1e-3] {
+            assert_eq!(sample_logits(&logits, &params(t, 0, 1.0), &mut rng), 2, "T = {t}");
+            assert_eq!(sample_probs(&[0.1, 0.2, 0.6, 0.1], &params(t, 0, 1.0), &mut rng), 2, "T = {t}");
+        }
+        // Large logits at a low (valid) temperature: no overflow.
+        let big = [3.0e4f32, 2.9e4, -1.0e4];
+        assert_eq!(sample_logits(&big, &params(0.01, 0, 1.0), &mut rng), 0);
     }
 
     #[test]

@@ -255,6 +255,56 @@ fn unsupported_variants_are_rejected_with_a_precise_message() {
     }
 }
 
+/// Appends raw JSON fields to an adapter's config, keeping their order (a `Value` round trip
+/// would sort the keys, and the order is what this tests).
+fn append_config(dir: &Path, fields: &str) {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let body = text.trim_end().strip_suffix('}').unwrap();
+    std::fs::write(&path, format!("{body}, {fields}}}")).unwrap();
+}
+
+/// Overlapping rank/alpha patterns resolve like PEFT: the first matching pattern in the file
+/// wins (a hash map made the choice random). Non-finite scales and weights are refused.
+#[test]
+fn patterns_apply_in_file_order_and_non_finite_numbers_are_refused() {
+    let (tmp, spec, m) = tiny_model();
+    let two = PeftSpec { rank_override: Some(("v_proj", 2)), ..Default::default() };
+    let dir = tmp.path().join("first-wins");
+    write_peft_adapter(&dir, &spec, &two).unwrap();
+    append_config(&dir, r#""rank_pattern": {"v_proj": 2, "model.layers.0.self_attn.v_proj": 3}"#);
+    peft::load(&dir, &m).expect("the first pattern (rank 2) applies to layer 0 too");
+    let dir = tmp.path().join("first-wins-reversed");
+    write_peft_adapter(&dir, &spec, &two).unwrap();
+    append_config(&dir, r#""rank_pattern": {"model.layers.0.self_attn.v_proj": 3, "v_proj": 2}"#);
+    let e = peft::load(&dir, &m).err().expect("rank 3 applies to layer 0 and does not fit");
+    assert!(e.to_string().contains("expected [3, 64]"), "{e}");
+
+    let dir = tmp.path().join("inf-alpha");
+    write_peft_adapter(&dir, &spec, &PeftSpec::default()).unwrap();
+    append_config(&dir, r#""alpha_pattern": {"q_proj": 1e39}"#);
+    let e = peft::load(&dir, &m).err().expect("an infinite alpha was accepted");
+    assert!(e.to_string().contains("not finite"), "{e}");
+
+    let dir = tmp.path().join("nan-weight");
+    write_peft_adapter(&dir, &spec, &PeftSpec::default()).unwrap();
+    let file = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec(), v.dtype())).collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(tensors[0].3, safetensors::Dtype::F32);
+    tensors[0].1[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, t)| (n.clone(), safetensors::tensor::TensorView::new(*t, s.clone(), d).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    let e = peft::load(&dir, &m).err().expect("a NaN weight was accepted");
+    assert!(e.to_string().contains("must be finite"), "{e}");
+}
+
 #[test]
 fn malformed_adapters_are_rejected_with_a_precise_message() {
     let (tmp, spec, m) = tiny_model();

@@ -303,3 +303,63 @@ fn unsupported_dtype_is_named() {
     let e = Llama::load(&dir, &LoadOptions::default()).err().expect("I64 must be refused").to_string();
     assert!(e.contains("I64") && e.contains("model.embed_tokens.weight"), "{e}");
 }
+
+/// Rewrites a GGUF file with edited metadata (same tensors).
+fn rewrite_gguf(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>),
+) {
+    use candle_core::quantized::gguf_file;
+    let mut f = std::fs::File::open(src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut md = content.metadata.clone();
+    edit(&mut md);
+    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> =
+        names.iter().map(|n| (n.clone(), content.tensor(&mut f, n, &candle_core::Device::Cpu).unwrap())).collect();
+    let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(dst).unwrap(), &md_refs, &t_refs).unwrap();
+}
+
+/// GGUF hyper-parameters of another numeric type are converted, of a non-numeric type or an
+/// absurd size are errors (never a silent default, never an allocation failure).
+#[test]
+fn gguf_metadata_is_read_strictly() {
+    use candle_core::quantized::gguf_file::Value;
+    let tmp = TempDir::new("gguf-md").unwrap();
+    let spec = TinySpec::default();
+    let hf = write_tiny_model(&tmp.path().join("hf"), &spec).unwrap();
+    let gguf = lethe::fixtures::write_tiny_gguf(
+        &hf,
+        &tmp.path().join("tiny.gguf"),
+        &spec,
+        candle_core::quantized::GgmlDType::F32,
+    )
+    .unwrap();
+    let variant = |name: &str, key: &str, v: Option<Value>| {
+        let out = tmp.path().join(name);
+        rewrite_gguf(&gguf, &out, |md| match v {
+            Some(v) => {
+                md.insert(key.to_string(), v);
+            }
+            None => {
+                md.remove(key);
+            }
+        });
+        Llama::load(&out, &LoadOptions::default())
+    };
+    let m = variant("f64-theta.gguf", "llama.rope.freq_base", Some(Value::F64(100_000.0))).unwrap();
+    assert_eq!(m.config().rope_theta, 100_000.0);
+    let e = variant("str-theta.gguf", "llama.rope.freq_base", Some(Value::String("1e4".into()))).err().unwrap();
+    assert!(e.to_string().contains("llama.rope.freq_base is not a number"), "{e}");
+    let e = variant("deep.gguf", "llama.block_count", Some(Value::U64(1 << 40))).err().unwrap();
+    assert!(e.to_string().contains("layers 1099511627776 is beyond"), "{e}");
+    let e = variant("str-ctx.gguf", "llama.context_length", Some(Value::String("x".into()))).err().unwrap();
+    assert!(e.to_string().contains("llama.context_length is not a non-negative integer"), "{e}");
+    // Without vocab_size, the embedding's first dimension.
+    let want = Llama::load(&gguf, &LoadOptions::default()).unwrap().config().vocab_size;
+    let m = variant("no-vocab.gguf", "llama.vocab_size", None).unwrap();
+    assert_eq!(m.config().vocab_size, want);
+}

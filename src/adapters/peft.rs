@@ -22,10 +22,12 @@ pub struct PeftConfig {
     pub target_modules: Option<TargetModules>,
     #[serde(default)]
     pub use_rslora: bool,
-    #[serde(default)]
-    pub rank_pattern: HashMap<String, usize>,
-    #[serde(default)]
-    pub alpha_pattern: HashMap<String, f32>,
+    /// Pattern → rank, in the file's order: like PEFT, the first pattern that matches wins.
+    #[serde(default, deserialize_with = "in_order")]
+    pub rank_pattern: Vec<(String, usize)>,
+    /// Pattern → alpha, in the file's order (first match wins).
+    #[serde(default, deserialize_with = "in_order")]
+    pub alpha_pattern: Vec<(String, f32)>,
     pub base_model_name_or_path: Option<String>,
     #[serde(default)]
     pub use_dora: bool,
@@ -180,6 +182,9 @@ pub fn load(dir: &Path, model: &Llama) -> Result<PeftAdapter, AdapterError> {
                 return Err(bad(format!("{module}: rank 0")));
             }
             let scale = if cfg.use_rslora { alpha / (rank as f32).sqrt() } else { alpha / rank as f32 };
+            if !scale.is_finite() {
+                return Err(bad(format!("{module}: LoRA scale alpha/rank = {alpha}/{rank} is not finite")));
+            }
             let b_rows = match kind {
                 ProjKind::Q if mcfg.rope_style == RopeStyle::Interleaved => {
                     hf_rows_to_interleaved(&b.1, rank, mcfg.n_heads, mcfg.head_dim)
@@ -270,6 +275,30 @@ fn check_config(cfg: &PeftConfig) -> Result<(), AdapterError> {
     Ok(())
 }
 
+/// A JSON object as its (key, value) pairs in document order (a map would lose the order that
+/// decides which of several matching patterns applies).
+fn in_order<'de, D, T>(d: D) -> Result<Vec<(String, T)>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Pairs<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Pairs<T> {
+        type Value = Vec<(String, T)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(pair) = map.next_entry()? {
+                out.push(pair);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Pairs(std::marker::PhantomData))
+}
+
 /// `base_model.model.model.layers.3.self_attn.q_proj.lora_A[.default].weight` → (module, is_b).
 fn parse_key(key: &str) -> Result<(String, bool), AdapterError> {
     let bad = |m: String| Err(AdapterError::Unsupported(m));
@@ -294,14 +323,19 @@ fn parse_key(key: &str) -> Result<(String, bool), AdapterError> {
 fn to_f32(name: &str, view: &safetensors::tensor::TensorView) -> Result<Vec<f32>, AdapterError> {
     use safetensors::Dtype;
     let d = view.data();
-    Ok(match view.dtype() {
+    let values: Vec<f32> = match view.dtype() {
         Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         Dtype::F16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::BF16 => d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         other => {
             return Err(AdapterError::Unsupported(format!("{name}: dtype {other:?} (supported: F32, F16, BF16)")));
         }
-    })
+    };
+    // One NaN in a factor would turn every logit of every row using the adapter into NaN.
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(AdapterError::Invalid(format!("{name}: element {i} is {} (weights must be finite)", values[i])));
+    }
+    Ok(values)
 }
 
 #[cfg(test)]

@@ -94,6 +94,35 @@ impl ModelConfig {
         if self.rms_eps.is_nan() || self.rms_eps <= 0.0 || self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return bad("rms epsilon and rope theta must be positive".into());
         }
+        // Far above any real model; below them, sizes cannot overflow or ask for absurd
+        // allocations before a single tensor has been checked.
+        let limits = [
+            ("layers", self.n_layers, 1 << 12),
+            ("attention heads", self.n_heads, 1 << 12),
+            ("head dimension", self.head_dim, 1 << 12),
+            ("hidden size", self.hidden_size, 1 << 17),
+            ("intermediate size", self.intermediate_size, 1 << 19),
+            ("vocabulary", self.vocab_size, 1 << 22),
+            ("context length", self.max_context, 1 << 24),
+        ];
+        if let Some((what, v, max)) = limits.iter().find(|(_, v, max)| v > max) {
+            return bad(format!("{what} {v} is beyond what lethe accepts ({max})"));
+        }
+        if let Some(s) = self.rope_scaling {
+            let ok = s.factor > 0.0
+                && s.low_freq_factor > 0.0
+                && s.high_freq_factor > s.low_freq_factor
+                && s.original_max_position_embeddings > 0;
+            if !ok {
+                return bad(format!(
+                    "llama3 rope_scaling needs factor > 0, high_freq_factor > low_freq_factor > 0 and \
+                     original_max_position_embeddings > 0, got {s:?}"
+                ));
+            }
+        }
+        if !self.rope_inv_freqs().iter().all(|f| f.is_finite()) {
+            return bad("the rotary frequencies are not finite (rope theta / scaling)".into());
+        }
         Ok(())
     }
 
@@ -229,6 +258,25 @@ mod tests {
         assert_eq!(llama3_scale(1.0, s), 1.0);
         let low = 2.0 * std::f32::consts::PI / 100_000.0;
         assert!((llama3_scale(low, s) - low / 8.0).abs() < 1e-12);
+    }
+
+    /// Degenerate llama3 scaling would give NaN positions (and NaN logits) without an error.
+    #[test]
+    fn degenerate_rope_scaling_is_refused() {
+        let with = |scaling: &str| {
+            let cfg: HfConfig = serde_json::from_str(&format!(
+                r#"{{"model_type":"llama","hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,
+                    "num_attention_heads":2,"vocab_size":10,"rope_scaling":{scaling}}}"#
+            ))
+            .unwrap();
+            cfg.to_config("x".into())
+        };
+        let good = r#"{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#;
+        assert!(with(good).is_ok());
+        for bad in [good.replace("\"factor\":8.0", "\"factor\":0.0"), good.replace("4.0", "1.0")] {
+            let e = with(&bad).unwrap_err().to_string();
+            assert!(e.contains("rope_scaling"), "{e}");
+        }
     }
 
     #[test]

@@ -47,12 +47,19 @@ pub struct ChatTemplate {
     eos_token: String,
 }
 
+/// Instructions one rendering may execute (minijinja "fuel"): ample for conversations of
+/// thousands of messages, a few hundred milliseconds at most.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 const SENTINEL_OPEN: char = '\u{E000}';
 const SENTINEL_CLOSE: char = '\u{E001}';
 
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TokenizerError> {
         let mut env = Environment::new();
+        // Templates come with model files: a runaway one (nested loops) must fail a request,
+        // not hang the thread rendering it. Real templates spend a few instructions per message.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
@@ -182,6 +189,21 @@ mod tests {
     use super::*;
 
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+    /// A runaway template fails (out of fuel) instead of hanging; a long real conversation
+    /// still renders.
+    #[test]
+    fn runaway_templates_fail_and_long_conversations_render() {
+        let msg = |i: usize| ChatMessage { role: "user".into(), content: format!("message {i}") };
+        let looping = "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(looping, "", "").unwrap();
+        let started = std::time::Instant::now();
+        assert!(matches!(t.render_text(&[msg(0)], true), Err(TokenizerError::Template(_))));
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        let chatml = ChatTemplate::new(CHATML, "", "").unwrap();
+        let long: Vec<ChatMessage> = (0..5000).map(msg).collect();
+        assert!(chatml.render_text(&long, true).unwrap().contains("message 4999"));
+    }
 
     #[test]
     fn segments_separate_template_from_content() {

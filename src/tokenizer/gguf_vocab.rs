@@ -49,7 +49,16 @@ pub fn from_metadata(md: &HashMap<String, Value>) -> Result<GgufVocab, Tokenizer
         Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
         _ => vec![1; tokens.len()],
     };
+    if types.len() != tokens.len() {
+        return Err(bad(format!("{} token types for {} tokens", types.len(), tokens.len())));
+    }
     let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    if vocab.len() != tokens.len() {
+        // A map drops the later copy: that id could never be produced or decoded right.
+        let mut seen = std::collections::HashSet::new();
+        let dup = tokens.iter().find(|t| !seen.insert(*t)).expect("a duplicate exists");
+        return Err(bad(format!("the vocabulary lists token {dup:?} more than once")));
+    }
     let merges: Vec<(String, String)> = merges_raw
         .iter()
         .map(|m| {
@@ -123,4 +132,35 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
             )));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(tokens: &[&str], types: &[i32]) -> HashMap<String, Value> {
+        let strings = |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
+        HashMap::from([
+            ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.tokens".to_string(), strings(tokens)),
+            ("tokenizer.ggml.merges".to_string(), strings(&["a b"])),
+            ("tokenizer.ggml.token_type".to_string(), Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
+            ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(0)),
+        ])
+    }
+
+    /// A duplicated token or a token-type array of another length would silently lose ids or
+    /// special tokens: both are errors.
+    #[test]
+    fn inconsistent_vocabularies_are_refused() {
+        let err = |md| match from_metadata(&md) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(from_metadata(&metadata(&["<eos>", "a", "b", "ab"], &[3, 1, 1, 1])).is_ok());
+        let e = err(metadata(&["<eos>", "a", "b", "a"], &[3, 1, 1, 1]));
+        assert!(e.contains("\"a\" more than once"), "{e}");
+        let e = err(metadata(&["<eos>", "a", "b", "ab"], &[3, 1]));
+        assert!(e.contains("2 token types for 4 tokens"), "{e}");
+    }
 }

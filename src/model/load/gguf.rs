@@ -63,26 +63,55 @@ impl GgufFile {
         };
         let get = |key: &str| md.get(&format!("{arch_name}.{key}"));
         let usize_of = |key: &str| -> Result<usize> {
-            get(key)
-                .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
-                .map(|v| v as usize)
-                .ok_or_else(|| ModelError::Config(format!("GGUF is missing {arch_name}.{key}")))
+            let v = get(key).ok_or_else(|| ModelError::Config(format!("GGUF is missing {arch_name}.{key}")))?;
+            v.to_u64()
+                .ok()
+                .or_else(|| v.to_u32().ok().map(u64::from))
+                .or_else(|| v.to_i64().ok().and_then(|i| u64::try_from(i).ok()))
+                .or_else(|| v.to_i32().ok().and_then(|i| u64::try_from(i).ok()))
+                .and_then(|v| usize::try_from(v).ok())
+                .ok_or_else(|| ModelError::Config(format!("GGUF key {arch_name}.{key} is not a non-negative integer")))
         };
-        let f32_of = |key: &str, default: f32| get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default);
+        // Absent → the default; present with another numeric type → converted; anything else is
+        // an error, never a silent default (a wrong rope theta still "works", badly).
+        let f32_of = |key: &str, default: f32| -> Result<f32> {
+            use candle_core::quantized::gguf_file::Value as V;
+            match get(key) {
+                None => Ok(default),
+                Some(V::F32(v)) => Ok(*v),
+                Some(V::F64(v)) => Ok(*v as f32),
+                Some(v) => v
+                    .to_u64()
+                    .map(|u| u as f32)
+                    .or_else(|_| v.to_i64().map(|i| i as f32))
+                    .or_else(|_| v.to_u32().map(|u| u as f32))
+                    .or_else(|_| v.to_i32().map(|i| i as f32))
+                    .map_err(|_| ModelError::Config(format!("GGUF key {arch_name}.{key} is not a number"))),
+            }
+        };
+        let optional_usize = |key: &str, default: usize| -> Result<usize> {
+            if get(key).is_none() { Ok(default) } else { usize_of(key) }
+        };
         let hidden_size = usize_of("embedding_length")?;
         let n_heads = usize_of("attention.head_count")?;
-        let n_kv_heads = usize_of("attention.head_count_kv").unwrap_or(n_heads);
-        let head_dim = usize_of("attention.key_length")
-            .or_else(|_| usize_of("rope.dimension_count"))
-            .unwrap_or(hidden_size / n_heads.max(1));
-        let vocab_size = match usize_of("vocab_size") {
-            Ok(v) => v,
-            Err(_) => self
-                .content
-                .tensor_infos
-                .get("token_embd.weight")
-                .map(|i| i.shape.dims()[0])
-                .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?,
+        let n_kv_heads = optional_usize("attention.head_count_kv", n_heads)?;
+        let head_dim = match get("attention.key_length") {
+            Some(_) => usize_of("attention.key_length")?,
+            None => optional_usize("rope.dimension_count", hidden_size / n_heads.max(1))?,
+        };
+        let vocab_size = match get("vocab_size") {
+            Some(_) => usize_of("vocab_size")?,
+            None => {
+                let info = self
+                    .content
+                    .tensor_infos
+                    .get("token_embd.weight")
+                    .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+                *info.shape.dims().first().ok_or_else(|| ModelError::Corrupt {
+                    path: self.path.clone(),
+                    reason: "token_embd.weight has no dimensions".into(),
+                })?
+            }
         };
         let name = md
             .get("general.name")
@@ -99,13 +128,13 @@ impl GgufFile {
             n_kv_heads,
             head_dim,
             vocab_size,
-            rms_eps: f32_of("attention.layer_norm_rms_epsilon", 1e-5),
-            rope_theta: f32_of("rope.freq_base", 10_000.0),
+            rms_eps: f32_of("attention.layer_norm_rms_epsilon", 1e-5)?,
+            rope_theta: f32_of("rope.freq_base", 10_000.0)?,
             rope_style,
             // Llama 3.1 GGUFs carry the scaled frequencies as a `rope_freqs` tensor; we refuse
             // them rather than run with wrong positions.
             rope_scaling: None,
-            max_context: usize_of("context_length").unwrap_or(2048),
+            max_context: optional_usize("context_length", 2048)?,
             tie_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             qkv_bias: arch == Arch::Qwen2,
         };
