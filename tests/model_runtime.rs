@@ -101,6 +101,13 @@ fn ragged_batch_equals_separate_native_f32() {
 }
 
 #[test]
+fn ragged_batch_equals_separate_with_large_head_groups() {
+    // 16 query heads on one kv head: batched, the heads are split into passes of 8.
+    let (_t, dir) = tiny(TinySpec { hidden: 256, heads: 16, kv_heads: 1, ..Default::default() });
+    check_ragged_equals_separate(&load(&dir, Backend::Native, WeightFormat::Native), 1e-5);
+}
+
+#[test]
 fn ragged_batch_equals_separate_native_q8_0() {
     let (_t, dir) = tiny(TinySpec::default());
     check_ragged_equals_separate(&load(&dir, Backend::Native, WeightFormat::Q8_0), 0.0);
@@ -149,6 +156,9 @@ fn native_kernels_match_candle_reference() {
         TinySpec { tie_embeddings: true, kv_heads: 4, ..Default::default() },
         TinySpec { dtype: "BF16", ..Default::default() },
         TinySpec { dtype: "F16", ..Default::default() },
+        // More query heads per kv head (16, 12) than one attention pass serves (8).
+        TinySpec { hidden: 256, heads: 16, kv_heads: 1, ..Default::default() },
+        TinySpec { hidden: 192, heads: 12, kv_heads: 1, ..Default::default() },
     ] {
         let (_t, dir) = tiny(spec.clone());
         let native = load(&dir, Backend::Native, WeightFormat::Native);
@@ -260,6 +270,11 @@ fn bad_model_files_give_clear_errors() {
     std::fs::write(&cfg_path, cfg.replace("\"hidden_size\": 64", "\"hidden_size\": 96")).unwrap();
     let e = err(&dir);
     assert!(e.contains("shape"), "{e}");
+    let mut zero: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    zero["intermediate_size"] = serde_json::json!(0);
+    std::fs::write(&cfg_path, zero.to_string()).unwrap();
+    let e = err(&dir);
+    assert!(e.contains("intermediate size") && e.contains("non-zero"), "{e}");
     std::fs::write(&cfg_path, "{not json").unwrap();
     let e = err(&dir);
     assert!(e.contains("config.json"), "{e}");

@@ -76,8 +76,8 @@ impl ModelConfig {
     /// Checks the invariants the forward relies on, so a bad file fails at load, not mid-request.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Config(m));
-        if self.n_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
-            return bad("layers, hidden size and vocabulary must be non-zero".into());
+        if self.n_layers == 0 || self.hidden_size == 0 || self.intermediate_size == 0 || self.vocab_size == 0 {
+            return bad("layers, hidden size, intermediate size and vocabulary must be non-zero".into());
         }
         if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(

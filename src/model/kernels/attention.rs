@@ -291,6 +291,8 @@ pub fn paged_attention_with(
     out: &mut [f32],
     isa: super::Isa,
 ) {
+    // A caller may ask for the portable kernels, never for instructions the CPU lacks.
+    let isa = if isa == super::Isa::Avx512Vnni { super::Isa::detect() } else { isa };
     match geo.dtype {
         KvDtype::F16 => attention_impl::<half::f16>(pool, geo, layer, qkv, spans, rope, out, isa),
         KvDtype::Q8 => attention_impl::<i8>(pool, geo, layer, qkv, spans, rope, out, isa),
@@ -324,7 +326,6 @@ fn attention_impl<E: KvElem>(
     let rows = qkv.len() / width;
     let group = geo.n_heads / geo.n_kv_heads;
     assert_eq!(out.len(), rows * q_dim);
-    assert!(group <= MAX_GROUP, "at most {MAX_GROUP} query heads per kv head");
 
     // Phase 1, parallel over rows: rotate q into a scratch copy, rotate k and store k/v into
     // the caches (each row writes its own slot).
@@ -378,13 +379,12 @@ fn attention_impl<E: KvElem>(
         for g in 0..geo.n_kv_heads {
             for c in (0..span.len).step_by(QUERY_CHUNK) {
                 let queries = c..(c + QUERY_CHUNK).min(span.len);
-                let heads = g * group..(g + 1) * group;
-                if split_heads {
-                    for h in heads {
-                        items.push(Item { span: si, kv_head: g, heads: h..h + 1, queries: queries.clone() });
-                    }
-                } else {
-                    items.push(Item { span: si, kv_head: g, heads, queries });
+                // The query heads of kv head `g`, in items of at most MAX_GROUP heads (what one
+                // pass over the keys serves), or one head each when there are few items.
+                let per_item = if split_heads { 1 } else { MAX_GROUP };
+                for h0 in (g * group..(g + 1) * group).step_by(per_item) {
+                    let heads = h0..(h0 + per_item).min((g + 1) * group);
+                    items.push(Item { span: si, kv_head: g, heads, queries: queries.clone() });
                 }
             }
         }

@@ -102,15 +102,10 @@ pub fn matmul_new(w: &PackedMatrix, x: &[f32], m: usize) -> Vec<f32> {
 
 /// [`matmul_new`] with `epilogue` applied to every computed tile before it is stored.
 pub fn matmul_new_then(w: &PackedMatrix, x: &[f32], m: usize, epilogue: &(impl Epilogue + ?Sized)) -> Vec<f32> {
-    let len = m * w.n;
-    let mut y: Vec<f32> = Vec::with_capacity(len);
-    let out = y.spare_capacity_mut();
-    // SAFETY: `matmul_with` writes all `m` rows of every tile, i.e. all `len` elements, and only
-    // writes (never reads) `out`.
-    let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, len) };
-    matmul_with(pool::global(), w, x, m, out, Isa::detect(), epilogue);
-    // SAFETY: all `len` elements were initialised above.
-    unsafe { y.set_len(len) };
+    // Zero-filled rather than a slice over uninitialised capacity (unsound even if every
+    // element is written before it is read); the fill costs a few µs next to the product.
+    let mut y = vec![0f32; m * w.n];
+    matmul_with(pool::global(), w, x, m, &mut y, Isa::detect(), epilogue);
     y
 }
 
@@ -195,6 +190,8 @@ pub fn matmul_with(
     isa: Isa,
     epilogue: &(impl Epilogue + ?Sized),
 ) {
+    // A caller may ask for the portable kernels, never for instructions the CPU lacks.
+    let isa = if isa == Isa::Avx512Vnni { Isa::detect() } else { isa };
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "matmul: input is not [m, k]");
     assert_eq!(y.len(), m * n, "matmul: output is not [m, n]");

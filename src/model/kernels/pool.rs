@@ -44,6 +44,8 @@ struct Shared {
     shutdown: AtomicBool,
     threads: Mutex<Vec<Thread>>,
     sleeping: Vec<AtomicBool>,
+    /// A panic raised in a worker's chunk, re-raised on the caller once the job is over.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 // SAFETY: `job` is written by the thread holding `ThreadPool::busy` before the state is published
@@ -71,6 +73,7 @@ impl ThreadPool {
             shutdown: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
             sleeping: (0..n_workers).map(|_| AtomicBool::new(false)).collect(),
+            panic: Mutex::new(None),
         });
         let mut handles = Vec::with_capacity(n_workers);
         for w in 0..n_workers {
@@ -115,14 +118,13 @@ impl ThreadPool {
                 s.threads.lock().unwrap()[w].unpark();
             }
         }
+        // Ends the job even if our own chunk panics: the closure must outlive every worker
+        // inside it, and no latecomer may join a job whose closure is gone.
+        let end = EndJob(s);
         claim_chunks(s, job);
-        // Close the job to latecomers, then wait only for workers still inside it.
-        s.state.fetch_and(!OPEN, Ordering::SeqCst);
-        while s.state.load(Ordering::Acquire) & ACTIVE != 0 {
-            std::hint::spin_loop();
-        }
-        unsafe {
-            *s.job.get() = None;
+        drop(end);
+        if let Some(payload) = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            std::panic::resume_unwind(payload);
         }
     }
 
@@ -131,6 +133,28 @@ impl ThreadPool {
     pub fn run<F: Fn(usize, usize) + Sync>(&self, max_parallel: usize, f: F) {
         let n = max_parallel.clamp(1, self.n_threads);
         self.run_chunks(n, |i| f(i, n));
+    }
+}
+
+/// Closes the current job to latecomers, waits for the workers still inside it, and clears it
+/// (on drop, so that it also happens while a panic unwinds the caller).
+struct EndJob<'a>(&'a Shared);
+
+impl Drop for EndJob<'_> {
+    fn drop(&mut self) {
+        let s = self.0;
+        s.state.fetch_and(!OPEN, Ordering::SeqCst);
+        while s.state.load(Ordering::Acquire) & ACTIVE != 0 {
+            std::hint::spin_loop();
+        }
+        // SAFETY: the caller holds `busy` and no worker is inside the job any more.
+        unsafe {
+            *s.job.get() = None;
+        }
+        if thread::panicking() {
+            // The caller's own panic wins; a worker's must not leak into the next job.
+            s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
     }
 }
 
@@ -185,7 +209,12 @@ fn worker_loop(s: Arc<Shared>, w: usize) {
         if joined {
             // SAFETY: joined while open: the caller waits for us before invalidating the job.
             let job = unsafe { (*s.job.get()).expect("an open job has a closure") };
-            claim_chunks(&s, unsafe { &*job });
+            // A panicking chunk must not kill the worker without leaving the job (the caller
+            // would wait forever): catch it, leave, and let the caller re-raise it.
+            let run = std::panic::AssertUnwindSafe(|| claim_chunks(&s, unsafe { &*job }));
+            if let Err(payload) = std::panic::catch_unwind(run) {
+                s.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(payload);
+            }
             s.state.fetch_sub(1, Ordering::Release);
         }
     }
@@ -271,6 +300,48 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         }
+    }
+
+    /// A panic in any chunk reaches the caller only after every participant has left the job
+    /// (whose closure borrows the caller's stack), and the pool keeps working afterwards.
+    #[test]
+    fn panics_end_the_job_cleanly_on_any_thread() {
+        let pool = ThreadPool::new(2);
+        let caller = thread::current().id();
+        for panic_on_caller in [true, false] {
+            for _ in 0..5 {
+                // Participants currently inside a chunk (left on return or on panic).
+                let inside = AtomicU64::new(0);
+                struct Leave<'a>(&'a AtomicU64);
+                impl Drop for Leave<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    pool.run_chunks(8, |c| {
+                        inside.fetch_add(1, Ordering::SeqCst);
+                        let _leave = Leave(&inside);
+                        let on_caller = thread::current().id() == caller;
+                        if on_caller == panic_on_caller && c < 4 {
+                            panic!("chunk failed");
+                        }
+                        // Long enough that a participant is surely still inside when a panic
+                        // on another one has finished unwinding (a backtrace takes a while).
+                        thread::sleep(Duration::from_millis(20));
+                    });
+                }));
+                // Whether the panic came from the caller or a worker (if one joined), nobody
+                // may still be running the job when the caller gets control back.
+                let _ = r;
+                assert_eq!(inside.load(Ordering::SeqCst), 0, "a participant outlived run_chunks");
+            }
+        }
+        let hits = AtomicU64::new(0);
+        pool.run_chunks(16, |_| {
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 16);
     }
 
     #[test]
