@@ -208,14 +208,15 @@ struct TextChoice {
     finish_reason: Option<&'static str>,
 }
 
+/// A streamed chunk of either endpoint: `C` is [`ChunkChoice`] (chat) or [`TextChoice`].
 #[derive(Debug, Serialize)]
-struct ChatChunk<'a> {
+struct Chunk<'a, C> {
     id: &'a str,
     object: &'static str,
     created: u64,
     model: &'a str,
     system_fingerprint: &'a str,
-    choices: Vec<ChunkChoice>,
+    choices: Vec<C>,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<Option<WireUsage>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -236,20 +237,6 @@ struct Delta {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-struct TextChunk<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    system_fingerprint: &'a str,
-    choices: Vec<TextChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Option<WireUsage>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    guidance: Option<&'a AppliedGuidance>,
 }
 
 #[derive(Debug, Serialize)]
@@ -480,60 +467,45 @@ fn chunk(meta: &Meta, delta: Delta, finish: Option<FinishReason>) -> SseEvent {
     let finish = finish.map(FinishReason::as_str);
     let usage = meta.include_usage.then_some(None);
     let guidance = finish.is_some().then_some(&meta.guidance);
-    let json = match meta.kind {
-        Kind::Chat => serde_json::to_string(&ChatChunk {
-            id: &meta.id,
-            object: "chat.completion.chunk",
-            created: meta.created,
-            model: &meta.model,
-            system_fingerprint: &meta.fingerprint,
-            choices: vec![ChunkChoice { index: 0, delta, logprobs: None, finish_reason: finish }],
-            usage,
-            guidance,
-        }),
-        Kind::Text => serde_json::to_string(&TextChunk {
-            id: &meta.id,
-            object: "text_completion",
-            created: meta.created,
-            model: &meta.model,
-            system_fingerprint: &meta.fingerprint,
-            choices: vec![TextChoice {
-                text: delta.content.unwrap_or_default(),
-                index: 0,
-                logprobs: None,
-                finish_reason: finish,
-            }],
-            usage,
-            guidance,
-        }),
-    };
-    SseEvent::default().data(json.unwrap_or_default())
+    match meta.kind {
+        Kind::Chat => {
+            let choice = ChunkChoice { index: 0, delta, logprobs: None, finish_reason: finish };
+            chunk_event(meta, vec![choice], usage, guidance)
+        }
+        Kind::Text => {
+            let text = delta.content.unwrap_or_default();
+            let choice = TextChoice { text, index: 0, logprobs: None, finish_reason: finish };
+            chunk_event(meta, vec![choice], usage, guidance)
+        }
+    }
 }
 
+/// The final usage chunk: no choices.
 fn usage_chunk(meta: &Meta, usage: Usage) -> SseEvent {
-    let json = match meta.kind {
-        Kind::Chat => serde_json::to_string(&ChatChunk {
-            id: &meta.id,
-            object: "chat.completion.chunk",
-            created: meta.created,
-            model: &meta.model,
-            system_fingerprint: &meta.fingerprint,
-            choices: vec![],
-            usage: Some(Some(usage.into())),
-            guidance: None,
-        }),
-        Kind::Text => serde_json::to_string(&TextChunk {
-            id: &meta.id,
-            object: "text_completion",
-            created: meta.created,
-            model: &meta.model,
-            system_fingerprint: &meta.fingerprint,
-            choices: vec![],
-            usage: Some(Some(usage.into())),
-            guidance: None,
-        }),
+    chunk_event::<ChunkChoice>(meta, vec![], Some(Some(usage.into())), None)
+}
+
+fn chunk_event<C: Serialize>(
+    meta: &Meta,
+    choices: Vec<C>,
+    usage: Option<Option<WireUsage>>,
+    guidance: Option<&AppliedGuidance>,
+) -> SseEvent {
+    let object = match meta.kind {
+        Kind::Chat => "chat.completion.chunk",
+        Kind::Text => "text_completion",
     };
-    SseEvent::default().data(json.unwrap_or_default())
+    let chunk = Chunk {
+        id: &meta.id,
+        object,
+        created: meta.created,
+        model: &meta.model,
+        system_fingerprint: &meta.fingerprint,
+        choices,
+        usage,
+        guidance,
+    };
+    SseEvent::default().data(serde_json::to_string(&chunk).unwrap_or_default())
 }
 
 pub fn unix_now() -> u64 {
