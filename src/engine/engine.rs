@@ -50,6 +50,13 @@ pub enum EngineError {
     Failed(String),
 }
 
+/// A request with more rows (a guided pair has two) than the engine may ever run at once.
+pub(super) fn too_many_rows(rows: usize, max: usize) -> EngineError {
+    EngineError::InvalidRequest(format!(
+        "this request needs {rows} rows, more than the server's max_running_rows of {max}"
+    ))
+}
+
 /// Live counters the HTTP layer and metrics read.
 #[derive(Debug, Default)]
 pub struct EngineStats {
@@ -208,11 +215,7 @@ impl EngineHandle {
             rows.push(u);
         }
         if rows.len() > self.max_running_rows {
-            return bad(&format!(
-                "this request needs {} rows, more than the server's max_running_rows of {}",
-                rows.len(),
-                self.max_running_rows
-            ));
+            return Err(too_many_rows(rows.len(), self.max_running_rows));
         }
         let mut kv_need = 0;
         for p in rows {
@@ -317,7 +320,7 @@ impl Worker {
             }
             self.publish_stats();
         }
-        self.stats.alive.store(false, Ordering::SeqCst);
+        // `ExitMarker` clears `alive` however the thread ends.
     }
 
     /// Receives commands; blocks only when there is nothing to do. False when the engine must stop.

@@ -12,7 +12,7 @@
 //!   instead of queueing behind the long prompt's chunks. The budget bounds a step's duration,
 //!   hence both inter-token latency and time to first token under load.
 
-use super::engine::EngineError;
+use super::engine::{EngineError, too_many_rows};
 use super::sequence::{Group, Row};
 use crate::model::KvCache;
 use std::collections::VecDeque;
@@ -75,29 +75,29 @@ impl Scheduler {
         g.row_prompts().iter().map(|p| kv.bytes_for_tokens(p.len() + g.req.max_tokens)).sum()
     }
 
-    /// Removes the waiting groups that could never be admitted, even on an idle engine (more
-    /// KV cache or rows than the limits): FIFO admission would otherwise hold one at the head
-    /// of the queue forever, and everything behind it. The submit path checks the same limits
-    /// up front; this is the guarantee that a miss there cannot wedge the engine.
+    /// Removes the waiting groups at the head of the queue that can never be admitted (more KV
+    /// cache or rows than the limits): FIFO admission would otherwise hold one at the head
+    /// forever, and everything behind it. Only decidable when nothing runs, since then the
+    /// whole capacity is free, which is also the only time such a head blocks anything for
+    /// good; while requests run this costs nothing. The submit path checks the same limits up
+    /// front; this is the guarantee that a miss there cannot wedge the engine.
     pub fn take_unfittable(&mut self, kv: &KvCache) -> Vec<(Group, EngineError)> {
-        let (bad, ok): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|g| g.req.n_rows() > self.cfg.max_running_rows || Self::kv_need(kv, g) > kv.limit_bytes());
-        self.waiting = ok.into();
-        bad.into_iter()
-            .map(|g| {
-                let (rows, needed, limit) = (g.req.n_rows(), Self::kv_need(kv, &g), kv.limit_bytes());
-                let e = if needed > limit {
-                    EngineError::TooLarge { needed, limit }
-                } else {
-                    EngineError::InvalidRequest(format!(
-                        "this request needs {rows} rows, more than the server's max_running_rows of {}",
-                        self.cfg.max_running_rows
-                    ))
-                };
-                (g, e)
-            })
-            .collect()
+        let mut out = Vec::new();
+        if !self.running.is_empty() {
+            return out;
+        }
+        while let Some(g) = self.waiting.front() {
+            let (rows, needed, limit) = (g.req.n_rows(), Self::kv_need(kv, g), kv.limit_bytes());
+            let error = if rows > self.cfg.max_running_rows {
+                too_many_rows(rows, self.cfg.max_running_rows)
+            } else if needed > limit {
+                EngineError::TooLarge { needed, limit }
+            } else {
+                break;
+            };
+            out.push((self.waiting.pop_front().expect("front exists"), error));
+        }
+        out
     }
 
     /// Moves waiting groups to running, oldest first, while they fit. Returns how many.
