@@ -312,12 +312,18 @@ struct GenerateArgs {
     /// How cond and uncond are mixed: log (HF/Sanchez) or prob (the paper's modified CFG).
     #[arg(long, default_value = "log")]
     mode: GuidanceMode,
-    /// The positive condition (cond row's system sentence).
-    #[arg(long, default_value = prompt::PAPER_POSITIVE)]
-    positive: String,
-    /// A custom negative condition for the uncond row (default: the paper's negative sentence).
+    /// The positive condition (cond row's system sentence; default: the adapter's lethe.json,
+    /// else the paper's).
+    #[arg(long)]
+    positive: Option<String>,
+    /// A custom negative condition for the uncond row (default: the adapter's lethe.json, else
+    /// the paper's negative sentence).
     #[arg(long)]
     negative: Option<String>,
+    /// A LoRA adapter directory (PEFT) applied to every row; repeatable, stacked adapters are
+    /// summed (e.g. a fine-tune and the forget-adapter trained on top of it).
+    #[arg(long = "adapter", value_name = "DIR")]
+    adapters: Vec<PathBuf>,
     /// Use only the last prompt token as the uncond row (Sanchez et al.'s default).
     #[arg(long, conflicts_with = "negative")]
     uncond_last_token: bool,
@@ -492,9 +498,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let bundle = a.model.load()?;
     let tok = &bundle.tokenizer;
     let guided = a.gamma != 1.0;
+    let mut adapters = Vec::new();
+    let mut profile = None;
+    for dir in &a.adapters {
+        let adapter = lethe::adapters::peft::load(dir, &bundle.model).with_context(|| format!("--adapter {}", dir.display()))?;
+        profile = adapter.profile.or(profile);
+        adapters.push(std::sync::Arc::new(adapter.weights));
+    }
     let conds = Conditions {
-        positive: a.positive.clone(),
-        negative: a.negative.clone().unwrap_or_else(|| prompt::PAPER_NEGATIVE.into()),
+        positive: a.positive.clone().or(profile.as_ref().map(|p| p.positive.clone())).unwrap_or_else(|| prompt::PAPER_POSITIVE.into()),
+        negative: a.negative.clone().or(profile.as_ref().map(|p| p.negative.clone())).unwrap_or_else(|| prompt::PAPER_NEGATIVE.into()),
     };
     let source = if a.uncond_last_token { UncondSource::LastToken } else { UncondSource::NegativeCondition };
     let g = guided.then_some((&conds, &source));
@@ -511,6 +524,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let mut req = Request::new(rows.cond, a.max_tokens);
     req.sampling = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     req.stop = a.stop;
+    req.adapters = adapters;
     if let Some(u) = rows.uncond {
         req = req.guided(u, Guidance { gamma: a.gamma, mode: a.mode });
     }

@@ -86,6 +86,8 @@ struct LayerTape {
     x_mid: Vec<f32>,
     inv2: Vec<f32>,
     gate_up: Vec<f32>,
+    /// `σ(gate)`.
+    sig: Vec<f32>,
     /// `t = drop(x)·Aᵀ` of each trained projection, by [`ProjKind`].
     lora_t: [Vec<f32>; 7],
 }
@@ -318,11 +320,11 @@ impl BaseModel {
         project(ProjKind::Gate, &h2, &mut gate_up);
         project(ProjKind::Up, &h2, &mut gate_up);
         drop(h2);
-        let act = ops::swiglu(&gate_up, f);
+        let (act, sig) = ops::swiglu(&gate_up, f);
         let mut out = ops::linear(&act, t, &layer.down, h, f);
         project(ProjKind::Down, &act, &mut out);
         out.par_iter_mut().zip(x_mid.par_iter()).for_each(|(y, &x)| *y += x);
-        let tape = LayerTape { x, inv1, q: qs, k: ks, v: vs, attn, lse, x_mid, inv2, gate_up, lora_t };
+        let tape = LayerTape { x, inv1, q: qs, k: ks, v: vs, attn, lse, x_mid, inv2, gate_up, sig, lora_t };
         (out, tape)
     }
 
@@ -395,7 +397,7 @@ impl BaseModel {
         let cfg = &self.cfg;
         let (h, q, kv, f) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
         let t = batch.tokens.len();
-        let LayerTape { x, inv1, q: qs, k: ks, v: vs, attn, lse, x_mid, inv2, gate_up, lora_t } = tape;
+        let LayerTape { x, inv1, q: qs, k: ks, v: vs, attn, lse, x_mid, inv2, gate_up, sig, lora_t } = tape;
         let slot = |kind: ProjKind| adapter.layout.slot(l, kind);
         let lora_back = |s: &Slot, input: &[f32], dy: &[f32], grads: &mut [f32], dx: Option<&mut [f32]>| {
             let kind = s.kind;
@@ -414,15 +416,15 @@ impl BaseModel {
         };
 
         // MLP: out = x_mid + down(swiglu(gate_up(norm(x_mid)))).
-        let act = ops::swiglu(&gate_up, f);
+        let act = ops::swiglu_apply(&gate_up, &sig, f);
         let mut dact = vec![0f32; t * f];
         ops::linear_backward_input(&mut dact, &dout, t, &layer.down, h, f);
         if let Some(s) = slot(ProjKind::Down) {
             lora_back(s, &act, &dout, grads, Some(dact.as_mut_slice()));
         }
         drop(act);
-        let dgu = ops::swiglu_backward(&dact, &gate_up, f);
-        drop((dact, gate_up));
+        let dgu = ops::swiglu_backward(&dact, &gate_up, &sig, f);
+        drop((dact, gate_up, sig));
         let h2 = ops::rms_norm_apply(&x_mid, &inv2, &layer.ffn_norm);
         let mut dh2 = vec![0f32; t * h];
         ops::linear_backward_input(&mut dh2, &dgu, t, &layer.gate_up, 2 * f, h);

@@ -172,13 +172,34 @@ pub fn rms_norm_backward(dx: &mut [f32], dy: &[f32], x: &[f32], inv: &[f32], w: 
     );
 }
 
-/// `silu(g) · u` for `gu: [rows, 2f]` (gate then up, as the fused projection lays them out).
-pub fn swiglu(gu: &[f32], f: usize) -> Vec<f32> {
+/// `silu(g) · u` for `gu: [rows, 2f]` (gate then up, as the fused projection lays them out),
+/// and `σ(g)`, which the backward needs (kept rather than recomputed: the exponential is the
+/// expensive part, and it runs vectorised here).
+pub fn swiglu(gu: &[f32], f: usize) -> (Vec<f32>, Vec<f32>) {
     let mut out = vec![0f32; gu.len() / 2];
-    out.par_chunks_mut(f).zip(gu.par_chunks(2 * f)).for_each(|(o, gu)| {
+    let mut sig = vec![0f32; gu.len() / 2];
+    out.par_chunks_mut(f).zip(sig.par_chunks_mut(f)).zip(gu.par_chunks(2 * f)).for_each(|((o, sg), gu)| {
         let (g, u) = gu.split_at(f);
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
+        for (s, &g) in sg.iter_mut().zip(g) {
+            *s = -g;
+        }
+        let neg = sg.to_vec();
+        crate::simd::exp_shifted(&neg, 0.0, sg);
+        for (((o, s), &g), &u) in o.iter_mut().zip(sg.iter_mut()).zip(g).zip(u) {
+            *s = 1.0 / (1.0 + *s);
+            *o = g * *s * u;
+        }
+    });
+    (out, sig)
+}
+
+/// `silu(g) · u` from the saved `σ(g)`.
+pub fn swiglu_apply(gu: &[f32], sig: &[f32], f: usize) -> Vec<f32> {
+    let mut out = vec![0f32; sig.len()];
+    out.par_chunks_mut(f).zip(sig.par_chunks(f)).zip(gu.par_chunks(2 * f)).for_each(|((o, s), gu)| {
+        let (g, u) = gu.split_at(f);
+        for (((o, &s), &g), &u) in o.iter_mut().zip(s).zip(g).zip(u) {
+            *o = g * s * u;
         }
     });
     out
@@ -186,17 +207,18 @@ pub fn swiglu(gu: &[f32], f: usize) -> Vec<f32> {
 
 /// Backward of [`swiglu`]: `d(gu)` from `d(out)`. With `σ = sigmoid(g)`:
 /// `∂/∂u = silu(g)`, `∂/∂g = u · σ · (1 + g · (1 − σ))`.
-pub fn swiglu_backward(dout: &[f32], gu: &[f32], f: usize) -> Vec<f32> {
+pub fn swiglu_backward(dout: &[f32], gu: &[f32], sig: &[f32], f: usize) -> Vec<f32> {
     let mut dgu = vec![0f32; gu.len()];
-    dgu.par_chunks_mut(2 * f).zip(gu.par_chunks(2 * f)).zip(dout.par_chunks(f)).for_each(|((dgu, gu), d)| {
-        let (g, u) = gu.split_at(f);
-        let (dg, du) = dgu.split_at_mut(f);
-        for i in 0..f {
-            let s = 1.0 / (1.0 + (-g[i]).exp());
-            du[i] = d[i] * g[i] * s;
-            dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-        }
-    });
+    dgu.par_chunks_mut(2 * f).zip(gu.par_chunks(2 * f)).zip(dout.par_chunks(f)).zip(sig.par_chunks(f)).for_each(
+        |(((dgu, gu), d), s)| {
+            let (g, u) = gu.split_at(f);
+            let (dg, du) = dgu.split_at_mut(f);
+            for i in 0..f {
+                du[i] = d[i] * g[i] * s[i];
+                dg[i] = d[i] * u[i] * s[i] * (1.0 + g[i] * (1.0 - s[i]));
+            }
+        },
+    );
     dgu
 }
 
