@@ -501,13 +501,22 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let mut adapters = Vec::new();
     let mut profile = None;
     for dir in &a.adapters {
-        let adapter = lethe::adapters::peft::load(dir, &bundle.model).with_context(|| format!("--adapter {}", dir.display()))?;
+        let adapter =
+            lethe::adapters::peft::load(dir, &bundle.model).with_context(|| format!("--adapter {}", dir.display()))?;
         profile = adapter.profile.or(profile);
         adapters.push(std::sync::Arc::new(adapter.weights));
     }
     let conds = Conditions {
-        positive: a.positive.clone().or(profile.as_ref().map(|p| p.positive.clone())).unwrap_or_else(|| prompt::PAPER_POSITIVE.into()),
-        negative: a.negative.clone().or(profile.as_ref().map(|p| p.negative.clone())).unwrap_or_else(|| prompt::PAPER_NEGATIVE.into()),
+        positive: a
+            .positive
+            .clone()
+            .or(profile.as_ref().map(|p| p.positive.clone()))
+            .unwrap_or_else(|| prompt::PAPER_POSITIVE.into()),
+        negative: a
+            .negative
+            .clone()
+            .or(profile.as_ref().map(|p| p.negative.clone()))
+            .unwrap_or_else(|| prompt::PAPER_NEGATIVE.into()),
     };
     let source = if a.uncond_last_token { UncondSource::LastToken } else { UncondSource::NegativeCondition };
     let g = guided.then_some((&conds, &source));

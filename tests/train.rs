@@ -272,20 +272,22 @@ fn orpo_matches_a_numpy_reference_of_trl() {
                 .collect();
             let refs: Vec<&Example> = examples.iter().collect();
             let plan = obj.plan(&refs);
-            // Our log-probabilities of the planned targets, taken from the same per-position table.
-            let lp: Vec<f32> = plan
-                .batch
-                .targets
-                .iter()
-                .map(|&(row, _)| {
-                    let (mut start, mut k) = (0, 0);
-                    while row >= start + plan.batch.spans[k].len {
-                        start += plan.batch.spans[k].len;
-                        k += 1;
+            // Our log-probabilities of the planned targets, in the plan's order (per pair: the
+            // chosen sequence's NLL or answer positions, then the rejected answer's), taken
+            // from the same per-position table the reference reads.
+            let mut lp = Vec::new();
+            for pair in case.chunks(2) {
+                for (side, v) in pair.iter().enumerate() {
+                    let completion: Vec<bool> = serde_json::from_value(v["completion"].clone()).unwrap();
+                    for p in 1..completion.len() {
+                        let counted = completion[p] || (side == 0 && nll_on == NllOn::PromptAndCompletion);
+                        if counted {
+                            lp.push(v["logps"][p - 1].as_f64().unwrap() as f32);
+                        }
                     }
-                    case[k]["logps"][row - start].as_f64().unwrap() as f32
-                })
-                .collect();
+                }
+            }
+            assert_eq!(lp.len(), plan.batch.targets.len());
             let (_, _, ours) = obj.loss(&plan, &lp, 1.0);
             let input = dir.path().join(format!("orpo-{name}.json"));
             let nll = if nll_on == NllOn::Completion { "completion" } else { "all" };
@@ -730,4 +732,34 @@ fn the_cli_fails_cleanly_on_bad_data() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("d.jsonl:1: field \"chosen\": missing"), "{err}");
     assert!(!out.exists());
+}
+
+/// A pair's rejected answer runs as a branch of the chosen sequence's prompt (computed once):
+/// its log-probabilities equal those of the rejected sequence run on its own.
+#[test]
+fn a_shared_prompt_gives_the_log_probs_of_separate_sequences() {
+    let dir = TempDir::new("train-branch").unwrap();
+    let (m, tok) = base(&tiny(dir.path()), &[]);
+    let layout = LoraLayout::new(&m.cfg, &settings(4));
+    let params = random_params(&layout, 8, 0.3);
+    let adapter = Adapter { layout: &layout, params: &params, dropout: None };
+    let pairs = DataReader::new(&tok, 128).pairs(&pairs_data(dir.path()), &[(Condition::None, false)]).unwrap();
+    let refs: Vec<&Example> = pairs.iter().collect();
+    let obj = Objective::Orpo { beta: 0.1, nll_on: NllOn::PromptAndCompletion };
+    let plan = obj.plan(&refs);
+    assert!(plan.batch.spans.iter().filter(|s| s.prefix.is_some()).count() == 3, "every rejected answer is a branch");
+    let (logp, _) = m.forward(adapter, &plan.batch, false).unwrap();
+    let (_, _, metrics) = obj.loss(&plan, &logp, 1.0);
+    // The rejected sequences alone, as SFT examples: their completion tokens' mean log-prob.
+    let mut means = Vec::new();
+    for e in &pairs {
+        let Example::Pair { rejected, .. } = e else { unreachable!() };
+        let sft = Objective::Sft { train_on_prompt: false };
+        let single = Example::Sft(rejected.clone());
+        let p = sft.plan(&[&single]);
+        let (lp, _) = m.forward(adapter, &p.batch, false).unwrap();
+        means.push(lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len() as f64);
+    }
+    let separate = means.iter().sum::<f64>() / means.len() as f64;
+    assert!((metrics["logps/rejected"] - separate).abs() < 1e-5, "{} vs {separate}", metrics["logps/rejected"]);
 }

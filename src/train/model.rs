@@ -65,9 +65,22 @@ pub struct Batch {
 impl Batch {
     /// Appends one sequence; returns its span.
     pub fn push_sequence(&mut self, ids: &[u32]) -> Span {
-        let span = Span { start: self.tokens.len(), len: ids.len() };
+        let span = Span { start: self.tokens.len(), len: ids.len(), prefix: None };
         self.tokens.extend_from_slice(ids);
         self.positions.extend(0..ids.len() as u32);
+        self.spans.push(span);
+        span
+    }
+
+    /// Appends a branch that continues the first `prefix_len` rows of `trunk` (the last
+    /// sequence pushed): `ids` follow those rows (positions from `prefix_len` on) and attend to
+    /// them and to themselves only. A preference pair's rejected answer is a branch of its
+    /// chosen sequence's prompt, so the shared prompt is computed once.
+    pub fn push_branch(&mut self, trunk: Span, prefix_len: usize, ids: &[u32]) -> Span {
+        assert!(prefix_len <= trunk.len && self.spans.last().is_some_and(|s| s.start <= trunk.start));
+        let span = Span { start: self.tokens.len(), len: ids.len(), prefix: Some((trunk.start, prefix_len)) };
+        self.tokens.extend_from_slice(ids);
+        self.positions.extend(prefix_len as u32..(prefix_len + ids.len()) as u32);
         self.spans.push(span);
         span
     }

@@ -34,6 +34,11 @@ impl TokenSeq {
     pub fn completion_len(&self) -> usize {
         self.completion.iter().filter(|&&c| c).count()
     }
+
+    /// Tokens before the first completion token.
+    pub fn prompt_len(&self) -> usize {
+        self.completion.iter().position(|&c| c).unwrap_or(self.ids.len())
+    }
 }
 
 /// One training example.
@@ -100,42 +105,66 @@ pub struct Planned {
     examples: usize,
 }
 
+impl Planned {
+    /// The targets of one sequence: position `p ≥ 1` is predicted by the row holding position
+    /// `p − 1` (`row(p − 1)`); `nll` says from its completion flag whether it counts in the NLL,
+    /// `answer` whether completion positions count in the sequence's mean log-probability.
+    fn add_targets(
+        &mut self,
+        seq: &TokenSeq,
+        example: usize,
+        chosen: bool,
+        row: impl Fn(usize) -> usize,
+        nll: &dyn Fn(bool) -> bool,
+        answer: bool,
+    ) {
+        let id = self.seqs.len();
+        self.seqs.push((example, chosen));
+        for p in 1..seq.ids.len() {
+            let c = seq.completion[p];
+            let (n, a) = (nll(c), answer && c);
+            if n || a {
+                self.batch.targets.push((row(p - 1), seq.ids[p]));
+                self.roles.push(Role { seq: id, nll: n, answer: a });
+            }
+        }
+    }
+}
+
 /// Metrics of one batch, under TRL's names.
 pub type Metrics = BTreeMap<&'static str, f64>;
 
 impl Objective {
-    /// Packs `examples` into one batch and decides which log-probabilities it needs.
+    /// Packs `examples` into one batch and decides which log-probabilities it needs. A pair's
+    /// rejected sequence is a branch of its chosen one when they share the prompt (they do by
+    /// construction), so the prompt is computed once for both.
     pub fn plan(&self, examples: &[&Example]) -> Planned {
-        let mut batch = Batch::default();
-        let mut roles = Vec::new();
-        let mut seqs = Vec::new();
-        let mut add = |seq: &TokenSeq, example: usize, chosen: bool, nll: &dyn Fn(bool) -> bool, answer: bool| {
-            let span = batch.push_sequence(&seq.ids);
-            let id = seqs.len();
-            seqs.push((example, chosen));
-            for p in 1..seq.ids.len() {
-                let c = seq.completion[p];
-                let (n, a) = (nll(c), answer && c);
-                if n || a {
-                    batch.targets.push((span.start + p - 1, seq.ids[p]));
-                    roles.push(Role { seq: id, nll: n, answer: a });
-                }
-            }
-        };
+        let mut plan =
+            Planned { batch: Batch::default(), roles: Vec::new(), seqs: Vec::new(), examples: examples.len() };
         for (i, ex) in examples.iter().enumerate() {
             match (self, ex) {
                 (Self::Sft { train_on_prompt }, Example::Sft(s)) => {
-                    add(s, i, true, &|c| c || *train_on_prompt, false);
+                    let span = plan.batch.push_sequence(&s.ids);
+                    plan.add_targets(s, i, true, |p| span.start + p, &|c| c || *train_on_prompt, false);
                 }
                 (Self::Orpo { nll_on, .. }, Example::Pair { chosen, rejected }) => {
                     let nll_prompt = *nll_on == NllOn::PromptAndCompletion;
-                    add(chosen, i, true, &|c| c || nll_prompt, true);
-                    add(rejected, i, false, &|_| false, true);
+                    let span = plan.batch.push_sequence(&chosen.ids);
+                    plan.add_targets(chosen, i, true, |p| span.start + p, &|c| c || nll_prompt, true);
+                    let shared = chosen.prompt_len();
+                    if shared > 0 && shared == rejected.prompt_len() && chosen.ids[..shared] == rejected.ids[..shared] {
+                        let branch = plan.batch.push_branch(span, shared, &rejected.ids[shared..]);
+                        let row = |p: usize| if p < shared { span.start + p } else { branch.start + p - shared };
+                        plan.add_targets(rejected, i, false, row, &|_| false, true);
+                    } else {
+                        let span = plan.batch.push_sequence(&rejected.ids);
+                        plan.add_targets(rejected, i, false, |p| span.start + p, &|_| false, true);
+                    }
                 }
                 _ => unreachable!("examples are read for their objective"),
             }
         }
-        Planned { batch, roles, seqs, examples: examples.len() }
+        plan
     }
 
     /// The loss of a planned batch from its targets' log-probabilities, the gradient
@@ -266,10 +295,15 @@ mod tests {
         let ex = Example::Pair { chosen: seq(&[1, 5, 6], &[7, 2]), rejected: seq(&[1, 5, 6], &[8, 9, 2]) };
         let obj = Objective::Orpo { beta: 0.1, nll_on: NllOn::PromptAndCompletion };
         let plan = obj.plan(&[&ex]);
-        // Chosen: every token after the first (prompt + answer); rejected: the answer only.
-        assert_eq!(plan.batch.targets, vec![(0, 5), (1, 6), (2, 7), (3, 2), (7, 8), (8, 9), (9, 2)]);
+        // Chosen: every token after the first (prompt + answer); rejected: the answer only,
+        // as a branch of the chosen prompt (rows 5.. hold 8, 9, 2; its first token is predicted
+        // by the prompt's last row, 2).
+        assert_eq!(plan.batch.tokens, vec![1, 5, 6, 7, 2, 8, 9, 2]);
+        assert_eq!(plan.batch.positions, vec![0, 1, 2, 3, 4, 3, 4, 5]);
+        assert_eq!(plan.batch.spans[1].prefix, Some((0, 3)));
+        assert_eq!(plan.batch.targets, vec![(0, 5), (1, 6), (2, 7), (3, 2), (2, 8), (5, 9), (6, 2)]);
         let only = Objective::Orpo { beta: 0.1, nll_on: NllOn::Completion }.plan(&[&ex]);
-        assert_eq!(only.batch.targets, vec![(2, 7), (3, 2), (7, 8), (8, 9), (9, 2)]);
+        assert_eq!(only.batch.targets, vec![(2, 7), (3, 2), (2, 8), (5, 9), (6, 2)]);
     }
 
     #[test]

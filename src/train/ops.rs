@@ -252,11 +252,46 @@ fn rotate_inverse(x: &mut [f32], rope: &RopeRows, row: usize) {
     }
 }
 
-/// Where one sequence sits in a packed batch: rows `start..start + len`.
+/// Where one sequence sits in a packed batch: its own rows `start..start + len`, and, for a
+/// branch, the rows of the shared prefix it continues (earlier in the batch, e.g. the prompt a
+/// rejected answer shares with its chosen one). A branch's rows attend to the prefix rows and
+/// to their own, never to the other branches of the same prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
     pub start: usize,
     pub len: usize,
+    pub prefix: Option<(usize, usize)>,
+}
+
+impl Span {
+    fn prefix_len(&self) -> usize {
+        self.prefix.map_or(0, |(_, n)| n)
+    }
+}
+
+/// The spans that touch the same rows (a sequence and the branches of its prefix): their
+/// backward tasks must run together, since they all add to the prefix's key/value gradients.
+fn groups(spans: &[Span]) -> Vec<Vec<Span>> {
+    let mut out: Vec<Vec<Span>> = Vec::new();
+    for &s in spans {
+        match (s.prefix, out.last_mut()) {
+            (Some((p, n)), Some(g)) if g.iter().any(|t| t.start <= p && p + n <= t.start + t.len) => g.push(s),
+            (Some(_), _) => panic!("a branch must follow the sequence holding its prefix"),
+            (None, _) => out.push(vec![s]),
+        }
+    }
+    out
+}
+
+/// The key (or value) rows one span attends to, for one kv head: its prefix's rows, then its
+/// own, gathered into `[prefix + len, d]`.
+fn gather_rows(x: &[f32], span: Span, ld: usize, col: usize, d: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity((span.prefix_len() + span.len) * d);
+    let rows = span.prefix.map(|(p, n)| p..p + n).into_iter().flatten().chain(span.start..span.start + span.len);
+    for r in rows {
+        out.extend_from_slice(&x[r * ld + col..r * ld + col + d]);
+    }
+    out
 }
 
 /// Shapes of grouped-query attention.
@@ -285,38 +320,40 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
-/// Causal attention of each sequence over itself: `q: [T, heads·d]`, `k, v: [T, kv_heads·d]`
-/// (rotated already). Returns the output `[T, heads·d]` and the log-sum-exp of every
-/// (row, head) softmax, `[T, heads]` — all the backward needs to recompute the probabilities
-/// instead of keeping `heads · len²` of them per sequence (FlashAttention's trick).
+/// Causal attention of each sequence over itself (a branch: over its prefix and itself):
+/// `q: [T, heads·d]`, `k, v: [T, kv_heads·d]` (rotated already). Returns the output
+/// `[T, heads·d]` and the log-sum-exp of every (row, head) softmax, `[T, heads]` — all the
+/// backward needs to recompute the probabilities instead of keeping `heads · len²` of them per
+/// sequence (FlashAttention's trick).
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], spans: &[Span], shape: AttnShape) -> (Vec<f32>, Vec<f32>) {
     let rows = q.len() / shape.q_dim();
     let mut out = vec![0f32; rows * shape.q_dim()];
     let mut lse = vec![0f32; rows * shape.heads];
     let (out_p, lse_p) = (Shared(out.as_mut_ptr()), Shared(lse.as_mut_ptr()));
-    let tasks: Vec<(Span, usize)> = spans.iter().flat_map(|&s| (0..shape.heads).map(move |h| (s, h))).collect();
-    tasks.par_iter().for_each(|&(span, head)| {
+    let tasks: Vec<(Span, usize)> = spans.iter().flat_map(|&s| (0..shape.kv_heads).map(move |g| (s, g))).collect();
+    tasks.par_iter().for_each(|&(span, kvh)| {
         let (out_p, lse_p) = (out_p, lse_p);
-        let n = span.len;
-        let d = shape.head_dim;
+        let (n, pre, d) = (span.len, span.prefix_len(), shape.head_dim);
         let (qd, kvd) = (shape.q_dim(), shape.kv_dim());
-        let kvh = head / shape.group();
-        let qs = Mat::strided(&q[span.start * qd + head * d..], n, d, qd);
-        let ks = Mat::strided(&k[span.start * kvd + kvh * d..], n, d, kvd);
-        let vs = Mat::strided(&v[span.start * kvd + kvh * d..], n, d, kvd);
-        let mut p = vec![0f32; n * n];
-        matmul(&mut p, n, qs, ks.t(), 1.0 / (d as f32).sqrt(), false, Threads::One);
+        let keys = pre + n;
+        let ks = gather_rows(k, span, kvd, kvh * d, d);
+        let vs = gather_rows(v, span, kvd, kvh * d, d);
+        let mut p = vec![0f32; n * keys];
         let mut row_lse = vec![0f32; n];
-        for (i, (row, l)) in p.chunks_exact_mut(n).zip(row_lse.iter_mut()).enumerate() {
-            *l = softmax_causal(row, i);
-        }
-        // SAFETY: this task alone writes head `head`'s columns of the span's rows of `out`,
-        // and its (row, head) entries of `lse`; both buffers outlive the parallel loop.
-        unsafe {
-            let o = out_p.0.add(span.start * qd + head * d);
-            matmul_ptr(o, qd, Mat::new(&p, n, n), vs, 1.0, false, Threads::One);
-            for (i, l) in row_lse.into_iter().enumerate() {
-                *lse_p.0.add((span.start + i) * shape.heads + head) = l;
+        for head in kvh * shape.group()..(kvh + 1) * shape.group() {
+            let qs = Mat::strided(&q[span.start * qd + head * d..], n, d, qd);
+            matmul(&mut p, keys, qs, Mat::new(&ks, keys, d).t(), 1.0 / (d as f32).sqrt(), false, Threads::One);
+            for (i, (row, l)) in p.chunks_exact_mut(keys).zip(row_lse.iter_mut()).enumerate() {
+                *l = softmax_causal(row, pre + i);
+            }
+            // SAFETY: this task alone writes the columns of its group's heads in the span's rows
+            // of `out`, and their (row, head) entries of `lse`; both outlive the parallel loop.
+            unsafe {
+                let o = out_p.0.add(span.start * qd + head * d);
+                matmul_ptr(o, qd, Mat::new(&p, n, keys), Mat::new(&vs, keys, d), 1.0, false, Threads::One);
+                for (i, &l) in row_lse.iter().enumerate() {
+                    *lse_p.0.add((span.start + i) * shape.heads + head) = l;
+                }
             }
         }
     });
@@ -340,8 +377,9 @@ fn softmax_causal(row: &mut [f32], last: usize) -> f32 {
 }
 
 /// Backward of [`attention`]: from `dout: [T, heads·d]`, the gradients of `q`, `k` and `v`.
-/// Probabilities are recomputed from `lse`; tasks run per (sequence, kv head) so the heads of a
-/// group that share `k`/`v` accumulate into them without races.
+/// Probabilities are recomputed from `lse`. Tasks run per (group of spans sharing rows, kv
+/// head), so the heads of a group that share `k`/`v`, and the branches that share a prefix, add
+/// into them without races.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dout: &[f32],
@@ -360,49 +398,66 @@ pub fn attention_backward(
     let mut dv = vec![0f32; rows * kvd];
     let (dq_p, dk_p, dv_p) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
     let scale = 1.0 / (d as f32).sqrt();
-    let tasks: Vec<(Span, usize)> = spans.iter().flat_map(|&s| (0..shape.kv_heads).map(move |g| (s, g))).collect();
-    tasks.par_iter().for_each(|&(span, kvh)| {
+    let groups = groups(spans);
+    let tasks: Vec<(&[Span], usize)> =
+        groups.iter().flat_map(|g| (0..shape.kv_heads).map(move |h| (g.as_slice(), h))).collect();
+    tasks.par_iter().for_each(|&(group, kvh)| {
         let (dq_p, dk_p, dv_p) = (dq_p, dk_p, dv_p);
-        let n = span.len;
-        // SAFETY (for every `matmul_ptr` below): a task owns the columns of kv head `kvh` in
-        // dk/dv, and the columns of the query heads of its group in dq, over its span's rows;
-        // tasks never overlap, and the buffers outlive the parallel loop.
-        let dk_out = unsafe { dk_p.0.add(span.start * kvd + kvh * d) };
-        let dv_out = unsafe { dv_p.0.add(span.start * kvd + kvh * d) };
-        let ks = Mat::strided(&k[span.start * kvd + kvh * d..], n, d, kvd);
-        let vs = Mat::strided(&v[span.start * kvd + kvh * d..], n, d, kvd);
-        let mut p = vec![0f32; n * n];
-        let mut dp = vec![0f32; n * n];
-        for head in kvh * shape.group()..(kvh + 1) * shape.group() {
-            let qs = Mat::strided(&q[span.start * qd + head * d..], n, d, qd);
-            let dos = Mat::strided(&dout[span.start * qd + head * d..], n, d, qd);
-            // P again, from the scores and the saved log-sum-exp.
-            matmul(&mut p, n, qs, ks.t(), scale, false, Threads::One);
-            for (i, row) in p.chunks_exact_mut(n).enumerate() {
-                let l = lse[(span.start + i) * shape.heads + head];
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = if j <= i { (*x - l).exp() } else { 0.0 };
+        for &span in group {
+            let (n, pre) = (span.len, span.prefix_len());
+            let keys = pre + n;
+            let ks = gather_rows(k, span, kvd, kvh * d, d);
+            let vs = gather_rows(v, span, kvd, kvh * d, d);
+            let (ks, vs) = (Mat::new(&ks, keys, d), Mat::new(&vs, keys, d));
+            let mut dks = vec![0f32; keys * d];
+            let mut dvs = vec![0f32; keys * d];
+            let mut p = vec![0f32; n * keys];
+            let mut dp = vec![0f32; n * keys];
+            for head in kvh * shape.group()..(kvh + 1) * shape.group() {
+                let qs = Mat::strided(&q[span.start * qd + head * d..], n, d, qd);
+                let dos = Mat::strided(&dout[span.start * qd + head * d..], n, d, qd);
+                // P again, from the scores and the saved log-sum-exp.
+                matmul(&mut p, keys, qs, ks.t(), scale, false, Threads::One);
+                for (i, row) in p.chunks_exact_mut(keys).enumerate() {
+                    let l = lse[(span.start + i) * shape.heads + head];
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x = if j <= pre + i { (*x - l).exp() } else { 0.0 };
+                    }
                 }
-            }
-            // dV += Pᵀ dO;  dP = dO Vᵀ
-            unsafe { matmul_ptr(dv_out, kvd, Mat::new(&p, n, n).t(), dos, 1.0, true, Threads::One) };
-            matmul(&mut dp, n, dos, vs.t(), 1.0, false, Threads::One);
-            // dS = P ⊙ (dP − rowsum(dO ⊙ O)), the softmax backward.
-            for i in 0..n {
-                let o = &out[(span.start + i) * qd + head * d..][..d];
-                let g = &dout[(span.start + i) * qd + head * d..][..d];
-                let delta: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
-                let (pr, dpr) = (&p[i * n..][..=i], &mut dp[i * n..(i + 1) * n]);
-                for j in 0..=i {
-                    dpr[j] = pr[j] * (dpr[j] - delta);
+                // dV += Pᵀ dO;  dP = dO Vᵀ
+                matmul(&mut dvs, d, Mat::new(&p, n, keys).t(), dos, 1.0, true, Threads::One);
+                matmul(&mut dp, keys, dos, vs.t(), 1.0, false, Threads::One);
+                // dS = P ⊙ (dP − rowsum(dO ⊙ O)), the softmax backward.
+                for i in 0..n {
+                    let o = &out[(span.start + i) * qd + head * d..][..d];
+                    let g = &dout[(span.start + i) * qd + head * d..][..d];
+                    let delta: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
+                    let (pr, dpr) = (&p[i * keys..(i + 1) * keys], &mut dp[i * keys..(i + 1) * keys]);
+                    for j in 0..=pre + i {
+                        dpr[j] = pr[j] * (dpr[j] - delta);
+                    }
+                    dpr[pre + i + 1..].fill(0.0);
                 }
-                dpr[i + 1..].fill(0.0);
+                // dQ = dS K · scale;  dK += dSᵀ Q · scale
+                // SAFETY: the columns of this head in the span's rows of dq belong to this task.
+                unsafe {
+                    let dq_out = dq_p.0.add(span.start * qd + head * d);
+                    matmul_ptr(dq_out, qd, Mat::new(&dp, n, keys), ks, scale, false, Threads::One);
+                }
+                matmul(&mut dks, d, Mat::new(&dp, n, keys).t(), qs, scale, true, Threads::One);
             }
-            // dQ = dS K · scale;  dK += dSᵀ Q · scale
-            unsafe {
-                let dq_out = dq_p.0.add(span.start * qd + head * d);
-                matmul_ptr(dq_out, qd, Mat::new(&dp, n, n), ks, scale, false, Threads::One);
-                matmul_ptr(dk_out, kvd, Mat::new(&dp, n, n).t(), qs, scale, true, Threads::One);
+            // Scatter the gathered rows' gradients back: prefix rows, then the span's own.
+            let rows = span.prefix.map(|(p, c)| p..p + c).into_iter().flatten().chain(span.start..span.start + n);
+            for (i, r) in rows.enumerate() {
+                // SAFETY: kv head `kvh`'s columns of the group's rows of dk/dv belong to this
+                // task (groups are disjoint in rows; the spans of a group run one after another).
+                unsafe {
+                    let (dkr, dvr) = (dk_p.0.add(r * kvd + kvh * d), dv_p.0.add(r * kvd + kvh * d));
+                    for c in 0..d {
+                        *dkr.add(c) += dks[i * d + c];
+                        *dvr.add(c) += dvs[i * d + c];
+                    }
+                }
             }
         }
     });
