@@ -53,8 +53,8 @@ pub fn load_mmlu(path: &Path) -> anyhow::Result<Vec<Question>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         anyhow::anyhow!("cannot read {}: {e} (run scripts/fetch-mmlu.sh, or pass --mmlu 0)", path.display())
     })?;
-    let subjects: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not lm-eval's MMLU prompts: {e}", path.display()))?;
+    let subjects: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not lm-eval's MMLU prompts: {e}", path.display()))?;
     let re = regex::Regex::new(
         r"(?s)^(?P<q>.*?)\n?\(A\)(?P<a>.*?)\(B\)(?P<b>.*?)\(C\)(?P<c>.*?)\(D\)(?P<d>.*?)\nA: .*The answer is \((?P<ans>[ABCD])\)",
     )
@@ -120,7 +120,15 @@ mod tests {
         let qs = load_mmlu(&p).unwrap();
         let got: Vec<(&str, &str, usize)> =
             qs.iter().map(|q| (q.subject.as_str(), q.question.as_str(), q.answer)).collect();
-        assert_eq!(got, vec![("art", "First art?", 1), ("zoo", "First zoo?", 1), ("art", "Second art?", 3), ("zoo", "Second zoo?", 3)]);
+        assert_eq!(
+            got,
+            vec![
+                ("art", "First art?", 1),
+                ("zoo", "First zoo?", 1),
+                ("art", "Second art?", 3),
+                ("zoo", "Second zoo?", 3)
+            ]
+        );
         assert_eq!(qs[0].choices, ["a", "b", "c", "d"].map(String::from));
         assert!(load_mmlu(&dir.path().join("missing.json")).unwrap_err().to_string().contains("fetch-mmlu"));
     }

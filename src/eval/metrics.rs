@@ -62,7 +62,10 @@ const PROB_FLOOR: f32 = 1e-10;
 pub enum Mixing {
     /// The cond row alone.
     Plain,
-    Guided { gamma: f32, mode: GuidanceMode },
+    Guided {
+        gamma: f32,
+        mode: GuidanceMode,
+    },
 }
 
 /// The next-token log-distribution under `mixing` (`uncond` required when guided and γ ≠ 1).

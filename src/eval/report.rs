@@ -35,8 +35,11 @@ pub fn markdown(r: &Report) -> String {
         r.timing.get("utility_s").copied().unwrap_or(0.0),
     );
     for st in &r.stacks {
-        let adapters: Vec<String> =
-            st.adapters.iter().map(|a| format!("`{}` ({})", a.dir, &a.content_hash[..12.min(a.content_hash.len())])).collect();
+        let adapters: Vec<String> = st
+            .adapters
+            .iter()
+            .map(|a| format!("`{}` ({})", a.dir, &a.content_hash[..12.min(a.content_hash.len())]))
+            .collect();
         let _ = writeln!(
             s,
             "- stack **{}**: {}{}",

@@ -168,7 +168,8 @@ pub fn run(cfg: &EvalConfig, at: Where) -> anyhow::Result<Report> {
     let (points, mut reports, stacks_info, outcomes, jobs, model, model_sha, weights, url) = match at {
         Where::Local(bundle) => {
             let model_sha = if bundle.path.is_file() { Some(file_sha256(&bundle.path)?) } else { None };
-            let specs: Vec<(String, Vec<PathBuf>)> = cfg.stacks.iter().map(|s| (s.name.clone(), s.dirs.clone())).collect();
+            let specs: Vec<(String, Vec<PathBuf>)> =
+                cfg.stacks.iter().map(|s| (s.name.clone(), s.dirs.clone())).collect();
             let local = Local::new(bundle, &specs, cfg.max_rows)?;
             let grid_stacks: Vec<_> = cfg
                 .stacks
@@ -239,7 +240,8 @@ pub fn run(cfg: &EvalConfig, at: Where) -> anyhow::Result<Report> {
                  which the HTTP API does not return yet (issue 10 item 5); MMLU is scored by the generated letter"
                     .into(),
             );
-            not_measured.push("condition placement and client system messages are the server's choice over HTTP".into());
+            not_measured
+                .push("condition placement and client system messages are the server's choice over HTTP".into());
             let model = remote.model.clone();
             (points, reports, Vec::new(), outcomes, jobs, model, None, None, Some(url))
         }
@@ -539,7 +541,8 @@ fn local_utility(
             utility.kl_from_reference = Some(kls.iter().sum::<f64>() / kls.len() as f64);
         }
         if !mmlu.is_empty() {
-            utility.mmlu_accuracy = Some(mmlu_loglik(&tok, &mut scorer, pt, &conds, source.as_ref(), mixing, &adapters, mmlu)?);
+            utility.mmlu_accuracy =
+                Some(mmlu_loglik(&tok, &mut scorer, pt, &conds, source.as_ref(), mixing, &adapters, mmlu)?);
             utility.mmlu_n = mmlu.len();
             utility.mmlu_method = Some("loglik");
         }
@@ -549,9 +552,16 @@ fn local_utility(
             let mut items = Vec::new();
             for (prefix, value, _, _) in &members {
                 let (cond, uncond) = text_rows(prefix)?;
-                items.push(ScoreItem { cond, uncond, reference: None, continuation: tok.encode_plain(&format!(" {value}"))?, score_from: 0 });
+                items.push(ScoreItem {
+                    cond,
+                    uncond,
+                    reference: None,
+                    continuation: tok.encode_plain(&format!(" {value}"))?,
+                    score_from: 0,
+                });
             }
-            let scores = scorer.score(&items, mixing, &RowAdapters { reference: Vec::new(), ..adapters.clone() }, false)?;
+            let scores =
+                scorer.score(&items, mixing, &RowAdapters { reference: Vec::new(), ..adapters.clone() }, false)?;
             Some(membership_of(&members, &scores))
         };
         done.insert(key, (utility.clone(), membership.clone()));
@@ -629,7 +639,12 @@ fn mmlu_loglik(
 ) -> anyhow::Result<f64> {
     let letters: Vec<u32> = data::LETTERS
         .iter()
-        .map(|l| tok.encode_plain(l).ok().and_then(|ids| ids.first().copied()).ok_or_else(|| anyhow::anyhow!("letter {l} has no token")))
+        .map(|l| {
+            tok.encode_plain(l)
+                .ok()
+                .and_then(|ids| ids.first().copied())
+                .ok_or_else(|| anyhow::anyhow!("letter {l} has no token"))
+        })
         .collect::<anyhow::Result<_>>()?;
     let lead = tok.encode_plain(ANSWER_LEAD)?;
     let mut items = Vec::new();
@@ -655,7 +670,8 @@ fn mmlu_loglik(
         .zip(questions)
         .filter(|(s, q)| {
             let d = s.last.as_ref().expect("kept");
-            let best = (0..4).max_by(|&a, &b| d[letters[a] as usize].total_cmp(&d[letters[b] as usize])).expect("4 letters");
+            let best =
+                (0..4).max_by(|&a, &b| d[letters[a] as usize].total_cmp(&d[letters[b] as usize])).expect("4 letters");
             best == q.answer
         })
         .count();

@@ -127,7 +127,9 @@ impl Scorer {
             let prefill: Vec<BatchEntry> = all
                 .iter()
                 .filter(|r| r.prompt.len() > 1)
-                .map(|r| BatchEntry::last(r.seq, r.prompt[..r.prompt.len() - 1].to_vec()).with_adapters(r.adapters.clone()))
+                .map(|r| {
+                    BatchEntry::last(r.seq, r.prompt[..r.prompt.len() - 1].to_vec()).with_adapters(r.adapters.clone())
+                })
                 .collect();
             if !prefill.is_empty() {
                 self.model.forward(&RaggedBatch::new(prefill), &mut self.kv)?;

@@ -133,7 +133,11 @@ impl Local {
             bundle.model.clone(),
             bundle.tokenizer.clone(),
             EngineConfig {
-                scheduler: SchedulerConfig { max_running_rows: max_rows, max_waiting: usize::MAX / 2, ..Default::default() },
+                scheduler: SchedulerConfig {
+                    max_running_rows: max_rows,
+                    max_waiting: usize::MAX / 2,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
         );
@@ -271,7 +275,8 @@ impl Remote {
 
     /// The request body of a job.
     pub fn body(&self, job: &Job) -> (String, serde_json::Value) {
-        let mut body = serde_json::json!({ "model": self.model, "max_tokens": job.max_tokens, "temperature": job.temperature });
+        let mut body =
+            serde_json::json!({ "model": self.model, "max_tokens": job.max_tokens, "temperature": job.temperature });
         if let Some(s) = job.seed {
             body["seed"] = s.into();
         }
@@ -331,8 +336,9 @@ impl Remote {
         use futures::StreamExt;
         progress.set_total(jobs.len());
         let mut results: Vec<Option<Outcome>> = vec![None; jobs.len()];
-        let mut stream =
-            futures::stream::iter(jobs.iter().enumerate()).map(|(i, j)| async move { (i, self.one(j).await) }).buffer_unordered(self.concurrency);
+        let mut stream = futures::stream::iter(jobs.iter().enumerate())
+            .map(|(i, j)| async move { (i, self.one(j).await) })
+            .buffer_unordered(self.concurrency);
         while let Some((i, o)) = stream.next().await {
             results[i] = Some(o);
             progress.tick(1);

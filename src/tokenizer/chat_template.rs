@@ -251,7 +251,10 @@ mod tests {
     fn default_system_prompt_is_found_when_the_template_has_one() {
         let smol = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
         let t = ChatTemplate::new(smol, "", "<|im_end|>").unwrap();
-        assert_eq!(t.default_system_prompt(), Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face"));
+        assert_eq!(
+            t.default_system_prompt(),
+            Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+        );
         assert_eq!(ChatTemplate::new(CHATML, "", "").unwrap().default_system_prompt(), None);
     }
 
