@@ -146,22 +146,14 @@ impl Scorer {
                 }
             }
             let logits = self.model.forward(&RaggedBatch::new(entries), &mut self.kv)?;
-            // Entry order = rows in `all` order (items in order, cond/uncond/reference within).
+            // Entries were pushed in `all` order, so a row's index in `all` is its entry index.
             let mut scores = Vec::with_capacity(items.len());
             let (mut dist, mut refd) = (Vec::new(), Vec::new());
-            let mut entry = 0;
             for (it, idx) in items.iter().zip(&rows) {
-                let positions = |i: usize| logits.positions(i).collect::<Vec<_>>();
-                let cond = positions(entry);
-                entry += 1;
-                let uncond = idx[1].map(|_| {
-                    entry += 1;
-                    positions(entry - 1)
-                });
-                let reference = idx[2].map(|_| {
-                    entry += 1;
-                    positions(entry - 1)
-                });
+                let positions = |i: Option<usize>| i.map(|i| logits.positions(i).collect::<Vec<_>>());
+                let cond = positions(idx[0]).expect("every item has a cond row");
+                let uncond = positions(idx[1]);
+                let reference = positions(idx[2]);
                 let mut s = ItemScore::default();
                 let n = it.continuation.len();
                 for t in it.score_from.min(n)..n {
