@@ -224,15 +224,23 @@ pub fn write_all(report: &Report, dir: &Path) -> anyhow::Result<Vec<String>> {
         }
         pts.sort_by(|a, b| gamma(a).total_cmp(&gamma(b)));
     }
+    // Unguided points (no conditions) are drawn as flat lines across the γ range.
+    let (g0, g1) = bounds(report.points.iter().filter(|p| p.point.guidance.is_some()).map(gamma), 1.0);
     let series = |f: &dyn Fn(&PointReport) -> Option<f64>| -> Vec<Series> {
-        lines
+        let mut out: Vec<Series> = lines
             .iter()
             .map(|(k, pts)| Series {
                 name: k.clone(),
                 points: pts.iter().filter_map(|p| f(p).map(|y| (gamma(p), y))).collect(),
             })
             .filter(|s| !s.points.is_empty())
-            .collect()
+            .collect();
+        for p in report.points.iter().filter(|p| p.point.guidance.is_none()) {
+            if let Some(y) = f(p) {
+                out.push(Series { name: format!("{} (flat: no conditions)", p.label), points: vec![(g0, y), (g1, y)] });
+            }
+        }
+        out
     };
     let leak = series(&|p| Some(pct(&p.leak)));
     if !leak.is_empty() {
