@@ -185,7 +185,8 @@ pub fn run(cfg: &EvalConfig, at: Where) -> anyhow::Result<Report> {
                 })
                 .collect();
             let points = grid::expand(&grid_stacks, &cfg.axes);
-            let jobs = jobs_for(&points, &probes, cfg, true);
+            let placements: Vec<_> = grid_stacks.iter().map(|(_, _, d)| d.placement.unwrap_or_default()).collect();
+            let jobs = jobs_for(&points, &probes, cfg, &placements);
             let mut progress = Progress::new(&format!("eval: {} points, generating", points.len()), cfg.quiet);
             let t = Instant::now();
             let outcomes = local.run(&jobs.iter().map(|(_, _, j)| j.clone()).collect::<Vec<_>>(), &mut progress);
@@ -223,7 +224,7 @@ pub fn run(cfg: &EvalConfig, at: Where) -> anyhow::Result<Report> {
                 ..cfg.axes.clone()
             };
             let points = grid::expand(&[stack], &axes);
-            let jobs = jobs_for(&points, &probes, cfg, false);
+            let jobs = jobs_for(&points, &probes, cfg, &[Default::default()]);
             let mut progress = Progress::new(&format!("eval {url}: {} points", points.len()), cfg.quiet);
             let t = Instant::now();
             let outcomes =
@@ -335,8 +336,14 @@ fn empty_report(p: &Point) -> PointReport {
     }
 }
 
-/// The jobs of every point: `(point, probe, job)`, samples consecutive.
-fn jobs_for(points: &[Point], probes: &[Probe], cfg: &EvalConfig, local: bool) -> Vec<(usize, usize, Job)> {
+/// The jobs of every point: `(point, probe, job)`, samples consecutive. `placements`: each
+/// stack's condition placement, for probes that bring guidance to an unguided point.
+fn jobs_for(
+    points: &[Point],
+    probes: &[Probe],
+    cfg: &EvalConfig,
+    placements: &[crate::engine::prompt::Placement],
+) -> Vec<(usize, usize, Job)> {
     let mut out = Vec::new();
     for (pi, pt) in points.iter().enumerate() {
         for (qi, probe) in probes.iter().enumerate() {
@@ -344,7 +351,7 @@ fn jobs_for(points: &[Point], probes: &[Probe], cfg: &EvalConfig, local: bool) -
                 Some(t) => Input::Text(t.clone()),
                 None => Input::Chat(probe.messages.clone()),
             };
-            let guidance = job_guidance(pt, probe, local);
+            let guidance = job_guidance(pt, probe, placements[pt.stack]);
             for s in 0..cfg.samples {
                 let seed = (cfg.samples > 1 || cfg.temperature > 0.0).then_some(s as u64);
                 let job = Job {
@@ -363,7 +370,7 @@ fn jobs_for(points: &[Point], probes: &[Probe], cfg: &EvalConfig, local: bool) -
 }
 
 /// The point's guidance with the probe's own fields (`gamma`, `negative_prompt`) over it.
-fn job_guidance(pt: &Point, probe: &Probe, local: bool) -> Option<JobGuidance> {
+fn job_guidance(pt: &Point, probe: &Probe, placement: crate::engine::prompt::Placement) -> Option<JobGuidance> {
     let mut g = pt.guidance.as_ref().map(JobGuidance::of_point);
     let Some(over) = probe.guidance.as_ref().and_then(|v| v.as_object()) else {
         return g;
@@ -373,7 +380,7 @@ fn job_guidance(pt: &Point, probe: &Probe, local: bool) -> Option<JobGuidance> {
         mode: GuidanceMode::Log,
         uncond: grid::UncondKind::NegativeCondition,
         negative_prompt: None,
-        placement: Default::default(),
+        placement,
         system_messages: Default::default(),
         from_probe_only: true,
     });
@@ -381,9 +388,8 @@ fn job_guidance(pt: &Point, probe: &Probe, local: bool) -> Option<JobGuidance> {
         base.gamma = gamma as f32;
     }
     if let Some(np) = over.get("negative_prompt").and_then(|v| v.as_str()) {
+        // As in serving, a negative prompt only acts where guidance mixes (γ ≠ 1).
         base.negative_prompt = Some(np.to_string());
-        // In process a negative prompt only acts where guidance mixes (γ ≠ 1), as in serving.
-        let _ = local;
     }
     g
 }
