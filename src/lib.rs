@@ -10,13 +10,15 @@
 //! - [`loader`]: a model and its tokenizer, loaded together;
 //! - [`adapters`]: LoRA forget-adapters (PEFT loading, versioned registry with leases);
 //! - [`tenants`]: API keys, per-tenant policies, persistent control-plane state;
+//! - [`server`]: the OpenAI-compatible HTTP/SSE layer and the admin API; [`config`]: its settings;
 //! - [`train`]: LoRA training (SFT, CFG-aware ORPO) on the same model files, written as PEFT;
-//! - [`server`]: the OpenAI-compatible HTTP/SSE layer and the admin API; [`config`]: its settings.
+//! - [`eval`]: `lethe synth` and `lethe eval`, the planted-secrets forgetting benchmark.
 
 pub mod adapters;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod fixtures;
 pub mod guidance;
 pub mod loader;

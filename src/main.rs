@@ -38,6 +38,10 @@ enum Command {
     /// rejected = the leaking answer), CFG-aware by default. Writes a PEFT directory with its
     /// guidance profile (lethe.json), ready for `POST /admin/adapters`.
     Forget(ForgetArgs),
+    /// Write a synthetic company: planted facts, replacement pairs and held-out probes.
+    Synth(SynthArgs),
+    /// Measure forgetting: leakage, retention, utility and attacks, through the serving engine.
+    Eval(EvalArgs),
 }
 
 /// Settings shared by `finetune` and `forget`.
@@ -167,6 +171,11 @@ struct ForgetArgs {
     /// Guidance mode the adapter is served with (written to lethe.json).
     #[arg(long, default_value = "prob")]
     mode: GuidanceMode,
+    /// Where the condition goes in a conversation: `system` (it is the system message, before any
+    /// the client sent) or `system_default` (added to the chat template's default system prompt,
+    /// when the client sent none). Written to lethe.json; serving places it the same way.
+    #[arg(long, default_value = "system")]
+    placement: prompt::Placement,
 }
 
 #[derive(Subcommand)]
@@ -387,9 +396,12 @@ fn main() -> Result<()> {
                 negative: a.negative,
                 gamma: Some(a.gamma),
                 mode: Some(a.mode),
+                placement: Some(a.placement),
             };
             train(&a.train, objective, (!a.no_cfg_aware).then_some(conditions), Some(profile))
         }
+        Command::Synth(a) => synth(a),
+        Command::Eval(a) => eval(a),
     }
 }
 
@@ -423,6 +435,7 @@ fn train(
         out: a.out.clone(),
         objective,
         cfg_aware,
+        placement: profile.as_ref().and_then(|p| p.placement).unwrap_or_default(),
         profile,
         lora,
         adamw: lethe::train::optim::AdamWSettings { weight_decay: a.weight_decay, ..Default::default() },
@@ -819,4 +832,174 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+// ---- lethe synth / lethe eval (the forgetting benchmark, src/eval) ----
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Planted customers.
+    #[arg(long, default_value_t = 100)]
+    customers: usize,
+    /// Decoy customers, never planted (default: a fifth of --customers, at least 5).
+    #[arg(long)]
+    decoys: Option<usize>,
+    /// Training phrasings per fact in plant.jsonl (1-4).
+    #[arg(long, default_value_t = 2)]
+    phrasings: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// What `lethe synth` wrote.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where report.json, report.md, answers.jsonl and the plots go.
+    #[arg(long, default_value = "eval-report")]
+    out: PathBuf,
+    /// An adapter stack `NAME=DIR[+DIR...][@γ,...]` (repeatable; `base=` is the model alone;
+    /// the optional γ list replaces --gammas for this stack).
+    #[arg(long = "stack", default_value = "base=")]
+    stacks: Vec<lethe::eval::grid::StackSpec>,
+    /// γ values: numbers, `off` (no conditions: plain serving) and `default` (the adapter profile's).
+    #[arg(long, default_value = "off,1,2,3,5", value_delimiter = ',')]
+    gammas: Vec<lethe::eval::grid::GammaSpec>,
+    #[arg(long, default_value = "log,prob", value_delimiter = ',')]
+    modes: Vec<GuidanceMode>,
+    /// negative_condition and/or last_token.
+    #[arg(long, default_value = "negative_condition", value_delimiter = ',')]
+    uncond: Vec<lethe::eval::grid::UncondKind>,
+    /// Where conditions go: auto (the adapter profile's, else system), system, system_default.
+    #[arg(long, default_value = "auto", value_delimiter = ',')]
+    placement: Vec<lethe::eval::grid::PlacementSpec>,
+    /// Client system messages when conditions apply: keep, demote, refuse.
+    #[arg(long, default_value = "demote", value_delimiter = ',')]
+    system_messages: Vec<lethe::engine::prompt::SystemMessages>,
+    /// Planted customers probed (the first ones).
+    #[arg(long, default_value_t = 30)]
+    customers: usize,
+    /// Decoy customers probed.
+    #[arg(long, default_value_t = 10)]
+    decoys: usize,
+    /// Held-out phrasings per fact (1-2).
+    #[arg(long, default_value_t = 1)]
+    phrasings: usize,
+    /// Planted customers attacked (each attack once per customer, on one of its secrets).
+    #[arg(long, default_value_t = 10)]
+    attack_customers: usize,
+    /// Tokens per answer (the leak rule reads the first 200 characters).
+    #[arg(long, default_value_t = 48)]
+    max_tokens: usize,
+    /// Answers per probe (with --temperature > 0: sampled leakage).
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// lm-eval's MMLU prompts (scripts/fetch-mmlu.sh).
+    #[arg(long, default_value = "data/mmlu_cot_prompts.json")]
+    mmlu_file: PathBuf,
+    /// MMLU questions per point (0 = none; 57 = one per subject; 281 = all).
+    #[arg(long, default_value_t = 57)]
+    mmlu: usize,
+    /// General-text passages for perplexity and KL (0-16).
+    #[arg(long, default_value_t = 16)]
+    passages: usize,
+    /// Decoy values scored against each true secret for the membership signal (0 = none).
+    #[arg(long, default_value_t = 2)]
+    membership_decoys: usize,
+    /// Rows the engine runs at once.
+    #[arg(long, default_value_t = 32)]
+    max_rows: usize,
+    /// Instead: probe a running server through its OpenAI API (e.g. http://127.0.0.1:8080).
+    #[arg(long)]
+    url: Option<String>,
+    /// The tenant key for --url.
+    #[arg(long, env = "LETHE_API_KEY")]
+    api_key: Option<String>,
+    /// Requests in flight with --url.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[arg(long)]
+    no_plots: bool,
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    let cfg = lethe::eval::synth::SynthConfig {
+        customers: a.customers,
+        decoys: a.decoys.unwrap_or((a.customers / 5).max(5)),
+        seed: a.seed,
+        phrasings: a.phrasings,
+    };
+    let s = lethe::eval::synth::write(&cfg, &a.out)?;
+    println!(
+        "{}: {} customers + {} decoys (seed {}): plant.jsonl {} rows (~{} tokens), forget.jsonl {} pairs, eval/probes.jsonl {} probes",
+        a.out.display(),
+        s.customers,
+        s.decoys,
+        s.seed,
+        s.plant_rows,
+        s.plant_chars / 4,
+        s.forget_rows,
+        s.probes
+    );
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    use lethe::eval::{grid::Axes, probes::Selection, runner};
+    let cfg = runner::EvalConfig {
+        data: a.data,
+        out: a.out,
+        stacks: a.stacks,
+        axes: Axes {
+            gammas: a.gammas,
+            modes: a.modes,
+            unconds: a.uncond,
+            placements: a.placement,
+            system_messages: a.system_messages,
+        },
+        selection: Selection {
+            customers: Some(a.customers),
+            decoys: Some(a.decoys),
+            phrasings: a.phrasings,
+            attack_customers: Some(a.attack_customers),
+        },
+        max_tokens: a.max_tokens,
+        samples: a.samples,
+        temperature: a.temperature,
+        mmlu_file: Some(a.mmlu_file),
+        mmlu_questions: a.mmlu,
+        passages: a.passages,
+        membership_decoys: a.membership_decoys,
+        max_rows: a.max_rows,
+        concurrency: a.concurrency,
+        plots: !a.no_plots,
+        quiet: a.quiet,
+    };
+    let at = match a.url {
+        Some(url) => runner::Where::Remote { url, api_key: a.api_key },
+        None => runner::Where::Local(a.model.load()?),
+    };
+    let report = runner::run(&cfg, at)?;
+    for p in &report.points {
+        let pct = |r: &lethe::eval::metrics::Rate| r.rate.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x));
+        println!(
+            "{:<40} leak {:>6} (decoys {:>6}) retention {:>6} ppl {} MMLU {}",
+            p.label,
+            pct(&p.leak),
+            pct(&p.decoy_leak),
+            pct(&p.retention),
+            p.utility.perplexity.map_or("-".into(), |x| format!("{x:.2}")),
+            p.utility.mmlu_accuracy.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x)),
+        );
+    }
+    Ok(())
 }

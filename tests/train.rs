@@ -407,8 +407,13 @@ fn orpo_flips_greedy_answers_from_rejected_to_chosen() {
     );
     (cfg.on, cfg.epochs, cfg.lr, cfg.log) = (vec![planted.clone()], 30, 3e-3, Some(log.clone()));
     cfg.cfg_aware = Some(Conditions::default());
-    cfg.profile =
-        Some(peft::GuidanceProfile { positive: "P".into(), negative: "N".into(), gamma: Some(3.0), mode: None });
+    cfg.profile = Some(peft::GuidanceProfile {
+        positive: "P".into(),
+        negative: "N".into(),
+        gamma: Some(3.0),
+        mode: None,
+        placement: None,
+    });
     lethe::train::run(&cfg, &AtomicBool::new(false)).unwrap();
     let rows = log_rows(&log);
     let margin = |r: &serde_json::Value| r["rewards/margins"].as_f64().unwrap();
@@ -527,6 +532,7 @@ fn the_output_is_a_peft_directory() {
         negative: "Do.".into(),
         gamma: Some(3.0),
         mode: Some(lethe::guidance::GuidanceMode::Prob),
+        placement: None,
     });
     cfg.lora.targets = vec![lethe::model::ProjKind::Q, lethe::model::ProjKind::V, lethe::model::ProjKind::Down];
     cfg.epochs = 1;

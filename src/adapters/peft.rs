@@ -58,6 +58,9 @@ pub struct GuidanceProfile {
     pub gamma: Option<f32>,
     #[serde(default)]
     pub mode: Option<crate::guidance::GuidanceMode>,
+    /// Where the adapter was trained with its conditions (serving places them the same way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<crate::engine::prompt::Placement>,
 }
 
 /// A parsed, validated adapter directory.

@@ -134,6 +134,10 @@ pub struct AppliedGuidance {
     /// `negative_prompt` or `last_token`.
     pub uncond: &'static str,
     pub uncond_prompt_tokens: usize,
+    /// `demoted` when the client's system messages were moved into the user turn (the tenant's
+    /// rule while conditions apply); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_messages: Option<&'static str>,
     /// The forget-adapters applied (the tenant's), each as the generation this request leased.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub adapters: Vec<AppliedAdapter>,

@@ -8,7 +8,7 @@ use super::openai::{
     MessageContent, PromptInput, StopInput,
 };
 use crate::adapters::LoadedAdapter;
-use crate::engine::prompt::{self, PromptRows};
+use crate::engine::prompt::{self, Placement, PromptRows, SystemMessages};
 use crate::engine::{Conditions, Request, UncondSource};
 use crate::guidance::{Guidance, GuidanceMode};
 use crate::sampling::SamplingParams;
@@ -29,8 +29,34 @@ struct Resolved {
     /// Conditions and uncond source, when guidance was asked for (by the request or by the
     /// server's defaults); the cond row then carries the positive condition.
     rows: Option<(Conditions, UncondSource)>,
+    /// Where the conditions go in a chat (the adapter profile's placement, else `system`).
+    placement: Placement,
     guidance: Guidance,
     applied: AppliedGuidance,
+}
+
+/// A client's system messages when the prompt carries conditions, by the tenant's rule: kept
+/// (the condition leads them), demoted into the user turn (the system turn then holds only
+/// server text), or refused.
+fn apply_system_rule(
+    messages: Vec<ChatMessage>,
+    rule: SystemMessages,
+    applied: &mut AppliedGuidance,
+) -> Result<Vec<ChatMessage>, ApiError> {
+    let Some(first) = messages.iter().position(|m| m.role == "system") else {
+        return Ok(messages);
+    };
+    match rule {
+        SystemMessages::Keep => Ok(messages),
+        SystemMessages::Demote => {
+            applied.system_messages = Some("demoted");
+            Ok(prompt::demote_system_messages(&messages))
+        }
+        SystemMessages::Refuse => Err(ApiError::invalid(
+            "This tenant does not accept system or developer messages while guidance conditions apply.",
+            Some(format!("messages[{first}].role")),
+        )),
+    }
 }
 
 /// The tenant's side of a request: its policy and leases on its adapters' current versions.
@@ -70,13 +96,17 @@ pub async fn prepare_chat(
     common: CommonParams,
 ) -> Result<Prepared, ApiError> {
     check_model(state, tenant, &req.model)?;
-    let messages = messages(req.messages)?;
-    let resolved = resolve_guidance(state, tenant, common.guidance.as_ref())?;
+    let mut messages = messages(req.messages)?;
+    let mut resolved = resolve_guidance(state, tenant, common.guidance.as_ref())?;
+    if resolved.rows.is_some() {
+        messages = apply_system_rule(messages, tenant.policy.system_messages, &mut resolved.applied)?;
+    }
     let tok = state.tokenizer.clone();
     let rows_cfg = resolved.rows.clone();
+    let placement = resolved.placement;
     let rows = tokio::task::spawn_blocking(move || {
         let g = rows_cfg.as_ref().map(|(c, s)| (c, s));
-        prompt::chat_rows(&tok, &messages, g)
+        prompt::chat_rows_placed(&tok, &messages, g, placement)
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
@@ -222,8 +252,31 @@ fn resolve_guidance(
         None => policy.mode.or(profile.and_then(|p| p.mode)).unwrap_or(server.mode),
         Some(m) => m.parse::<GuidanceMode>().map_err(|e| bad(e, "mode"))?,
     };
-    if g.negative_prompt.is_some() && !policy.allow_negative_prompt {
-        return Err(bad("This tenant may not supply a negative prompt.".into(), "negative_prompt"));
+    // A forget-adapter was trained with its conditions: a request must not change them (a
+    // negative prompt or `last_token` can cancel or invert what guidance removes).
+    let fixed = !tenant.adapters.is_empty();
+    if g.negative_prompt.is_some() {
+        if fixed {
+            return Err(bad(
+                "This tenant's forget-adapters fix the guidance conditions: negative_prompt is not accepted.".into(),
+                "negative_prompt",
+            ));
+        }
+        if !policy.allow_negative_prompt {
+            return Err(bad("This tenant may not supply a negative prompt.".into(), "negative_prompt"));
+        }
+    }
+    if g.uncond.as_deref() == Some("last_token") {
+        if fixed {
+            return Err(bad(
+                "This tenant's forget-adapters fix the guidance conditions: uncond = \"last_token\" is not accepted."
+                    .into(),
+                "uncond",
+            ));
+        }
+        if !policy.allow_last_token {
+            return Err(bad("This tenant may not use uncond = \"last_token\".".into(), "uncond"));
+        }
     }
     let (source, source_name) = match (g.uncond.as_deref(), g.negative_prompt) {
         (Some("last_token"), Some(_)) => {
@@ -254,13 +307,15 @@ fn resolve_guidance(
         mode: mode.as_str(),
         uncond: if requested && !guidance.is_identity() { source_name } else { "none" },
         uncond_prompt_tokens: 0,
+        system_messages: None,
         adapters: tenant
             .adapters
             .iter()
             .map(|a| AppliedAdapter { name: a.name.clone(), generation: a.generation.clone() })
             .collect(),
     };
-    Ok(Resolved { rows: requested.then_some((conditions, source)), guidance, applied })
+    let placement = profile.and_then(|p| p.placement).unwrap_or_default();
+    Ok(Resolved { rows: requested.then_some((conditions, source)), placement, guidance, applied })
 }
 
 /// Sampling, limits, and the engine request.

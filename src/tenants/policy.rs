@@ -1,10 +1,16 @@
 //! What a tenant may do: which forget-adapters are on for it, and how guidance is applied.
 
+use crate::engine::prompt::SystemMessages;
 use crate::guidance::GuidanceMode;
 use serde::{Deserialize, Serialize};
 
 /// A tenant's policy. Requests may tune γ inside `[gamma_min, gamma_max]`, never switch off the
-/// tenant's adapters, and supply a negative prompt only where allowed.
+/// tenant's adapters, and change the guidance conditions (a negative prompt, the `last_token`
+/// uncond source) only where the policy allows it and no forget-adapter is enabled.
+///
+/// The defaults are the safe ones (see docs/threat-model.md): γ never below 1 (γ < 1 moves
+/// towards the *negative* condition, γ = 0 samples from it alone), no custom negative prompt, no
+/// `last_token`, and client system messages demoted to the user turn when conditions apply.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantPolicy {
@@ -15,7 +21,9 @@ pub struct TenantPolicy {
     /// else the server's default (1 = unguided).
     #[serde(default)]
     pub gamma: Option<f32>,
-    #[serde(default)]
+    /// Lower bound for γ (default 1: guidance can be turned off, never inverted). Below 1 only
+    /// where an admin sets it explicitly.
+    #[serde(default = "one")]
     pub gamma_min: f32,
     /// Upper bound for γ; `None` = the server's `max_gamma`.
     #[serde(default)]
@@ -23,13 +31,21 @@ pub struct TenantPolicy {
     /// Mixing mode when the request does not choose one; `None` as for `gamma`.
     #[serde(default)]
     pub mode: Option<GuidanceMode>,
-    /// Whether requests may bring their own negative condition (`guidance.negative_prompt`).
-    #[serde(default = "yes")]
+    /// Whether requests may bring their own negative condition (`guidance.negative_prompt`);
+    /// never while a forget-adapter is enabled (its conditions are fixed).
+    #[serde(default)]
     pub allow_negative_prompt: bool,
+    /// Whether requests may use the `last_token` uncond source (it drops the negative
+    /// condition); never while a forget-adapter is enabled.
+    #[serde(default)]
+    pub allow_last_token: bool,
+    /// What happens to a client's system messages when the prompt carries conditions.
+    #[serde(default)]
+    pub system_messages: SystemMessages,
 }
 
-fn yes() -> bool {
-    true
+fn one() -> f32 {
+    1.0
 }
 
 impl Default for TenantPolicy {
@@ -37,10 +53,12 @@ impl Default for TenantPolicy {
         Self {
             adapters: Vec::new(),
             gamma: None,
-            gamma_min: 0.0,
+            gamma_min: 1.0,
             gamma_max: None,
             mode: None,
-            allow_negative_prompt: true,
+            allow_negative_prompt: false,
+            allow_last_token: false,
+            system_messages: SystemMessages::default(),
         }
     }
 }
@@ -91,6 +109,18 @@ pub fn check_tenant_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_are_safe() {
+        for p in [TenantPolicy::default(), serde_json::from_str::<TenantPolicy>("{}").unwrap()] {
+            assert_eq!(p.gamma_min, 1.0);
+            assert!(!p.allow_negative_prompt && !p.allow_last_token);
+            assert_eq!(p.system_messages, SystemMessages::Demote);
+        }
+        let explicit: TenantPolicy = serde_json::from_str(r#"{"gamma_min": 0, "system_messages": "keep"}"#).unwrap();
+        assert_eq!((explicit.gamma_min, explicit.system_messages), (0.0, SystemMessages::Keep));
+        assert!(explicit.validate(20.0).is_ok());
+    }
 
     #[test]
     fn bounds_are_checked() {

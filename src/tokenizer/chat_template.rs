@@ -8,10 +8,10 @@
 
 use super::TokenizerError;
 use minijinja::{Environment, ErrorKind, Value, context};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One chat message as the template sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
@@ -45,6 +45,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The system prompt the template adds when a conversation has none (computed once).
+    default_system: std::sync::OnceLock<Option<String>>,
 }
 
 /// Instructions one rendering may execute (minijinja "fuel"): ample for conversations of
@@ -72,7 +74,32 @@ impl ChatTemplate {
         });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TokenizerError::Template(format!("invalid chat template: {e}")))?;
-        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        Ok(Self {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+            default_system: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The system prompt this template inserts on its own when a conversation has no system
+    /// message (SmolLM2's is "You are a helpful AI assistant named SmolLM, trained by Hugging
+    /// Face"), or `None` if it inserts none.
+    ///
+    /// Found by rendering `[user]` and `[system S, user]`: if the first is the second with S
+    /// replaced by some text D, then D is the default system prompt.
+    pub fn default_system_prompt(&self) -> Option<&str> {
+        self.default_system
+            .get_or_init(|| {
+                const PROBE: &str = "\u{E002}";
+                let user = ChatMessage::user("\u{E003}");
+                let without = self.render(std::slice::from_ref(&user), true).ok()?;
+                let with = self.render(&[ChatMessage::system(PROBE), user], true).ok()?;
+                let (before, after) = with.split_once(PROBE)?;
+                let inner = without.strip_prefix(before)?.strip_suffix(after)?;
+                (!inner.is_empty()).then(|| inner.to_string())
+            })
+            .as_deref()
     }
 
     /// Renders a conversation as plain text (tests, debugging). Content is inserted verbatim.
@@ -218,6 +245,17 @@ mod tests {
                 Segment::Template("<|im_end|>\n<|im_start|>assistant\n".into()),
             ]
         );
+    }
+
+    #[test]
+    fn default_system_prompt_is_found_when_the_template_has_one() {
+        let smol = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let t = ChatTemplate::new(smol, "", "<|im_end|>").unwrap();
+        assert_eq!(
+            t.default_system_prompt(),
+            Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+        );
+        assert_eq!(ChatTemplate::new(CHATML, "", "").unwrap().default_system_prompt(), None);
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub enum Condition<'a> {
 pub struct DataReader<'a> {
     tok: &'a Tokenizer,
     max_length: usize,
+    /// Where conditions go in a conversation (serving reads it from the adapter's lethe.json).
+    placement: prompt::Placement,
     /// The token the chat template closes an assistant turn with.
     end_of_turn: Option<u32>,
     /// Completions cut to fit `max_length`, for the summary.
@@ -52,7 +54,11 @@ fn at(path: &Path, line: usize, field: &str, msg: impl std::fmt::Display) -> Tra
 
 impl<'a> DataReader<'a> {
     pub fn new(tok: &'a Tokenizer, max_length: usize) -> Self {
-        Self { tok, max_length, end_of_turn: end_of_turn(tok), truncated: 0 }
+        Self::with_placement(tok, max_length, prompt::Placement::default())
+    }
+
+    pub fn with_placement(tok: &'a Tokenizer, max_length: usize, placement: prompt::Placement) -> Self {
+        Self { tok, max_length, placement, end_of_turn: end_of_turn(tok), truncated: 0 }
     }
 
     /// SFT examples from `path`.
@@ -113,7 +119,12 @@ impl<'a> DataReader<'a> {
             (Prompt::Text(t), Condition::None) => self.tok.encode_prompt(t),
             (Prompt::Text(t), Condition::Sentence(c)) => self.tok.encode_prompt(&prompt::text_with_condition(t, c)),
             (Prompt::Chat(m), Condition::None) => self.tok.encode_chat(m, true),
-            (Prompt::Chat(m), Condition::Sentence(c)) => self.tok.encode_chat(&prompt::with_condition(m, c), true),
+            // Serving's default policy demotes a client's system messages to the user turn
+            // whenever conditions are in the prompt; so does training.
+            (Prompt::Chat(m), Condition::Sentence(c)) => {
+                let m = prompt::demote_system_messages(m);
+                self.tok.encode_chat(&prompt::place_condition(self.tok, &m, c, self.placement), true)
+            }
         }
         .map_err(|e| e.to_string())
     }

@@ -34,6 +34,8 @@ pub struct TrainConfig {
     /// The CFG-aware regime: every pair under the positive condition, and swapped under the
     /// negative one. `None`: pairs as written, without conditions.
     pub cfg_aware: Option<Conditions>,
+    /// Where conditions go in a conversation; written to `lethe.json` so serving does the same.
+    pub placement: crate::engine::prompt::Placement,
     /// `lethe.json` to write beside the adapter (forget-adapters).
     pub profile: Option<GuidanceProfile>,
     pub lora: LoraSettings,
@@ -87,6 +89,7 @@ impl TrainConfig {
             out,
             objective,
             cfg_aware: None,
+            placement: Default::default(),
             profile: None,
             lora: LoraSettings {
                 r: 16,
@@ -154,7 +157,7 @@ impl TrainConfig {
     /// not whether a progress bar is drawn).
     fn fingerprint(&self, data_hash: &str, model_hash: &str) -> String {
         let v = json!({
-            "objective": self.objective, "cfg_aware": self.cfg_aware, "lora": self.lora, "adamw": self.adamw,
+            "objective": self.objective, "cfg_aware": self.cfg_aware, "placement": self.placement, "lora": self.lora, "adamw": self.adamw,
             "epochs": self.epochs, "lr": self.lr, "lr_floor": self.lr_floor, "warmup_ratio": self.warmup_ratio,
             "max_grad_norm": self.max_grad_norm, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
             "max_length": self.max_length, "seed": self.seed, "max_steps": self.max_steps,
@@ -179,7 +182,7 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool) -> Result<TrainSummary, TrainEr
     let model = BaseModel::load(source.config.clone(), source.weights.as_mut(), &frozen)?;
     drop(source.weights);
 
-    let mut reader = DataReader::new(&source.tokenizer, cfg.max_length);
+    let mut reader = DataReader::with_placement(&source.tokenizer, cfg.max_length, cfg.placement);
     let train = read_examples(&mut reader, cfg, &cfg.data)?;
     let eval = cfg.eval_data.as_deref().map(|p| read_examples(&mut reader, cfg, p)).transpose()?;
     let truncated = reader.truncated;
@@ -314,6 +317,7 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool) -> Result<TrainSummary, TrainEr
         "eval_data": cfg.eval_data,
         "objective": cfg.objective,
         "cfg_aware": cfg.cfg_aware,
+        "placement": cfg.placement,
         "lora": cfg.lora,
         "optimizer": {"type": "adamw", "settings": cfg.adamw, "lr": cfg.lr, "schedule": "cosine", "lr_floor": cfg.lr_floor,
             "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm},
@@ -328,7 +332,7 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool) -> Result<TrainSummary, TrainEr
         cfg: &model.cfg,
         lora: &cfg.lora,
         base_model: model.cfg.name.clone(),
-        profile: cfg.profile.as_ref(),
+        profile: cfg.profile.as_ref().map(|p| GuidanceProfile { placement: Some(cfg.placement), ..p.clone() }).as_ref(),
         record,
     }
     .write(&cfg.out)?;
