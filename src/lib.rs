@@ -15,6 +15,7 @@
 pub mod adapters;
 pub mod bench;
 pub mod config;
+pub mod device_sampling;
 pub mod engine;
 pub mod fixtures;
 pub mod guidance;
