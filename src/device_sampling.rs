@@ -372,10 +372,8 @@ mod tests {
             let p = SamplingParams { temperature, top_k, top_p, seed: None };
             let g = guided(2.0, mode);
             let mut rngs: Vec<Rng> = (0..draws).map(|i| Rng::new(1000 + i as u64)).collect();
-            let mut choices: Vec<Choice> = rngs
-                .iter_mut()
-                .map(|rng| Choice { cond: 0, uncond: Some(1), guidance: g, params: &p, rng })
-                .collect();
+            let mut choices: Vec<Choice> =
+                rngs.iter_mut().map(|rng| Choice { cond: 0, uncond: Some(1), guidance: g, params: &p, rng }).collect();
             let tokens = choose_tokens(&t, &mut choices).unwrap();
             let mut scores = vec![0f32; cond.len()];
             match mode {
@@ -393,7 +391,10 @@ mod tests {
                 }
                 let sd = (q * (1.0 - q) / draws as f64).sqrt();
                 let f = c as f64 / draws as f64;
-                assert!((f - q).abs() <= 4.0 * sd + 1e-9, "{mode:?} T={temperature} k={top_k} p={top_p}: token {i} {f} vs {q}");
+                assert!(
+                    (f - q).abs() <= 4.0 * sd + 1e-9,
+                    "{mode:?} T={temperature} k={top_k} p={top_p}: token {i} {f} vs {q}"
+                );
             }
         }
     }
