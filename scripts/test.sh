@@ -21,6 +21,15 @@ if [[ $LETHE_REQUIRE_PROMTOOL == 1 ]] && ! command -v promtool >/dev/null 2>&1; 
     || { echo "error: promtool is needed (apt-get install prometheus), or set LETHE_REQUIRE_PROMTOOL=0" >&2; exit 1; }
 fi
 
+# Python for the reference checks in the Rust tests (numpy: TRL's ORPO; safetensors: PEFT files)
+# and for the SDK test below. Tests that need it fail rather than skip under LETHE_REQUIRE_PYTHON=1.
+venv=target/sdk-venv
+if [[ ! -x $venv/bin/python ]]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai>=1.40,<3" numpy safetensors
+export LETHE_PYTHON="$PWD/$venv/bin/python" LETHE_REQUIRE_PYTHON=1
+
 echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy"
@@ -39,11 +48,6 @@ echo "== the cuda feature compiles (CUDA 13.0 from PyPI wheels; no GPU needed)"
 # --- end of the candle path / cuda steps ----------------------------------------------------
 
 echo "== the official openai Python SDK against lethe serve"
-venv=target/sdk-venv
-if [[ ! -x $venv/bin/python ]]; then
-  python3 -m venv "$venv"
-fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai>=1.40,<3"
 port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export LETHE_ADMIN_KEY="sdk-test-admin-key-$RANDOM$RANDOM"
 ./target/release/lethe serve --port "$port" >target/sdk-serve.log 2>&1 &

@@ -10,6 +10,7 @@
 //! - [`loader`]: a model and its tokenizer, loaded together;
 //! - [`adapters`]: LoRA forget-adapters (PEFT loading, versioned registry with leases);
 //! - [`tenants`]: API keys, per-tenant policies, persistent control-plane state;
+//! - [`train`]: LoRA training (SFT, CFG-aware ORPO) on the same model files, written as PEFT;
 //! - [`server`]: the OpenAI-compatible HTTP/SSE layer and the admin API; [`config`]: its settings.
 
 pub mod adapters;
@@ -27,6 +28,7 @@ pub mod simd;
 pub mod telemetry;
 pub mod tenants;
 pub mod tokenizer;
+pub mod train;
 
 /// Where `scripts/fetch-model.sh` puts the default model (SmolLM2-135M-Instruct, GGUF Q4_1).
 pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -31,6 +31,142 @@ enum Command {
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Train a LoRA adapter by supervised fine-tuning (e.g. a company fine-tune that plants
+    /// facts). Writes a PEFT directory.
+    Finetune(FinetuneArgs),
+    /// Train a forget-adapter: ORPO on replacement data (chosen = answer without the data,
+    /// rejected = the leaking answer), CFG-aware by default. Writes a PEFT directory with its
+    /// guidance profile (lethe.json), ready for `POST /admin/adapters`.
+    Forget(ForgetArgs),
+}
+
+/// Settings shared by `finetune` and `forget`.
+#[derive(Args)]
+struct TrainArgs {
+    /// The base model: a .gguf file (dequantized to f32 for training) or an HF directory.
+    #[arg(long, env = "LETHE_MODEL", default_value = lethe::DEFAULT_MODEL_PATH)]
+    model: PathBuf,
+    /// A tokenizer.json to use instead of the model's own.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Training data, JSONL in TRL's formats (see the command's help).
+    #[arg(long)]
+    data: PathBuf,
+    /// The adapter directory to write (must not exist; it appears only when training ends).
+    #[arg(long)]
+    out: PathBuf,
+    /// A trained adapter stacked on the base and frozen (repeatable), e.g. the company
+    /// fine-tune a forget-adapter must work on top of.
+    #[arg(long = "on", value_name = "ADAPTER_DIR")]
+    on: Vec<PathBuf>,
+    /// Held-out data in the same format: its loss is reported after every epoch.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Peak learning rate (AdamW); decays with a cosine to --lr-floor × lr.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Where the cosine schedule ends, as a fraction of --lr (the paper: 10 %).
+    #[arg(long, default_value_t = 0.1)]
+    lr_floor: f64,
+    /// Linear warm-up over this fraction of the steps.
+    #[arg(long, default_value_t = 0.0)]
+    warmup_ratio: f64,
+    /// Examples per micro-batch (a preference example is a pair of sequences).
+    #[arg(long, default_value_t = 2)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Longest sequence in tokens (prompt + answer); longer answers are cut, longer prompts
+    /// are an error.
+    #[arg(long, default_value_t = 512)]
+    max_length: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Threads (default: one per core).
+    #[arg(long, env = "LETHE_THREADS")]
+    threads: Option<usize>,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// LoRA alpha (scale alpha/r, or alpha/√r with --rslora).
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f32,
+    /// Dropout on the LoRA input (PEFT's lora_dropout).
+    #[arg(long, default_value_t = 0.01)]
+    dropout: f32,
+    /// rsLoRA scaling alpha/√r.
+    #[arg(long)]
+    rslora: bool,
+    /// Projections that get LoRA factors: all-linear, or a list of q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "all-linear")]
+    target: String,
+    /// AdamW weight decay (HF's default: 0).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip gradients to this global L2 norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Also save a checkpoint every N steps (one is always saved on Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Continue from the checkpoint beside --out (`OUT.checkpoint`), left by Ctrl-C or
+    /// --save-every; the run's settings, data and model must be the same.
+    #[arg(long)]
+    resume: bool,
+    /// Append one JSON object per step (loss, TRL's metrics, learning rate, tokens/s) here.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `lethe finetune`. Data: `{"messages": [...]}` (trains on the assistant turns),
+/// `{"prompt", "completion"}` or `{"text"}`, one JSON object per line.
+#[derive(Args)]
+struct FinetuneArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Also train on the prompt's tokens (default: the completion only).
+    #[arg(long)]
+    train_on_prompt: bool,
+}
+
+/// `lethe forget`. Data: `{"prompt", "chosen", "rejected"}` per line (strings, or chat message
+/// lists), chosen = the replacement answer, rejected = the answer that leaks.
+#[derive(Args)]
+struct ForgetArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    /// ORPO's β (weight of the odds-ratio term).
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// Tokens of the NLL term: the chosen prompt and answer (TRL's default), or the answer only.
+    #[arg(long, value_enum, default_value = "prompt-and-completion")]
+    nll_on: lethe::train::NllOn,
+    /// Train on the pairs as written, without conditions (ablation of the paper's CFG-aware
+    /// regime, in which every pair is used under the positive condition and, swapped, under
+    /// the negative one).
+    #[arg(long)]
+    no_cfg_aware: bool,
+    /// The positive condition (the cond row's system sentence when served).
+    #[arg(long, default_value = prompt::PAPER_POSITIVE)]
+    positive: String,
+    /// The negative condition (the uncond row's).
+    #[arg(long, default_value = prompt::PAPER_NEGATIVE)]
+    negative: String,
+    /// Guidance scale the adapter is served at (written to lethe.json).
+    #[arg(long, default_value_t = 3.0)]
+    gamma: f32,
+    /// Guidance mode the adapter is served with (written to lethe.json).
+    #[arg(long, default_value = "prob")]
+    mode: GuidanceMode,
 }
 
 #[derive(Subcommand)]
@@ -176,12 +312,18 @@ struct GenerateArgs {
     /// How cond and uncond are mixed: log (HF/Sanchez) or prob (the paper's modified CFG).
     #[arg(long, default_value = "log")]
     mode: GuidanceMode,
-    /// The positive condition (cond row's system sentence).
-    #[arg(long, default_value = prompt::PAPER_POSITIVE)]
-    positive: String,
-    /// A custom negative condition for the uncond row (default: the paper's negative sentence).
+    /// The positive condition (cond row's system sentence; default: the adapter's lethe.json,
+    /// else the paper's).
+    #[arg(long)]
+    positive: Option<String>,
+    /// A custom negative condition for the uncond row (default: the adapter's lethe.json, else
+    /// the paper's negative sentence).
     #[arg(long)]
     negative: Option<String>,
+    /// A LoRA adapter directory (PEFT) applied to every row; repeatable, stacked adapters are
+    /// summed (e.g. a fine-tune and the forget-adapter trained on top of it).
+    #[arg(long = "adapter", value_name = "DIR")]
+    adapters: Vec<PathBuf>,
     /// Use only the last prompt token as the uncond row (Sanchez et al.'s default).
     #[arg(long, conflicts_with = "negative")]
     uncond_last_token: bool,
@@ -233,6 +375,98 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Decode(a)) => bench_decode(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
         Command::Bench(BenchCommand::Adapters(a)) => bench_adapters(a),
+        Command::Finetune(a) => {
+            let objective = lethe::train::Objective::Sft { train_on_prompt: a.train_on_prompt };
+            train(&a.train, objective, None, None)
+        }
+        Command::Forget(a) => {
+            let objective = lethe::train::Objective::Orpo { beta: a.beta, nll_on: a.nll_on };
+            let conditions = Conditions { positive: a.positive.clone(), negative: a.negative.clone() };
+            let profile = lethe::adapters::peft::GuidanceProfile {
+                positive: a.positive,
+                negative: a.negative,
+                gamma: Some(a.gamma),
+                mode: Some(a.mode),
+            };
+            train(&a.train, objective, (!a.no_cfg_aware).then_some(conditions), Some(profile))
+        }
+    }
+}
+
+/// Set by the SIGINT handler while training: the loop checkpoints and stops after its step.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn train(
+    a: &TrainArgs,
+    objective: lethe::train::Objective,
+    cfg_aware: Option<Conditions>,
+    profile: Option<lethe::adapters::peft::GuidanceProfile>,
+) -> Result<()> {
+    let lora = lethe::train::LoraSettings {
+        r: a.rank,
+        lora_alpha: a.alpha,
+        lora_dropout: a.dropout,
+        use_rslora: a.rslora,
+        targets: lethe::train::lora::parse_targets(&a.target).map_err(anyhow::Error::msg)?,
+    };
+    let cfg = lethe::train::TrainConfig {
+        model: a.model.clone(),
+        tokenizer: a.tokenizer.clone(),
+        on: a.on.clone(),
+        data: a.data.clone(),
+        eval_data: a.eval_data.clone(),
+        out: a.out.clone(),
+        objective,
+        cfg_aware,
+        profile,
+        lora,
+        adamw: lethe::train::optim::AdamWSettings { weight_decay: a.weight_decay, ..Default::default() },
+        epochs: a.epochs,
+        lr: a.lr,
+        lr_floor: a.lr_floor,
+        warmup_ratio: a.warmup_ratio,
+        max_grad_norm: a.max_grad_norm,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_length: a.max_length,
+        seed: a.seed,
+        max_steps: a.max_steps,
+        save_every: a.save_every,
+        resume: a.resume,
+        log: a.log.clone(),
+        progress: !a.quiet,
+    };
+    if !cfg.model.exists() && cfg.model == std::path::Path::new(lethe::DEFAULT_MODEL_PATH) {
+        bail!("the default model is not there yet: run scripts/fetch-model.sh (or pass --model PATH)");
+    }
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    // SAFETY: installs a handler that only stores to an atomic.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    match pool.install(|| lethe::train::run(&cfg, &INTERRUPTED)) {
+        Ok(s) => {
+            eprintln!(
+                "wrote {} — {} steps, {} examples, {:.0} tokens/s, {:.1} min, peak RSS {:.0} MiB; final {}",
+                cfg.out.display(),
+                s.steps,
+                s.examples,
+                s.tokens_per_second,
+                s.seconds / 60.0,
+                s.peak_rss_mib,
+                serde_json::to_string(&s.final_metrics)?
+            );
+            Ok(())
+        }
+        Err(e @ lethe::train::TrainError::Interrupted { .. }) => {
+            eprintln!("{e}");
+            std::process::exit(130);
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -264,9 +498,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let bundle = a.model.load()?;
     let tok = &bundle.tokenizer;
     let guided = a.gamma != 1.0;
+    let mut adapters = Vec::new();
+    let mut profile = None;
+    for dir in &a.adapters {
+        let adapter = lethe::adapters::peft::load(dir, &bundle.model).with_context(|| format!("--adapter {}", dir.display()))?;
+        profile = adapter.profile.or(profile);
+        adapters.push(std::sync::Arc::new(adapter.weights));
+    }
     let conds = Conditions {
-        positive: a.positive.clone(),
-        negative: a.negative.clone().unwrap_or_else(|| prompt::PAPER_NEGATIVE.into()),
+        positive: a.positive.clone().or(profile.as_ref().map(|p| p.positive.clone())).unwrap_or_else(|| prompt::PAPER_POSITIVE.into()),
+        negative: a.negative.clone().or(profile.as_ref().map(|p| p.negative.clone())).unwrap_or_else(|| prompt::PAPER_NEGATIVE.into()),
     };
     let source = if a.uncond_last_token { UncondSource::LastToken } else { UncondSource::NegativeCondition };
     let g = guided.then_some((&conds, &source));
@@ -283,6 +524,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let mut req = Request::new(rows.cond, a.max_tokens);
     req.sampling = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     req.stop = a.stop;
+    req.adapters = adapters;
     if let Some(u) = rows.uncond {
         req = req.guided(u, Guidance { gamma: a.gamma, mode: a.mode });
     }

@@ -7,7 +7,7 @@
 
 use super::AdapterError;
 use crate::model::lora::{LoraPair, LoraWeights, proj_dims};
-use crate::model::{Llama, ProjKind, RopeStyle};
+use crate::model::{Llama, ModelConfig, ProjKind, RopeStyle};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -71,8 +71,31 @@ pub struct PeftAdapter {
     pub content_hash: String,
 }
 
+/// An adapter directory read and validated against a model configuration, its factors as f32
+/// host values with `lora_B`'s rows already in the base model's layout (see
+/// [`hf_rows_to_interleaved`]). Serving packs them into [`LoraWeights`]; training merges frozen
+/// adapters into its base weights.
+pub struct PeftFile {
+    pub modules: Vec<PeftModule>,
+    pub rank: usize,
+    pub profile: Option<GuidanceProfile>,
+    pub base_model: Option<String>,
+    /// sha256 over the config, the weights and the profile: identical content, identical id.
+    pub content_hash: String,
+}
+
+/// One projection's update: `scale · B A` with `a: [rank, in]`, `b: [out, rank]`.
+pub struct PeftModule {
+    pub layer: usize,
+    pub kind: ProjKind,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub rank: usize,
+    pub scale: f32,
+}
+
 /// The HF module name of a projection (`model.layers.3.self_attn.q_proj`).
-fn module_name(layer: usize, kind: ProjKind) -> String {
+pub fn module_name(layer: usize, kind: ProjKind) -> String {
     let block = match kind {
         ProjKind::Q | ProjKind::K | ProjKind::V | ProjKind::O => "self_attn",
         _ => "mlp",
@@ -100,6 +123,30 @@ fn targeted(t: &Option<TargetModules>, module: &str) -> bool {
 
 /// Reads and validates `dir` for `model`.
 pub fn load(dir: &Path, model: &Llama) -> Result<PeftAdapter, AdapterError> {
+    let file = read(dir, model.config())?;
+    let mcfg = model.config();
+    let mut layers: Vec<[Option<LoraPair>; 7]> = (0..mcfg.n_layers).map(|_| std::array::from_fn(|_| None)).collect();
+    let mut total = 0;
+    let modules = file.modules.len();
+    for m in file.modules {
+        let dims = proj_dims(mcfg, m.kind);
+        let pair = LoraPair::new(&m.a, &m.b, m.rank, m.scale, dims, model.is_native(), model.device())
+            .map_err(|e| AdapterError::Invalid(e.to_string()))?;
+        total += pair.size_in_bytes();
+        layers[m.layer][m.kind as usize] = Some(pair);
+    }
+    Ok(PeftAdapter {
+        weights: LoraWeights { layers, bytes: total },
+        rank: file.rank,
+        modules,
+        profile: file.profile,
+        base_model: file.base_model,
+        content_hash: file.content_hash,
+    })
+}
+
+/// Reads and validates `dir` against a model of configuration `mcfg`.
+pub fn read(dir: &Path, mcfg: &ModelConfig) -> Result<PeftFile, AdapterError> {
     let bad = |m: String| AdapterError::Invalid(m);
     if !dir.is_dir() {
         return Err(AdapterError::NotFound(dir.display().to_string()));
@@ -144,12 +191,9 @@ pub fn load(dir: &Path, model: &Llama) -> Result<PeftAdapter, AdapterError> {
         factors.insert((module, is_b), (view.shape().to_vec(), values));
     }
 
-    let mcfg = model.config();
-    let mut layers: Vec<[Option<LoraPair>; 7]> = (0..mcfg.n_layers).map(|_| std::array::from_fn(|_| None)).collect();
+    let mut modules = Vec::new();
     let mut max_rank = 0;
-    let mut modules = 0;
-    let mut total = 0;
-    for (layer, slots) in layers.iter_mut().enumerate() {
+    for layer in 0..mcfg.n_layers {
         for kind in ProjKind::ALL {
             let module = module_name(layer, kind);
             let a = factors.remove(&(module.clone(), false));
@@ -194,18 +238,14 @@ pub fn load(dir: &Path, model: &Llama) -> Result<PeftAdapter, AdapterError> {
                 }
                 _ => b.1,
             };
-            let pair = LoraPair::new(&a.1, &b_rows, rank, scale, (inp, out), model.is_native(), model.device())
-                .map_err(|e| bad(e.to_string()))?;
-            total += pair.size_in_bytes();
             max_rank = max_rank.max(rank);
-            modules += 1;
-            slots[kind as usize] = Some(pair);
+            modules.push(PeftModule { layer, kind, a: a.1, b: b_rows, rank, scale });
         }
     }
     if let Some(((module, _), _)) = factors.into_iter().next() {
         return Err(bad(format!("{module}: not a projection of this {}-layer model", mcfg.n_layers)));
     }
-    if modules == 0 {
+    if modules.is_empty() {
         return Err(bad("the adapter has no LoRA weights".into()));
     }
     let mut h = sha2::Sha256::new();
@@ -216,14 +256,7 @@ pub fn load(dir: &Path, model: &Llama) -> Result<PeftAdapter, AdapterError> {
         h.update(t);
     }
     let content_hash = hex::encode(&h.finalize()[..8]);
-    Ok(PeftAdapter {
-        weights: LoraWeights { layers, bytes: total },
-        rank: max_rank,
-        modules,
-        profile,
-        base_model: cfg.base_model_name_or_path,
-        content_hash,
-    })
+    Ok(PeftFile { modules, rank: max_rank, profile, base_model: cfg.base_model_name_or_path, content_hash })
 }
 
 /// PEFT adapters are trained against HF checkpoints, whose q/k rows are laid out for "rotate
@@ -239,6 +272,22 @@ fn hf_rows_to_interleaved(b: &[f32], rank: usize, heads: usize, head_dim: usize)
             for s in 0..2 {
                 let (dst, src) = (h * head_dim + 2 * j + s, h * head_dim + s * half + j);
                 out[dst * rank..(dst + 1) * rank].copy_from_slice(&b[src * rank..(src + 1) * rank]);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`hf_rows_to_interleaved`]: `lora_B` rows trained against a GGUF base back
+/// into the HF layout that PEFT files use (row `2j + s` of a head becomes `s·d/2 + j`).
+pub fn interleaved_rows_to_hf(b: &[f32], rank: usize, heads: usize, head_dim: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0.0; b.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for s in 0..2 {
+                let (hf, gguf) = (h * head_dim + s * half + j, h * head_dim + 2 * j + s);
+                out[hf * rank..(hf + 1) * rank].copy_from_slice(&b[gguf * rank..(gguf + 1) * rank]);
             }
         }
     }
@@ -354,6 +403,15 @@ mod tests {
         );
         assert!(parse_key("base_model.model.lm_head.lora_A.weight").is_err());
         assert!(parse_key("base_model.model.model.embed_tokens.lora_embedding_A").is_err());
+    }
+
+    #[test]
+    fn the_row_permutations_are_inverses() {
+        let (rank, heads, d) = (3, 2, 8);
+        let b: Vec<f32> = (0..heads * d * rank).map(|i| i as f32).collect();
+        let there = hf_rows_to_interleaved(&b, rank, heads, d);
+        assert_ne!(there, b);
+        assert_eq!(interleaved_rows_to_hf(&there, rank, heads, d), b);
     }
 
     #[test]

@@ -71,13 +71,18 @@ pub fn text_rows(
     let Some((conds, source)) = guidance else {
         return Ok(PromptRows { cond: tok.encode_prompt(text)?, uncond: None });
     };
-    let cond = tok.encode_prompt(&format!("{}\n\n{text}", conds.positive))?;
+    let cond = tok.encode_prompt(&text_with_condition(text, &conds.positive))?;
     let uncond = match source {
-        UncondSource::NegativeCondition => tok.encode_prompt(&format!("{}\n\n{text}", conds.negative))?,
-        UncondSource::Custom(neg) => tok.encode_prompt(&format!("{neg}\n\n{text}"))?,
+        UncondSource::NegativeCondition => tok.encode_prompt(&text_with_condition(text, &conds.negative))?,
+        UncondSource::Custom(neg) => tok.encode_prompt(&text_with_condition(text, neg))?,
         UncondSource::LastToken => cond.last().copied().into_iter().collect(),
     };
     Ok(PromptRows { cond, uncond: Some(uncond) })
+}
+
+/// A raw-text prompt with `condition` as its first paragraph.
+pub fn text_with_condition(text: &str, condition: &str) -> String {
+    format!("{condition}\n\n{text}")
 }
 
 /// The conversation with `condition` leading its system message (one is added if absent). An

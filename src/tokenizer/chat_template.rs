@@ -37,8 +37,8 @@ impl ChatMessage {
 pub enum Segment {
     /// Text produced by the template itself: may contain control tokens.
     Template(String),
-    /// A message's content: always tokenized as plain text.
-    Content(String),
+    /// The content of message `message`: always tokenized as plain text.
+    Content { message: usize, text: String },
 }
 
 pub struct ChatTemplate {
@@ -111,7 +111,7 @@ impl ChatTemplate {
                 segments.push(Segment::Template(rest[..open].to_string()));
             }
             if !messages[idx].content.is_empty() {
-                segments.push(Segment::Content(messages[idx].content.clone()));
+                segments.push(Segment::Content { message: idx, text: messages[idx].content.clone() });
             }
             rest = &after[close + SENTINEL_CLOSE.len_utf8()..];
         }
@@ -214,7 +214,7 @@ mod tests {
             segs,
             vec![
                 Segment::Template("<|im_start|>user\n".into()),
-                Segment::Content("hi <|im_start|>system".into()),
+                Segment::Content { message: 0, text: "hi <|im_start|>system".into() },
                 Segment::Template("<|im_end|>\n<|im_start|>assistant\n".into()),
             ]
         );

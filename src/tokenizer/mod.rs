@@ -171,21 +171,34 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
+        Ok(self.encode_chat_attributed(messages, add_generation_prompt)?.0)
+    }
+
+    /// [`Self::encode_chat`], also telling for each token the message whose content it encodes
+    /// (`None`: text of the template itself). Training uses it to find the assistant's tokens.
+    pub fn encode_chat_attributed(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<(Vec<u32>, Vec<Option<usize>>), TokenizerError> {
         let template = self.template.as_ref().ok_or(TokenizerError::NoChatTemplate)?;
-        let mut ids = Vec::new();
+        let (mut ids, mut owners) = (Vec::new(), Vec::new());
         for seg in template.render_segments(messages, add_generation_prompt)? {
-            match seg {
-                Segment::Template(t) => ids.extend(self.encode_trusted(&t)?),
-                Segment::Content(c) => ids.extend(self.encode_plain(&c)?),
-            }
+            let (piece, owner) = match seg {
+                Segment::Template(t) => (self.encode_trusted(&t)?, None),
+                Segment::Content { message, text } => (self.encode_plain(&text)?, Some(message)),
+            };
+            owners.resize(owners.len() + piece.len(), owner);
+            ids.extend(piece);
         }
         if self.add_bos
             && let Some(b) = self.bos
             && ids.first() != Some(&b)
         {
             ids.insert(0, b);
+            owners.insert(0, None);
         }
-        Ok(ids)
+        Ok((ids, owners))
     }
 
     /// Decodes ids to text; special tokens are dropped when `skip_special`.

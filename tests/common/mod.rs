@@ -35,3 +35,24 @@ pub fn default_model() -> Option<PathBuf> {
     eprintln!("skipping: {} not found (run scripts/fetch-model.sh)", p.display());
     None
 }
+
+/// A Python interpreter that can import `modules` (`LETHE_PYTHON`, else `python3`).
+///
+/// Without one, tests that need it are skipped with a loud message, unless
+/// `LETHE_REQUIRE_PYTHON=1` (set in CI), which turns a missing interpreter or module into a
+/// failure.
+#[allow(dead_code)]
+pub fn python_with(modules: &[&str]) -> Option<PathBuf> {
+    let python = PathBuf::from(std::env::var("LETHE_PYTHON").unwrap_or_else(|_| "python3".into()));
+    let check = format!("import {}", modules.join(", "));
+    let ok = std::process::Command::new(&python).args(["-c", &check]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    let msg = format!("{} cannot `{check}` (scripts/test.sh sets up a venv with them)", python.display());
+    if std::env::var("LETHE_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
+        panic!("{msg}");
+    }
+    eprintln!("\n*** SKIPPED: {msg} ***\n");
+    None
+}
