@@ -37,6 +37,16 @@ cargo clippy --release --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --release
 
+# --- the candle path (what a GPU runs) and the cuda build: docs/gpu.md -----------------------
+echo "== engine tests on the candle backend"
+# Skipped there: the French-share heuristic was calibrated on the native kernels' numerics (the
+# candle path is candle-transformers' bit for bit, tests/smollm.rs, and that model already
+# answers partly in French at γ = 1), and candle's scalar Q4_1 CPU kernel makes it take minutes.
+LETHE_TEST_BACKEND=candle cargo test --release --test engine -- --skip guidance_changes_behaviour_on_the_default_model
+echo "== the cuda feature compiles (CUDA 13.0 from PyPI wheels; no GPU needed)"
+./scripts/cuda-check.sh
+# --- end of the candle path / cuda steps ----------------------------------------------------
+
 echo "== the official openai Python SDK against lethe serve"
 port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export LETHE_ADMIN_KEY="sdk-test-admin-key-$RANDOM$RANDOM"

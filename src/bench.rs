@@ -130,9 +130,9 @@ pub fn decode_cases(
         };
         let prefill = run.batch(|i| synthetic_prompt(prompt_tokens, vocab, (ci * 1000 + i) as u64));
         let t0 = Instant::now();
-        let logits = model.forward(&prefill, &mut kv)?;
+        // Greedy next tokens where the logits are (on a GPU only the ids come back).
+        run.next = model.forward_step(&prefill, &mut kv)?.greedy_last()?;
         run.prefill_s = t0.elapsed().as_secs_f64();
-        run.next = (0..batch).map(|i| crate::sampling::argmax(logits.last(i))).collect();
         runs.push(run);
     }
     for round in 0..rounds {
@@ -141,8 +141,7 @@ pub fn decode_cases(
             let t = Instant::now();
             for _ in 0..steps {
                 let step = run.batch(|i| vec![run.next[i]]);
-                let logits = model.forward(&step, &mut kv)?;
-                run.next = (0..run.seqs.len()).map(|i| crate::sampling::argmax(logits.last(i))).collect();
+                run.next = model.forward_step(&step, &mut kv)?.greedy_last()?;
             }
             if steps > 0 {
                 run.round_s.push(t.elapsed().as_secs_f64() / steps as f64);

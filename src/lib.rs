@@ -17,6 +17,7 @@
 pub mod adapters;
 pub mod bench;
 pub mod config;
+pub mod device_sampling;
 pub mod engine;
 pub mod eval;
 pub mod fixtures;

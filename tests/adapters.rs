@@ -10,7 +10,7 @@ use lethe::fixtures::{
     write_tiny_model,
 };
 use lethe::model::lora::LoraWeights;
-use lethe::model::{Backend, BatchEntry, Llama, LoadOptions, RaggedBatch, SeqId, WeightFormat};
+use lethe::model::{Backend, BatchEntry, KvDtype, Llama, LoadOptions, RaggedBatch, SeqId, WeightFormat};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,7 +42,10 @@ fn decode_token(step: usize, salt: usize) -> u32 {
 /// Runs `prompts[i]` with `adapters[i]` in one ragged batch (prefill, then `steps` decode steps)
 /// and returns per step, per row, the last-position logits.
 fn run_batch(m: &Llama, ps: &[Vec<u32>], adapters: &[Vec<Arc<LoraWeights>>], steps: usize) -> Vec<Vec<Vec<f32>>> {
-    let mut kv = m.new_kv_cache(1 << 28);
+    // candle sums in a different order batched than alone; with f32 KV that stays at rounding
+    // level, where f16 KV would turn it into flipped roundings of cached values.
+    let dtype = if m.is_native() { KvDtype::default() } else { KvDtype::F32 };
+    let mut kv = m.new_kv_cache_with_dtype(1 << 28, dtype);
     let ids: Vec<SeqId> = ps.iter().map(|_| kv.add_sequence()).collect();
     let mut out = Vec::new();
     for step in 0..=steps {

@@ -10,7 +10,7 @@ use lethe::engine::{
 use lethe::fixtures::{TempDir, TinySpec, write_tiny_model};
 use lethe::guidance::{Guidance, GuidanceMode};
 use lethe::loader::ModelBundle;
-use lethe::model::{BatchEntry, LoadOptions, RaggedBatch};
+use lethe::model::{BatchEntry, KvDtype, RaggedBatch};
 use lethe::sampling::SamplingParams;
 use lethe::tokenizer::ChatMessage;
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ fn tiny() -> Tiny {
 fn tiny_with(spec: TinySpec) -> Tiny {
     let dir = TempDir::new("engine").unwrap();
     let path = write_tiny_model(&dir.path().join("m"), &spec).unwrap();
-    let bundle = ModelBundle::load(&path, &LoadOptions::default(), None).unwrap();
+    let bundle = ModelBundle::load(&path, &common::load_options(), None).unwrap();
     Tiny { _dir: dir, bundle }
 }
 
@@ -89,8 +89,11 @@ fn pair_in_one_batch_equals_rows_run_separately() {
     .unwrap();
     let uncond = rows.uncond.unwrap();
     assert_ne!(rows.cond.len(), uncond.len(), "the two rows have different prompts");
+    // The native kernels compute each row on its own: bit-identical. candle sums in another
+    // order when rows are batched: f32 KV keeps that at rounding level.
+    let (dtype, tol) = if m.is_native() { (KvDtype::default(), 0.0) } else { (KvDtype::F32, 1e-4) };
     // Together: one ragged batch per step, the same token appended to both.
-    let mut kv = m.new_kv_cache(1 << 30);
+    let mut kv = m.new_kv_cache_with_dtype(1 << 30, dtype);
     let (c, u) = (kv.add_sequence(), kv.add_sequence());
     let mut both = Vec::new();
     let mut batch = RaggedBatch::new(vec![BatchEntry::last(c, rows.cond.clone()), BatchEntry::last(u, uncond.clone())]);
@@ -102,13 +105,14 @@ fn pair_in_one_batch_equals_rows_run_separately() {
     }
     // Separately.
     for (row, prompt) in [rows.cond, uncond].into_iter().enumerate() {
-        let mut kv = m.new_kv_cache(1 << 30);
+        let mut kv = m.new_kv_cache_with_dtype(1 << 30, dtype);
         let s = kv.add_sequence();
         let mut b = RaggedBatch::new(vec![BatchEntry::last(s, prompt)]);
         for (step, want) in both.iter().enumerate() {
             let l = m.forward(&b, &mut kv).unwrap();
             let want = if row == 0 { &want.0 } else { &want.1 };
-            assert_eq!(l.last(0), &want[..], "row {row} step {step}");
+            let d = l.last(0).iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d <= tol, "row {row} step {step}: {d}");
             b = RaggedBatch::new(vec![BatchEntry::last(s, vec![10 + step as u32])]);
         }
     }
@@ -378,7 +382,7 @@ fn guidance_changes_behaviour_on_the_default_model() {
     let Some(path) = common::default_model() else {
         return;
     };
-    let bundle = ModelBundle::load(&path, &LoadOptions::default(), None).unwrap();
+    let bundle = ModelBundle::load(&path, &common::load_options(), None).unwrap();
     let e = EngineHandle::spawn(bundle.model.clone(), bundle.tokenizer.clone(), EngineConfig::default());
     let conds = Conditions { positive: "Answer only in French.".into(), negative: String::new() };
     let questions = ["What is your favourite food?", "Describe a sunny day at the beach.", "How do I bake bread?"];

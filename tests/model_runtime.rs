@@ -164,7 +164,7 @@ fn native_kernels_match_candle_reference() {
         let native = load(&dir, Backend::Native, WeightFormat::Native);
         let reference = load(&dir, Backend::Candle, WeightFormat::Native);
         for p in prompts() {
-            let b = run_alone(&reference, &p, 3);
+            let b = run_alone_with(&reference, &p, 3, KvDtype::F32);
             // f32 KV: the same math as candle up to summation order.
             for (x, y) in run_alone_with(&native, &p, 3, KvDtype::F32).iter().zip(&b) {
                 let d = max_diff(x, y);

@@ -9,7 +9,7 @@ use super::request::{Event, FinishReason, Request, Timing, Usage};
 use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig};
 use super::sequence::{Group, RowLogits};
 use crate::guidance::{self, GuidanceMode};
-use crate::model::{BatchEntry, BatchLogits, KvCache, KvDtype, KvSizing, Llama, RaggedBatch};
+use crate::model::{BatchEntry, BatchLogits, KvCache, KvDtype, KvSizing, Llama, RaggedBatch, StepLogits};
 use crate::sampling::{StopOutcome, sample_logits};
 use crate::telemetry as t;
 use crate::tokenizer::Tokenizer;
@@ -407,7 +407,7 @@ impl Worker {
                 .collect(),
         );
         let started = Instant::now();
-        let result = self.model.forward(&batch, &mut self.kv);
+        let result = self.model.forward_step(&batch, &mut self.kv);
         metrics::histogram!(t::STEP_DURATION).record(started.elapsed().as_secs_f64());
         metrics::histogram!(t::BATCH_ROWS).record(plan.len() as f64);
         metrics::histogram!(t::BATCH_TOKENS).record(batch.n_tokens() as f64);
@@ -429,7 +429,11 @@ impl Worker {
     /// A failed forward fails every request that was in it (the server stays up).
     fn fail_step(&mut self, plan: &[PlannedRow], msg: &str) {
         tracing::error!(error = msg, "forward step failed");
-        let mut groups: Vec<usize> = plan.iter().map(|p| p.group).collect();
+        self.fail_groups(plan.iter().map(|p| p.group).collect(), msg);
+    }
+
+    /// Ends the groups `groups` (indices into the running list) with an error.
+    fn fail_groups(&mut self, mut groups: Vec<usize>, msg: &str) {
         groups.sort_unstable();
         groups.dedup();
         for gi in groups.into_iter().rev() {
@@ -439,36 +443,61 @@ impl Worker {
         }
     }
 
-    fn sample_ready(&mut self, logits: &BatchLogits) {
+    /// The next token of group `gi` from host logits.
+    fn choose_on_host(&mut self, gi: usize, logits: &BatchLogits) -> u32 {
         fn row_logits<'a>(r: &'a super::sequence::Row, batch: &'a BatchLogits) -> &'a [f32] {
             match r.logits.as_ref().expect("ready") {
                 RowLogits::InBatch(i) => batch.last(*i),
                 RowLogits::Owned(v) => v,
             }
         }
-        let mut finished = Vec::new();
-        for gi in 0..self.sched.running.len() {
-            let g = &mut self.sched.running[gi];
-            if !g.ready_to_sample() {
-                // Keep logits of rows that are done while their partner still prefills.
-                for r in &mut g.rows {
-                    if let Some(RowLogits::InBatch(i)) = r.logits {
-                        r.logits = Some(RowLogits::Owned(logits.last(i).to_vec()));
+        let g = &mut self.sched.running[gi];
+        match (g.req.is_pair(), g.req.guidance) {
+            (true, Some(guide)) => guidance::sample_guided(
+                row_logits(&g.rows[0], logits),
+                row_logits(&g.rows[1], logits),
+                guide,
+                &g.req.sampling,
+                &mut g.rng,
+                &mut self.scratch,
+            ),
+            _ => sample_logits(row_logits(&g.rows[0], logits), &g.req.sampling, &mut g.rng),
+        }
+    }
+
+    /// Chooses the next token of every group whose rows all have logits (on the host or on the
+    /// model's device), and streams it.
+    fn sample_ready(&mut self, logits: &StepLogits) {
+        let (mut ready, mut holding) = (Vec::new(), Vec::new());
+        for (gi, g) in self.sched.running.iter().enumerate() {
+            if g.ready_to_sample() {
+                ready.push(gi);
+            } else if g.rows.iter().any(|r| matches!(r.logits, Some(RowLogits::InBatch(_)))) {
+                holding.push(gi);
+            }
+        }
+        // Keep logits of rows that are done while their partner still prefills.
+        for &gi in &holding {
+            for r in &mut self.sched.running[gi].rows {
+                if let Some(RowLogits::InBatch(i)) = r.logits {
+                    match logits.last_to_host(i) {
+                        Ok(v) => r.logits = Some(RowLogits::Owned(v)),
+                        // Every group that points into this step's logits fails with it.
+                        Err(e) => return self.fail_groups([ready, holding].concat(), &e.to_string()),
                     }
                 }
-                continue;
             }
-            let token = match (g.req.is_pair(), g.req.guidance) {
-                (true, Some(guide)) => guidance::sample_guided(
-                    row_logits(&g.rows[0], logits),
-                    row_logits(&g.rows[1], logits),
-                    guide,
-                    &g.req.sampling,
-                    &mut g.rng,
-                    &mut self.scratch,
-                ),
-                _ => sample_logits(row_logits(&g.rows[0], logits), &g.req.sampling, &mut g.rng),
-            };
+        }
+        let tokens = match logits {
+            StepLogits::Host(l) => ready.iter().map(|&gi| self.choose_on_host(gi, l)).collect(),
+            StepLogits::Device(d) => match super::device_step::choose(d, &mut self.sched.running, &ready) {
+                Ok(t) => t,
+                Err(e) => return self.fail_groups(ready, &format!("sampling failed: {e}")),
+            },
+        };
+        let mut finished = Vec::new();
+        for (gi, token) in ready.into_iter().zip(tokens) {
+            let g = &mut self.sched.running[gi];
             for r in &mut g.rows {
                 r.logits = None;
                 r.pending.clear();

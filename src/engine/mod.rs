@@ -7,6 +7,7 @@
 //! - [`scheduler`]: admission and step planning (continuous batching, chunked prefill);
 //! - [`engine`]: the loop thread and the handle callers use.
 
+mod device_step;
 #[allow(clippy::module_inception)]
 pub mod engine;
 pub mod prompt;

@@ -5,9 +5,9 @@
 //!   ([`attention::BLOCK_TOKENS`] positions, all layers) taken from a shared free list. Growing
 //!   never re-copies, freeing returns whole blocks, and memory is accounted per block. A block
 //!   table per sequence is also what a later prefix cache needs (shared, ref-counted blocks).
-//! - **tensors** (portable candle path, e.g. CUDA): per sequence and layer, k and v tensors
-//!   `[n_kv_heads, capacity, head_dim]` written in place with `slice_set`; capacity grows in
-//!   doublings, so each position is copied O(1) times amortised.
+//! - **tensors** (portable candle path, e.g. CUDA): the same block tables over one device tensor
+//!   per layer, read and written through index tensors by one batched attention per step
+//!   ([`super::kv_tensor`]).
 //!
 //! The cache also plans each step ([`StepPlan`]): positions of the new tokens, the context
 //! limit, and block reservations, all checked before any compute so a failing request cannot
@@ -15,6 +15,7 @@
 
 use super::batch::{RaggedBatch, SeqId};
 use super::kernels::attention::{self, BLOCK_TOKENS, KvDtype, KvGeometry, RopeRows, SeqSpan};
+use super::kv_tensor::{self, SpanBlocks, TensorPool, TensorStep};
 use super::linear::with_cpu_f32;
 use super::{ModelConfig, ModelError, Result, RopeStyle};
 use candle_core::{DType, Device, Tensor};
@@ -32,7 +33,8 @@ type Block = Box<[u64]>;
 
 enum SeqStore {
     Paged(Vec<Block>),
-    Tensors { k: Vec<Tensor>, v: Vec<Tensor>, capacity: usize },
+    /// Block ids in the [`TensorPool`].
+    Tensors(Vec<u32>),
 }
 
 struct SeqEntry {
@@ -54,24 +56,20 @@ pub struct KvCache {
     next_id: u64,
     /// Freed paged blocks kept for reuse (bounded), so steady-state decoding does not allocate.
     free_blocks: Vec<Block>,
+    /// The device pools of the tensor store.
+    pool: Option<TensorPool>,
 }
 
 /// The sizing rule of a [`KvCache`] (see [`KvCache::sizing`]).
 #[derive(Debug, Clone, Copy)]
 pub struct KvSizing {
-    kind: KvStoreKind,
     block_bytes: usize,
-    bytes_per_token: usize,
-    max_context: usize,
 }
 
 impl KvSizing {
-    /// Bytes one sequence of `n` positions occupies (whole blocks / capacity doublings).
+    /// Bytes one sequence of `n` positions occupies (whole blocks).
     pub fn bytes_for_tokens(&self, n: usize) -> usize {
-        match self.kind {
-            KvStoreKind::Paged => n.div_ceil(BLOCK_TOKENS) * self.block_bytes,
-            KvStoreKind::Tensors => tensor_capacity(n, self.max_context) * self.bytes_per_token,
-        }
+        n.div_ceil(BLOCK_TOKENS) * self.block_bytes
     }
 }
 
@@ -85,20 +83,31 @@ pub struct StepPlan {
     pub logit_rows: Vec<u32>,
     /// For each entry, its range in `logit_rows`.
     pub logit_ranges: Vec<std::ops::Range<usize>>,
+    /// The tensor store's index tensors for this step.
+    pub tensors: Option<TensorStep>,
 }
 
 impl KvCache {
-    /// `dtype` applies to the paged store; the tensor store keeps f32.
+    /// `dtype` applies as given to the paged store; the tensor store keeps f32 or f16 (for
+    /// `Q8`, an int8 layout of the CPU kernels).
     pub fn new(cfg: &ModelConfig, kind: KvStoreKind, device: Device, limit_bytes: usize, dtype: KvDtype) -> Self {
-        let dtype = if kind == KvStoreKind::Paged { dtype } else { KvDtype::F32 };
+        let dtype = match (kind, dtype) {
+            (KvStoreKind::Tensors, KvDtype::Q8) => KvDtype::F16,
+            (_, d) => d,
+        };
+        let geo = KvGeometry {
+            n_layers: cfg.n_layers,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+            dtype,
+        };
+        let pool = (kind == KvStoreKind::Tensors).then(|| {
+            let dt = if dtype == KvDtype::F32 { DType::F32 } else { DType::F16 };
+            TensorPool::new(geo, dt, device.clone())
+        });
         Self {
-            geo: KvGeometry {
-                n_layers: cfg.n_layers,
-                n_heads: cfg.n_heads,
-                n_kv_heads: cfg.n_kv_heads,
-                head_dim: cfg.head_dim,
-                dtype,
-            },
+            geo,
             kind,
             device,
             max_context: cfg.max_context,
@@ -107,6 +116,7 @@ impl KvCache {
             seqs: HashMap::new(),
             next_id: 1,
             free_blocks: Vec::new(),
+            pool,
         }
     }
 
@@ -117,7 +127,7 @@ impl KvCache {
     pub fn dtype(&self) -> KvDtype {
         self.geo.dtype
     }
-    /// Bytes one sequence of `n` positions occupies (whole blocks / capacity doublings).
+    /// Bytes one sequence of `n` positions occupies (whole blocks).
     pub fn bytes_for_tokens(&self, n: usize) -> usize {
         self.sizing().bytes_for_tokens(n)
     }
@@ -125,12 +135,7 @@ impl KvCache {
     /// How this cache sizes sequences, detached from it: what a request will need can then be
     /// checked where the cache is not (the engine's submit path), by the same rule admission uses.
     pub fn sizing(&self) -> KvSizing {
-        KvSizing {
-            kind: self.kind,
-            block_bytes: self.block_bytes(),
-            bytes_per_token: self.bytes_per_token(),
-            max_context: self.max_context,
-        }
+        KvSizing { block_bytes: self.block_bytes() }
     }
     fn block_bytes(&self) -> usize {
         self.geo.block_bytes()
@@ -155,7 +160,7 @@ impl KvCache {
         self.next_id += 1;
         let store = match self.kind {
             KvStoreKind::Paged => SeqStore::Paged(Vec::new()),
-            KvStoreKind::Tensors => SeqStore::Tensors { k: Vec::new(), v: Vec::new(), capacity: 0 },
+            KvStoreKind::Tensors => SeqStore::Tensors(Vec::new()),
         };
         self.seqs.insert(id, SeqEntry { len: 0, store });
         id
@@ -167,10 +172,13 @@ impl KvCache {
             return;
         };
         self.used_bytes -= self.entry_bytes(&entry);
-        if let SeqStore::Paged(blocks) = entry.store {
-            // Keep a few blocks around for the next sequences; return the rest to the allocator.
-            let keep = 64usize.saturating_sub(self.free_blocks.len());
-            self.free_blocks.extend(blocks.into_iter().take(keep));
+        match entry.store {
+            SeqStore::Paged(blocks) => {
+                // Keep a few blocks around for the next sequences; return the rest to the allocator.
+                let keep = 64usize.saturating_sub(self.free_blocks.len());
+                self.free_blocks.extend(blocks.into_iter().take(keep));
+            }
+            SeqStore::Tensors(blocks) => self.pool.as_mut().expect("tensor pool").release(blocks),
         }
     }
 
@@ -182,7 +190,7 @@ impl KvCache {
     fn entry_bytes(&self, e: &SeqEntry) -> usize {
         match &e.store {
             SeqStore::Paged(b) => b.len() * self.block_bytes(),
-            SeqStore::Tensors { capacity, .. } => capacity * self.bytes_per_token(),
+            SeqStore::Tensors(b) => b.len() * self.block_bytes(),
         }
     }
 
@@ -221,6 +229,7 @@ impl KvCache {
             spans: Vec::with_capacity(batch.entries.len()),
             logit_rows: Vec::new(),
             logit_ranges: Vec::new(),
+            tensors: None,
         };
         for e in &batch.entries {
             let start = self.seqs[&e.seq].len;
@@ -237,27 +246,34 @@ impl KvCache {
             }
             plan.logit_ranges.push(first..plan.logit_rows.len());
         }
+        if self.kind == KvStoreKind::Tensors {
+            plan.tensors = Some(self.tensor_step(&plan)?);
+        }
         Ok(plan)
     }
 
-    fn growth_bytes(&self, e: &SeqEntry, needed: usize) -> usize {
-        match &e.store {
-            SeqStore::Paged(blocks) => needed.div_ceil(BLOCK_TOKENS).saturating_sub(blocks.len()) * self.block_bytes(),
-            SeqStore::Tensors { capacity, .. } => {
-                if needed <= *capacity {
-                    0
-                } else {
-                    (tensor_capacity(needed, self.max_context) - capacity) * self.bytes_per_token()
-                }
-            }
+    /// The tensor store's index tensors for a planned step (blocks already reserved).
+    fn tensor_step(&self, plan: &StepPlan) -> Result<TensorStep> {
+        let mut spans = Vec::with_capacity(plan.spans.len());
+        for &(seq, start, len, row) in &plan.spans {
+            let entry = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+            let SeqStore::Tensors(blocks) = &entry.store else { unreachable!("tensor store") };
+            spans.push(SpanBlocks { start, len, row, blocks });
         }
+        TensorStep::new(&self.geo, &spans, plan.tokens.len(), &self.device)
+    }
+
+    fn growth_bytes(&self, e: &SeqEntry, needed: usize) -> usize {
+        let held = match &e.store {
+            SeqStore::Paged(blocks) => blocks.len(),
+            SeqStore::Tensors(blocks) => blocks.len(),
+        };
+        needed.div_ceil(BLOCK_TOKENS).saturating_sub(held) * self.block_bytes()
     }
 
     fn reserve(&mut self, id: SeqId, needed: usize) -> Result<()> {
         let block_words = self.block_bytes() / 8;
         let block_bytes = self.block_bytes();
-        let bytes_per_token = self.bytes_per_token();
-        let (geo, device, max_context) = (self.geo, self.device.clone(), self.max_context);
         let entry = self.seqs.get_mut(&id).ok_or(ModelError::UnknownSequence(id))?;
         match &mut entry.store {
             SeqStore::Paged(blocks) => {
@@ -267,28 +283,11 @@ impl KvCache {
                     self.used_bytes += block_bytes;
                 }
             }
-            SeqStore::Tensors { k, v, capacity } => {
-                if needed > *capacity {
-                    let new_cap = tensor_capacity(needed, max_context);
-                    let shape = (geo.n_kv_heads, new_cap, geo.head_dim);
-                    let grow = |old: &mut Vec<Tensor>| -> Result<()> {
-                        for l in 0..geo.n_layers {
-                            let t = Tensor::zeros(shape, DType::F32, &device)?;
-                            if let Some(prev) = old.get(l) {
-                                t.slice_set(prev, 1, 0)?;
-                            }
-                            if l < old.len() {
-                                old[l] = t;
-                            } else {
-                                old.push(t);
-                            }
-                        }
-                        Ok(())
-                    };
-                    grow(k)?;
-                    grow(v)?;
-                    self.used_bytes += (new_cap - *capacity) * bytes_per_token;
-                    *capacity = new_cap;
+            SeqStore::Tensors(blocks) => {
+                let pool = self.pool.as_mut().expect("tensor pool");
+                while blocks.len() * BLOCK_TOKENS < needed {
+                    blocks.push(pool.alloc()?);
+                    self.used_bytes += block_bytes;
                 }
             }
         }
@@ -333,72 +332,12 @@ impl KvCache {
         Ok(Tensor::from_vec(out, (rows, q_dim), &Device::Cpu)?)
     }
 
-    /// The portable path: candle ops, one sequence at a time.
+    /// The portable path: candle ops over the whole step at once.
     fn tensor_attention(&mut self, layer: usize, qkv: &Tensor, plan: &StepPlan, rope: &StepRope) -> Result<Tensor> {
-        let g = self.geo;
-        let (hd, nh, nkv) = (g.head_dim, g.n_heads, g.n_kv_heads);
-        let rows = plan.tokens.len();
-        let q = qkv.narrow(1, 0, nh * hd)?;
-        let k = qkv.narrow(1, nh * hd, nkv * hd)?;
-        let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?;
-        // [rows, heads, hd] -> [1, heads, rows, hd] for candle's rope kernels.
-        let to_heads = |x: Tensor, h: usize| -> Result<Tensor> {
-            Ok(x.reshape((rows, h, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
-        };
-        let (cos, sin) = rope.tensors.as_ref().expect("tensor rope tables for the tensor store");
-        let rot = |x: &Tensor| -> Result<Tensor> {
-            Ok(match rope.host.style {
-                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
-                RopeStyle::Half => candle_nn::rotary_emb::rope(x, cos, sin)?,
-            })
-        };
-        let q = rot(&to_heads(q, nh)?)?.squeeze(0)?; // [nh, rows, hd]
-        let k = rot(&to_heads(k, nkv)?)?.squeeze(0)?; // [nkv, rows, hd]
-        let v = to_heads(v, nkv)?.squeeze(0)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut outs = Vec::with_capacity(plan.spans.len());
-        for &(seq, start, len, row) in &plan.spans {
-            let entry = self.seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
-            let SeqStore::Tensors { k: kc, v: vc, .. } = &mut entry.store else { unreachable!("tensor store") };
-            kc[layer].slice_set(&k.narrow(1, row, len)?.contiguous()?, 1, start)?;
-            vc[layer].slice_set(&v.narrow(1, row, len)?.contiguous()?, 1, start)?;
-            let n_keys = start + len;
-            let keys = repeat_kv(&kc[layer].narrow(1, 0, n_keys)?, nh / nkv)?;
-            let vals = repeat_kv(&vc[layer].narrow(1, 0, n_keys)?, nh / nkv)?;
-            let qs = q.narrow(1, row, len)?.contiguous()?;
-            let scores = (qs.matmul(&keys.t()?.contiguous()?)? * scale)?; // [nh, len, n_keys]
-            let scores = if len > 1 {
-                let mask: Vec<f32> = (0..len)
-                    .flat_map(|i| (0..n_keys).map(move |t| if t <= start + i { 0.0 } else { f32::NEG_INFINITY }))
-                    .collect();
-                let mask = Tensor::from_vec(mask, (1, len, n_keys), scores.device())?;
-                scores.broadcast_add(&mask)?
-            } else {
-                scores
-            };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let o = probs.matmul(&vals.contiguous()?)?; // [nh, len, hd]
-            outs.push(o.transpose(0, 1)?.reshape((len, nh * hd))?);
-        }
-        Ok(Tensor::cat(&outs, 0)?)
+        let step =
+            plan.tensors.as_ref().ok_or_else(|| ModelError::InvalidBatch("step planned for another store".into()))?;
+        kv_tensor::attention(self.pool.as_ref().expect("tensor pool"), layer, qkv, step, rope)
     }
-}
-
-fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.clone());
-    }
-    let (h, t, d) = x.dims3()?;
-    Ok(x.unsqueeze(1)?.expand((h, n_rep, t, d))?.reshape((h * n_rep, t, d))?)
-}
-
-/// Capacity for a tensor store that must hold `needed` positions: doublings from 64.
-fn tensor_capacity(needed: usize, max_context: usize) -> usize {
-    let mut cap = 64;
-    while cap < needed {
-        cap *= 2;
-    }
-    cap.min(max_context.max(needed))
 }
 
 /// Rotary tables for the rows of one step, shared by all layers.

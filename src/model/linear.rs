@@ -6,7 +6,7 @@
 //! columns belong to which projection, so per-projection deltas still land in the right place.
 
 use super::kernels::{self, PackedMatrix};
-use super::lora::LoraBatch;
+use super::lora::StepLora;
 use super::{ModelError, ProjKind, Result};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -54,8 +54,7 @@ impl Linear {
 
     /// The projection plus the per-row LoRA deltas of `lora` (adapters of layer `.1`): the hook
     /// point where forget-adapters enter the model.
-    pub fn forward_lora(&self, x: &Tensor, lora: Option<(&LoraBatch, usize)>) -> Result<Tensor> {
-        let lora = lora.filter(|(l, _)| !l.is_empty());
+    pub fn forward_lora(&self, x: &Tensor, lora: Option<(&StepLora, usize)>) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Packed(w) => {
                 let (t, k) = x.dims2()?;
@@ -63,8 +62,15 @@ impl Linear {
                     return Err(ModelError::InvalidBatch(format!("projection expects {} inputs, got {k}", w.k)));
                 }
                 let x = x.contiguous()?;
+                let host = match lora {
+                    Some((StepLora::Host(l), layer)) if !l.is_empty() => Some((l, layer)),
+                    Some((StepLora::Stacked(_), _)) => {
+                        return Err(ModelError::Config("stacked LoRA tensors on the native backend".into()));
+                    }
+                    _ => None,
+                };
                 let y = with_cpu_f32(&x, |xs| {
-                    match lora.and_then(|(l, layer)| l.shrink_host(layer, &self.parts, xs, k)) {
+                    match host.and_then(|(l, layer)| l.shrink_host(layer, &self.parts, xs, k)) {
                         None => kernels::matmul::matmul_new(w, xs, t),
                         Some(deltas) => kernels::matmul::matmul_new_then(w, xs, t, &deltas),
                     }
@@ -72,7 +78,12 @@ impl Linear {
                 Tensor::from_vec(y, (t, w.n), &Device::Cpu)?
             }
             LinearWeight::Quantized(q) => self.with_tensor_lora(q.forward(x)?, x, lora)?,
-            LinearWeight::Dense(w) => self.with_tensor_lora(x.matmul(&w.t()?)?, x, lora)?,
+            LinearWeight::Dense(w) if w.dtype() == x.dtype() => self.with_tensor_lora(x.matmul(&w.t()?)?, x, lora)?,
+            // Half-precision weights (GPU): the matmul runs in their type, the stream stays f32.
+            LinearWeight::Dense(w) => {
+                let y = x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype())?;
+                self.with_tensor_lora(y, x, lora)?
+            }
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -80,7 +91,7 @@ impl Linear {
         })
     }
 
-    fn with_tensor_lora(&self, y: Tensor, x: &Tensor, lora: Option<(&LoraBatch, usize)>) -> Result<Tensor> {
+    fn with_tensor_lora(&self, y: Tensor, x: &Tensor, lora: Option<(&StepLora, usize)>) -> Result<Tensor> {
         match lora {
             Some((l, layer)) => l.apply_tensor(layer, &self.parts, x, y),
             None => Ok(y),

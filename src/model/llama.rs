@@ -9,17 +9,18 @@
 //! logits = lm_head(rms_norm(x[rows wanted]))          [R, vocab]
 //! ```
 
-use super::kv_cache::{KvCache, KvStoreKind, StepRope};
+use super::batch::{DeviceLogits, StepLogits};
+use super::kv_cache::{KvCache, KvStoreKind, StepPlan, StepRope};
 use super::linear::with_cpu_f32;
 use super::linear::{Linear, LinearWeight};
 use super::load::{LoadOptions, ModelFiles, RawWeight, WeightFormat, WeightName, WeightSource};
-use super::lora::LoraBatch;
+use super::lora::{LoraBatch, LoraStack, LoraWeights, StackTarget, StackedStep, StepLora};
 use super::{BatchLogits, ModelConfig, ModelError, ProjKind, RaggedBatch, Result};
 use crate::model::kernels::attention::KvDtype;
 use crate::model::kernels::{self, PackedFormat, PackedMatrix, elementwise};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Token embedding table.
 enum Embedding {
@@ -51,6 +52,9 @@ pub struct Llama {
     inv_freqs: Vec<f32>,
     weight_bytes: usize,
     weights_desc: String,
+    /// The candle path's stacked LoRA factors for the last set of adapters seen: rebuilt only
+    /// when the adapters in flight change, not every step.
+    lora_stack: Mutex<Option<Arc<LoraStack>>>,
 }
 
 impl Llama {
@@ -127,6 +131,7 @@ impl Llama {
             lm_head,
             weight_bytes,
             weights_desc,
+            lora_stack: Mutex::new(None),
         })
     }
 
@@ -161,15 +166,55 @@ impl Llama {
     }
 
     /// Runs one step: appends each entry's tokens to its sequence and returns logits (last
-    /// position, or all new positions where asked). On error no sequence advances.
+    /// position, or all new positions where asked) on the host. On error no sequence advances.
     pub fn forward(&self, batch: &RaggedBatch, kv: &mut KvCache) -> Result<BatchLogits> {
+        if !self.native {
+            return Ok(self.forward_device(batch, kv)?.to_host()?);
+        }
+        let (x, plan) = self.hidden(batch, kv)?;
+        let data = match &self.lm_head.weight {
+            // Native: the kernel's output vector becomes the logits, no copy.
+            LinearWeight::Packed(w) => {
+                with_cpu_f32(&x, |xs| kernels::matmul::matmul_new(w, xs, plan.logit_rows.len()))?
+            }
+            _ => self.lm_head.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+        };
+        kv.commit(&plan);
+        Ok(BatchLogits { vocab: self.cfg.vocab_size, data, rows: plan.logit_ranges })
+    }
+
+    /// [`Self::forward`] on the candle backend, with the logits left on the device (`[rows,
+    /// vocab]` f32) for sampling there.
+    pub fn forward_device(&self, batch: &RaggedBatch, kv: &mut KvCache) -> Result<DeviceLogits> {
+        if self.native {
+            return Err(ModelError::Config("device logits are the candle backend's; this model runs natively".into()));
+        }
+        let (x, plan) = self.hidden(batch, kv)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        kv.commit(&plan);
+        Ok(DeviceLogits { logits, vocab: self.cfg.vocab_size, rows: plan.logit_ranges })
+    }
+
+    /// One step with the logits where the backend keeps them: on the host for the native
+    /// kernels, on the device for candle.
+    pub fn forward_step(&self, batch: &RaggedBatch, kv: &mut KvCache) -> Result<StepLogits> {
+        Ok(if self.native {
+            StepLogits::Host(self.forward(batch, kv)?)
+        } else {
+            StepLogits::Device(self.forward_device(batch, kv)?)
+        })
+    }
+
+    /// The decoder stack: final-normed hidden states of the rows whose logits are wanted, and
+    /// the step's plan (committed by the caller once the logits exist).
+    fn hidden(&self, batch: &RaggedBatch, kv: &mut KvCache) -> Result<(Tensor, StepPlan)> {
         let plan = kv.plan(batch)?;
         let kind = if self.native { KvStoreKind::Paged } else { KvStoreKind::Tensors };
         let rope = StepRope::new(&plan.positions, &self.inv_freqs, self.cfg.rope_style, kind, &self.device)?;
-        let lora = lora_batch(batch, &plan);
+        let lora = self.step_lora(batch, &plan)?;
         let mut x = self.embed(&plan.tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let lora = Some((&lora, l));
+            let lora = lora.as_ref().map(|s| (s, l));
             let h = self.rms_norm(&x, &layer.attn_norm)?;
             let qkv = layer.qkv.forward_lora(&h, lora)?;
             let attn = kv.attention(l, &qkv, &plan, &rope)?;
@@ -184,16 +229,61 @@ impl Llama {
             let rows = Tensor::from_slice(&plan.logit_rows, plan.logit_rows.len(), &self.device)?;
             x.index_select(&rows, 0)?
         };
-        let x = self.rms_norm(&x, &self.norm)?;
-        let data = match &self.lm_head.weight {
-            // Native: the kernel's output vector becomes the logits, no copy.
-            LinearWeight::Packed(w) => {
-                with_cpu_f32(&x, |xs| kernels::matmul::matmul_new(w, xs, plan.logit_rows.len()))?
+        Ok((self.rms_norm(&x, &self.norm)?, plan))
+    }
+
+    /// The step's LoRA work in the backend's form; `None` when no row has an adapter.
+    fn step_lora(&self, batch: &RaggedBatch, plan: &StepPlan) -> Result<Option<StepLora>> {
+        if self.native {
+            let b = lora_batch(batch, plan);
+            return Ok((!b.is_empty()).then_some(StepLora::Host(b)));
+        }
+        // The distinct adapters, in a fixed order (by address) so that the same set finds the
+        // cached stack whatever order the rows come in.
+        let mut adapters: Vec<Arc<LoraWeights>> = Vec::new();
+        for a in batch.entries.iter().flat_map(|e| &e.adapters) {
+            if !adapters.iter().any(|x| Arc::ptr_eq(x, a)) {
+                adapters.push(a.clone());
             }
-            _ => self.lm_head.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-        };
-        kv.commit(&plan);
-        Ok(BatchLogits { vocab: self.cfg.vocab_size, data, rows: plan.logit_ranges })
+        }
+        if adapters.is_empty() {
+            return Ok(None);
+        }
+        adapters.sort_by_key(|a| Arc::as_ptr(a) as usize);
+        let per_entry: Vec<Vec<usize>> = batch
+            .entries
+            .iter()
+            .map(|e| e.adapters.iter().map(|a| adapters.iter().position(|x| Arc::ptr_eq(x, a)).unwrap_or(0)).collect())
+            .collect();
+        let mut rows: Vec<&[usize]> = Vec::with_capacity(plan.tokens.len());
+        for (used, &(_, _, len, _)) in per_entry.iter().zip(&plan.spans) {
+            rows.extend(std::iter::repeat_n(used.as_slice(), len));
+        }
+        let stack = self.lora_stack(adapters)?;
+        Ok(Some(StepLora::Stacked(StackedStep::new(stack, &rows, &self.device)?)))
+    }
+
+    /// The stacked factors of `adapters`, from the cache when the set is the last one seen.
+    fn lora_stack(&self, adapters: Vec<Arc<LoraWeights>>) -> Result<Arc<LoraStack>> {
+        let mut cache = self.lora_stack.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = cache.as_ref().filter(|s| s.holds(&adapters)) {
+            return Ok(s.clone());
+        }
+        let targets: Vec<Vec<StackTarget>> = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.qkv, &l.o, &l.gate_up, &l.down]
+                    .into_iter()
+                    .map(|lin| StackTarget { parts: &lin.parts, in_features: lin.in_features })
+                    .collect()
+            })
+            .collect();
+        // Drop the old stack first: its copies of the factors are not needed any more.
+        *cache = None;
+        let stack = Arc::new(LoraStack::build(adapters, &targets, &self.device)?);
+        *cache = Some(stack.clone());
+        Ok(stack)
     }
 
     /// RMSNorm over the last dimension of `x: [T, hidden]`.
@@ -344,7 +434,7 @@ impl Builder<'_> {
         };
         let values = raw.to_f32_cpu()?.flatten_all()?.to_vec1::<f32>()?;
         let to_q8 = match want {
-            WeightFormat::F32 => false,
+            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Bf16 => false,
             WeightFormat::Q8_0 => blocks_ok,
             // Floats stay exact; other quantized types go to our 8-bit kernel.
             WeightFormat::Native => !is_float && blocks_ok,
@@ -365,8 +455,16 @@ impl Builder<'_> {
                 let t = raw.to_f32_cpu()?.to_device(&self.device)?;
                 LinearWeight::Quantized(Arc::new(QMatMul::from_qtensor(QTensor::quantize(&t, GgmlDType::Q8_0)?)?))
             }
+            (raw, WeightFormat::F16 | WeightFormat::Bf16) => {
+                LinearWeight::Dense(raw.to_f32_cpu()?.to_dtype(self.half_dtype())?.to_device(&self.device)?)
+            }
             (raw, _) => LinearWeight::Dense(raw.to_f32_cpu()?.to_device(&self.device)?),
         })
+    }
+
+    /// The element type of `--weights f16|bf16`.
+    fn half_dtype(&self) -> DType {
+        if self.opts.weights == WeightFormat::Bf16 { DType::BF16 } else { DType::F16 }
     }
 
     fn embedding_and_head(&self, embed: RawWeight, head: Option<RawWeight>) -> Result<(Embedding, Linear)> {
@@ -385,6 +483,7 @@ impl Builder<'_> {
                 Some(h) => self.candle_weight(h)?,
                 None => match self.opts.weights {
                     WeightFormat::F32 => LinearWeight::Dense(table.clone()),
+                    WeightFormat::F16 | WeightFormat::Bf16 => LinearWeight::Dense(table.to_dtype(self.half_dtype())?),
                     _ => match embed_as_quant(&embed) {
                         Some(q) => LinearWeight::Quantized(Arc::new(QMatMul::from_qtensor(q)?)),
                         None => LinearWeight::Dense(table.clone()),

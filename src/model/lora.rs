@@ -99,6 +99,31 @@ impl LoraPair {
     }
 }
 
+/// The LoRA work of one step, in the form of the backend that runs it.
+pub enum StepLora {
+    /// Adapters and row ranges for the CPU kernels.
+    Host(LoraBatch),
+    /// Stacked tensors and a row mask for the candle path.
+    Stacked(StackedStep),
+}
+
+impl StepLora {
+    /// The step's delta for the fused projection `parts` of `layer`, added to `y = x·Wᵀ`, on the
+    /// candle path.
+    pub fn apply_tensor(
+        &self,
+        layer: usize,
+        parts: &[(ProjKind, Range<usize>)],
+        x: &Tensor,
+        y: Tensor,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Stacked(s) => s.apply(layer, parts, x, y),
+            Self::Host(_) => Err(ModelError::Config("packed LoRA factors on the candle backend".into())),
+        }
+    }
+}
+
 /// Which adapters apply to which packed rows of one step.
 #[derive(Clone, Default)]
 pub struct LoraBatch {
@@ -171,33 +196,6 @@ impl LoraBatch {
         let mut t = vec![0f32; t_len].into_boxed_slice();
         let t_ptr = kernels::pool::SyncPtr::new(t.as_mut_ptr());
         Some(HostDeltas { parts, uses, items, _t: t, t_ptr, t_len })
-    }
-
-    /// The same on candle tensors (any device): returns `y` plus the deltas.
-    pub fn apply_tensor(
-        &self,
-        layer: usize,
-        parts: &[(ProjKind, Range<usize>)],
-        x: &Tensor,
-        y: Tensor,
-    ) -> Result<Tensor> {
-        let mut y = y;
-        for (w, ranges) in &self.uses {
-            let pairs = &w.layers[layer];
-            for (kind, cols) in parts {
-                let Some(pair) = &pairs[*kind as usize] else { continue };
-                let LoraFactors::Tensors { a, b } = &pair.factors else {
-                    return Err(ModelError::Config("packed LoRA factors on the candle backend".into()));
-                };
-                for r in ranges {
-                    let xs = x.narrow(0, r.start, r.len())?;
-                    let d = (xs.matmul(&a.t()?)?.matmul(&b.t()?)? * pair.scale as f64)?.to_dtype(DType::F32)?;
-                    let cur = y.narrow(0, r.start, r.len())?.narrow(1, cols.start, cols.len())?;
-                    y = y.slice_assign(&[r.clone(), cols.clone()], &(cur + d)?)?;
-                }
-            }
-        }
-        Ok(y)
     }
 }
 
@@ -327,5 +325,139 @@ impl kernels::matmul::Epilogue for HostDeltas<'_> {
 
     fn apply(&self, tile: usize, row0: usize, rows: usize, out: &mut Tile) {
         self.add_tile(tile, row0, rows, out);
+    }
+}
+
+/// The adapters of a step stacked for the candle path (any device): per layer and fused
+/// projection, one shrink matrix `a: [P·Σr, in]` and one expand matrix `b: [out, P·Σr]` over the
+/// concatenated ranks of every adapter (`P` fused parts, `Σr` the sum of the adapters' ranks).
+///
+/// This is the Punica/S-LoRA "BGMV" idea written with dense ops: every row is shrunk by all the
+/// step's adapters at once (`t = x·aᵀ`), a per-row mask keeps the columns of the adapters the
+/// row uses (none, one, or several: their deltas then sum), and one expansion `t·bᵀ` adds the
+/// deltas of all parts and adapters. Two matmuls per projection whatever the mix of adapters, no
+/// per-row or per-adapter launch; the price is `Σr` instead of one adapter's rank in the thin
+/// inner dimension, small next to the base projection while few adapters share a step.
+///
+/// The scale is folded into `b`; adapters whose ranks differ between modules are padded with
+/// zeros to their largest rank, and a module an adapter lacks is zeros.
+pub struct LoraStack {
+    /// The adapters in column order: the stack's identity (see [`Self::holds`]).
+    adapters: Vec<Arc<LoraWeights>>,
+    /// Columns of each adapter in the stacked rank dimension.
+    ranks: Vec<usize>,
+    /// Per layer, indexed by the first part of a fused projection.
+    layers: Vec<[Option<(Tensor, Tensor)>; 7]>,
+}
+
+/// A fused projection as [`LoraStack::build`] needs it: its parts and input size.
+pub struct StackTarget<'a> {
+    pub parts: &'a [(ProjKind, Range<usize>)],
+    pub in_features: usize,
+}
+
+impl LoraStack {
+    /// Stacks `adapters` (tensor factors) for the projections `layers[l]` of each layer.
+    pub fn build(adapters: Vec<Arc<LoraWeights>>, layers: &[Vec<StackTarget>], device: &Device) -> Result<Self> {
+        let ranks: Vec<usize> =
+            adapters.iter().map(|w| w.layers.iter().flatten().flatten().map(|p| p.rank).max().unwrap_or(0)).collect();
+        let mut stacked = Vec::with_capacity(layers.len());
+        for (l, targets) in layers.iter().enumerate() {
+            let mut slots: [Option<(Tensor, Tensor)>; 7] = Default::default();
+            for t in targets {
+                slots[t.parts[0].0 as usize] = Self::stack_projection(&adapters, &ranks, l, t, device)?;
+            }
+            stacked.push(slots);
+        }
+        Ok(Self { adapters, ranks, layers: stacked })
+    }
+
+    /// `(a, b)` of one fused projection, or `None` when no adapter touches it.
+    fn stack_projection(
+        adapters: &[Arc<LoraWeights>],
+        ranks: &[usize],
+        layer: usize,
+        target: &StackTarget,
+        device: &Device,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        fn pair(w: &LoraWeights, layer: usize, kind: ProjKind) -> Option<&LoraPair> {
+            w.layers.get(layer).and_then(|s| s[kind as usize].as_ref())
+        }
+        if !adapters.iter().any(|w| target.parts.iter().any(|(k, _)| pair(w, layer, *k).is_some())) {
+            return Ok(None);
+        }
+        let total: usize = ranks.iter().sum();
+        let n_parts = target.parts.len();
+        let mut a_blocks = Vec::with_capacity(n_parts * adapters.len());
+        let mut b_rows = Vec::with_capacity(n_parts);
+        for (p, (kind, cols)) in target.parts.iter().enumerate() {
+            let out = cols.len();
+            let mut b_blocks = Vec::with_capacity(adapters.len() + 2);
+            if p > 0 {
+                b_blocks.push(Tensor::zeros((out, p * total), DType::F32, device)?);
+            }
+            for (w, &r) in adapters.iter().zip(ranks) {
+                match pair(w, layer, *kind) {
+                    Some(pair) => {
+                        let LoraFactors::Tensors { a, b } = &pair.factors else {
+                            return Err(ModelError::Config("packed LoRA factors on the candle backend".into()));
+                        };
+                        a_blocks.push(a.pad_with_zeros(0, 0, r - pair.rank)?);
+                        b_blocks.push((b * pair.scale as f64)?.pad_with_zeros(1, 0, r - pair.rank)?);
+                    }
+                    None => {
+                        a_blocks.push(Tensor::zeros((r, target.in_features), DType::F32, device)?);
+                        b_blocks.push(Tensor::zeros((out, r), DType::F32, device)?);
+                    }
+                }
+            }
+            if p + 1 < n_parts {
+                b_blocks.push(Tensor::zeros((out, (n_parts - 1 - p) * total), DType::F32, device)?);
+            }
+            b_rows.push(Tensor::cat(&b_blocks, 1)?);
+        }
+        Ok(Some((Tensor::cat(&a_blocks, 0)?, Tensor::cat(&b_rows, 0)?)))
+    }
+
+    /// True when this stack is of exactly `adapters`, in this order.
+    pub fn holds(&self, adapters: &[Arc<LoraWeights>]) -> bool {
+        self.adapters.len() == adapters.len() && self.adapters.iter().zip(adapters).all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
+/// A [`LoraStack`] with the step's row mask.
+pub struct StackedStep {
+    stack: Arc<LoraStack>,
+    /// `[rows, 1, Σr]`: 1 in the columns of the adapters each row uses.
+    mask: Tensor,
+}
+
+impl StackedStep {
+    /// `row_adapters[r]`: indices (into the stack's adapters) of the adapters of packed row `r`.
+    pub fn new(stack: Arc<LoraStack>, row_adapters: &[&[usize]], device: &Device) -> Result<Self> {
+        let total: usize = stack.ranks.iter().sum();
+        let offsets: Vec<usize> =
+            stack.ranks.iter().scan(0, |acc, &r| Some(std::mem::replace(acc, *acc + r))).collect();
+        let mut mask = vec![0f32; row_adapters.len() * total];
+        for (row, used) in mask.chunks_exact_mut(total.max(1)).zip(row_adapters) {
+            // An adapter listed twice counts twice, as on the CPU kernels.
+            for &k in *used {
+                row[offsets[k]..offsets[k] + stack.ranks[k]].iter_mut().for_each(|m| *m += 1.0);
+            }
+        }
+        let mask = Tensor::from_vec(mask, (row_adapters.len(), 1, total), device)?;
+        Ok(Self { stack, mask })
+    }
+
+    fn apply(&self, layer: usize, parts: &[(ProjKind, Range<usize>)], x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let Some((a, b)) = self.stack.layers.get(layer).and_then(|s| s[parts[0].0 as usize].as_ref()) else {
+            return Ok(y);
+        };
+        let rows = x.dim(0)?;
+        let total = self.mask.dim(2)?;
+        let t = x.matmul(&a.t()?)?.reshape((rows, parts.len(), total))?.broadcast_mul(&self.mask)?;
+        let delta = t.reshape((rows, parts.len() * total))?.matmul(&b.t()?)?;
+        let delta = delta.to_dtype(y.dtype())?;
+        Ok((y + delta)?)
     }
 }

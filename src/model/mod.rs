@@ -11,12 +11,13 @@ pub mod batch;
 pub mod config;
 pub mod kernels;
 pub mod kv_cache;
+pub mod kv_tensor;
 pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod lora;
 
-pub use batch::{BatchEntry, BatchLogits, RaggedBatch, SeqId};
+pub use batch::{BatchEntry, BatchLogits, DeviceLogits, RaggedBatch, SeqId, StepLogits};
 pub use config::{Arch, ModelConfig, RopeStyle};
 pub use kernels::attention::KvDtype;
 pub use kv_cache::{KvCache, KvSizing};

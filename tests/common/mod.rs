@@ -2,7 +2,20 @@
 
 pub mod http;
 
+use lethe::model::{Backend, LoadOptions, WeightFormat};
 use std::path::PathBuf;
+
+/// How the tests load their models: the defaults, unless `LETHE_TEST_BACKEND` (auto, native,
+/// candle) or `LETHE_TEST_WEIGHTS` (native, q8_0, f32, f16, bf16) say otherwise. `scripts/test.sh`
+/// runs the engine suite a second time with `LETHE_TEST_BACKEND=candle`, the path a GPU runs.
+#[allow(dead_code)]
+pub fn load_options() -> LoadOptions {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let backend: Backend = var("LETHE_TEST_BACKEND").map_or(Backend::Auto, |v| v.parse().expect("LETHE_TEST_BACKEND"));
+    let weights: WeightFormat =
+        var("LETHE_TEST_WEIGHTS").map_or(WeightFormat::Native, |v| v.parse().expect("LETHE_TEST_WEIGHTS"));
+    LoadOptions { backend, weights, ..Default::default() }
+}
 
 /// The default model (SmolLM2-135M-Instruct GGUF) if it has been fetched.
 ///

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 /// Which implementation runs the projections and attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
-    /// lethe's CPU kernels where the device is the CPU, candle's otherwise.
+    /// lethe's CPU kernels where the device is the CPU (and the weights are not f16/bf16),
+    /// candle's otherwise.
     #[default]
     Auto,
     /// lethe's CPU kernels (tile-packed weights, paged KV). CPU only.
@@ -35,6 +36,11 @@ pub enum WeightFormat {
     Q8_0,
     /// Dequantize everything to f32 (exact for float checkpoints, large).
     F32,
+    /// Dequantize the projections to f16 (candle backend: a GPU's fast matmul type; the
+    /// activations stay f32 between projections).
+    F16,
+    /// Dequantize the projections to bf16 (candle backend).
+    Bf16,
 }
 
 impl std::str::FromStr for WeightFormat {
@@ -44,7 +50,9 @@ impl std::str::FromStr for WeightFormat {
             "native" | "auto" => Ok(Self::Native),
             "q8_0" | "q8" => Ok(Self::Q8_0),
             "f32" => Ok(Self::F32),
-            _ => Err(format!("unknown weight format {s:?} (native, q8_0, f32)")),
+            "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown weight format {s:?} (native, q8_0, f32, f16, bf16)")),
         }
     }
 }
@@ -77,7 +85,13 @@ impl Default for LoadOptions {
 impl LoadOptions {
     /// True when lethe's CPU kernels run this model.
     pub fn native(&self) -> Result<bool> {
+        let half = matches!(self.weights, WeightFormat::F16 | WeightFormat::Bf16);
         match (self.backend, self.device.is_cpu()) {
+            // Only candle runs half-precision weights.
+            (Backend::Auto, true) if half => Ok(false),
+            (Backend::Native, true) if half => Err(ModelError::Config(
+                "f16/bf16 weights run on the candle backend; the native CPU kernels take native, q8_0 or f32".into(),
+            )),
             (Backend::Auto, cpu) => Ok(cpu),
             (Backend::Native, true) => Ok(true),
             (Backend::Native, false) => Err(ModelError::Config(
