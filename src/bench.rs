@@ -29,6 +29,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub struct DecodeReport {
     pub model: String,
     pub weights: String,
+    /// The CPU kernel set that ran (`avx512`, `avx2`, ...).
+    pub kernels: &'static str,
     pub threads: usize,
     pub batch: usize,
     pub prompt_tokens: usize,
@@ -161,6 +163,7 @@ pub fn decode_cases(
             DecodeReport {
                 model: model.config().name.clone(),
                 weights: model.weights_desc().to_string(),
+                kernels: crate::simd::active().name(),
                 threads: crate::model::kernels::pool::global().n_threads(),
                 batch,
                 prompt_tokens,
@@ -181,6 +184,7 @@ pub fn decode_cases(
 pub struct AdapterBenchReport {
     pub model: String,
     pub weights: String,
+    pub kernels: &'static str,
     pub rank: usize,
     /// Bytes of one adapter's factors in memory.
     pub adapter_bytes: usize,
@@ -252,6 +256,7 @@ pub fn adapters(
     Ok(AdapterBenchReport {
         model: cfg.name.clone(),
         weights: model.weights_desc().to_string(),
+        kernels: crate::simd::active().name(),
         rank,
         adapter_bytes: one.bytes,
         adapter_file_bytes: file_bytes,
@@ -267,6 +272,7 @@ pub fn adapters(
 pub struct EngineReport {
     pub model: String,
     pub weights: String,
+    pub kernels: &'static str,
     pub concurrency: usize,
     pub guided: bool,
     pub prompt_tokens: usize,
@@ -346,6 +352,7 @@ pub fn engine(
         .map(|(case, rs)| EngineReport {
             model: name.clone(),
             weights: weights.clone(),
+            kernels: crate::simd::active().name(),
             concurrency: case.concurrency,
             guided: case.guided.is_some(),
             prompt_tokens,

@@ -20,6 +20,7 @@ pub mod fixtures;
 pub mod guidance;
 pub mod loader;
 pub mod model;
+pub mod quality;
 pub mod sampling;
 pub mod server;
 pub mod simd;

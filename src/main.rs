@@ -44,6 +44,26 @@ enum BenchCommand {
     /// The cost of forget-adapters: load time of a synthetic rank-r all-linear PEFT adapter, and
     /// decode speed with no adapter, one adapter on every row, and rows spread over 4 adapters.
     Adapters(BenchAdaptersArgs),
+    /// Numerical quality of each CPU kernel path: perplexity on a held-out text and mean KL of
+    /// the next-token distributions to the exact f32 path (same weights, dequantized).
+    Quality(BenchQualityArgs),
+}
+
+#[derive(Args)]
+struct BenchQualityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A text file to score instead of the built-in held-out text.
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Score at most this many tokens of the text.
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: usize,
+    /// Kernel sets to measure (default: every one this CPU supports).
+    #[arg(long, value_delimiter = ',')]
+    kernels: Option<Vec<lethe::simd::Isa>>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -227,13 +247,48 @@ fn main() -> Result<()> {
     tune_allocator();
     let cli = Cli::parse();
     lethe::telemetry::init_logging(cli.log_format);
+    // Which CPU kernels run (LETHE_KERNELS=avx512|avx2-vnni|avx2|neon-dotprod|neon|portable, or
+    // the best this CPU has): one the CPU lacks is refused here, before any work.
+    lethe::simd::init_from_env()?;
     match cli.command {
         Command::Serve(a) => serve(a),
         Command::Generate(a) => generate(a),
         Command::Bench(BenchCommand::Decode(a)) => bench_decode(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
         Command::Bench(BenchCommand::Adapters(a)) => bench_adapters(a),
+        Command::Bench(BenchCommand::Quality(a)) => bench_quality(a),
     }
+}
+
+fn bench_quality(a: BenchQualityArgs) -> Result<()> {
+    let candidate = a.model.load()?;
+    let exact = ModelArgs { weights: WeightFormat::F32, ..a.model.clone() }.load()?;
+    let text = match &a.text {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        None => lethe::quality::HELDOUT_TEXT.to_string(),
+    };
+    let isas = a.kernels.unwrap_or_else(lethe::simd::Isa::supported);
+    let r = lethe::quality::measure(&exact.model, &candidate.model, &candidate.tokenizer, &text, a.max_tokens, &isas)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({}), {} tokens of held-out text; f32 path: perplexity {:.3}, answer {:?}",
+        r.model, r.weights, r.tokens, r.reference_perplexity, r.reference_answer
+    );
+    for p in &r.paths {
+        println!(
+            "  {:<13} perplexity {:.3} | KL to f32 mean {:.5} p99 {:.5} | top-1 agreement {:.1}% | answer {:?}",
+            p.kernels,
+            p.perplexity,
+            p.mean_kl,
+            p.p99_kl,
+            100.0 * p.top1_agreement,
+            p.answer
+        );
+    }
+    Ok(())
 }
 
 fn serve(args: lethe::config::ServeArgs) -> Result<()> {
@@ -335,9 +390,10 @@ fn bench_adapters(a: BenchAdaptersArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} ({}), rank-{} all-linear adapter: {:.1} MiB in memory (f16), {:.1} MiB on disk (f32), loaded in {:.0} ms",
+        "{} ({}, {} kernels), rank-{} all-linear adapter: {:.1} MiB in memory (f16), {:.1} MiB on disk (f32), loaded in {:.0} ms",
         r.model,
         r.weights,
+        r.kernels,
         r.rank,
         r.adapter_bytes as f64 / (1 << 20) as f64,
         r.adapter_file_bytes as f64 / (1 << 20) as f64,
@@ -391,9 +447,10 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             if !a.json {
                 for r in &runs {
                     println!(
-                        "{} ({}), {} threads, batch {}: prefill {:.0} tok/s | decode {:.1} steps/s, {:.1} tok/s ({:.2} ms/step, {:.2}x batch {}) | peak RSS {:.0} MiB",
+                        "{} ({}, {} kernels), {} threads, batch {}: prefill {:.0} tok/s | decode {:.1} steps/s, {:.1} tok/s ({:.2} ms/step, {:.2}x batch {}) | peak RSS {:.0} MiB",
                         r.model,
                         r.weights,
+                        r.kernels,
                         r.threads,
                         r.batch,
                         r.prefill_tok_s,
@@ -434,9 +491,10 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             if !a.json {
                 for r in &runs {
                     println!(
-                        "{} ({}), concurrency {}{}: {:.1} tok/s per request, {:.1} tok/s aggregate ({:.1} incl. prefill), {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
+                        "{} ({}, {} kernels), concurrency {}{}: {:.1} tok/s per request, {:.1} tok/s aggregate ({:.1} incl. prefill), {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
                         r.model,
                         r.weights,
+                        r.kernels,
                         r.concurrency,
                         if r.guided { " guided" } else { "" },
                         r.per_request_tok_s,

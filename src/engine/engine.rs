@@ -396,6 +396,17 @@ impl Worker {
         if plan.is_empty() {
             return;
         }
+        // A panic anywhere in the step (a kernel, sampling) ends this step's requests with an
+        // error event and the engine keeps serving: never a dead thread behind a healthy server.
+        let ids = self.group_ids(&plan);
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_step(&plan)));
+        if let Err(payload) = stepped {
+            let what = payload.downcast_ref::<&str>().copied().or(payload.downcast_ref::<String>().map(|s| s.as_str()));
+            self.fail_groups(&ids, &format!("internal error in a forward step: {}", what.unwrap_or("panic")));
+        }
+    }
+
+    fn run_step(&mut self, plan: &[PlannedRow]) {
         let batch = RaggedBatch::new(
             plan.iter()
                 .map(|p| {
@@ -414,7 +425,7 @@ impl Worker {
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
             Ok(l) => l,
-            Err(e) => return self.fail_step(&plan, &e.to_string()),
+            Err(e) => return self.fail_groups(&self.group_ids(plan), &e.to_string()),
         };
         for (i, p) in plan.iter().enumerate() {
             let r = &mut self.sched.running[p.group].rows[p.row];
@@ -426,13 +437,20 @@ impl Worker {
         self.sample_ready(&logits);
     }
 
-    /// A failed forward fails every request that was in it (the server stays up).
-    fn fail_step(&mut self, plan: &[PlannedRow], msg: &str) {
+    /// The ids of the groups in a plan (indices shift as groups finish; ids do not).
+    fn group_ids(&self, plan: &[PlannedRow]) -> Vec<u64> {
+        let mut ids: Vec<u64> = plan.iter().map(|p| self.sched.running[p.group].id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// A failed step fails every request that was in it (the server stays up); a step that
+    /// panicked half-way may have finished some of them already.
+    fn fail_groups(&mut self, ids: &[u64], msg: &str) {
         tracing::error!(error = msg, "forward step failed");
-        let mut groups: Vec<usize> = plan.iter().map(|p| p.group).collect();
-        groups.sort_unstable();
-        groups.dedup();
-        for gi in groups.into_iter().rev() {
+        for &id in ids {
+            let Some(gi) = self.sched.running.iter().position(|g| g.id == id) else { continue };
             let g = self.sched.finish(gi, &mut self.kv);
             let _ = g.events.send(Event::Error(EngineError::Failed(msg.to_string())));
             record_finish(&g, "error");

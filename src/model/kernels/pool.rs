@@ -46,9 +46,12 @@ struct Shared {
     sleeping: Vec<AtomicBool>,
     /// A panic raised in a worker's chunk, re-raised on the caller once the job is over.
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    /// Tests: how long a worker dawdles before joining a job (a preempted worker, on demand).
+    #[cfg(test)]
+    join_delay_us: AtomicU64,
 }
 
-// SAFETY: `job` is written by the thread holding `ThreadPool::busy` before the state is published
+// SAFETY: `job` is written by the thread that set `ThreadPool::busy` before the state is published
 // (Release) and read by workers only after joining the published generation (Acquire); the caller
 // does not return (so the closure outlives every use) until no worker is inside the job.
 unsafe impl Sync for Shared {}
@@ -56,8 +59,20 @@ unsafe impl Send for Shared {}
 
 pub struct ThreadPool {
     shared: Arc<Shared>,
-    busy: Mutex<()>,
+    /// Set while a caller runs a job on the workers. An atomic flag rather than a mutex: a
+    /// panicking job must not leave it poisoned (every later job would silently run on one
+    /// thread); [`Busy`] clears it however the job ends.
+    busy: AtomicBool,
     n_threads: usize,
+}
+
+/// Holds [`ThreadPool::busy`]; clears it on drop, unwinding included.
+struct Busy<'a>(&'a AtomicBool);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl ThreadPool {
@@ -74,6 +89,8 @@ impl ThreadPool {
             threads: Mutex::new(Vec::new()),
             sleeping: (0..n_workers).map(|_| AtomicBool::new(false)).collect(),
             panic: Mutex::new(None),
+            #[cfg(test)]
+            join_delay_us: AtomicU64::new(0),
         });
         let mut handles = Vec::with_capacity(n_workers);
         for w in 0..n_workers {
@@ -84,8 +101,8 @@ impl ThreadPool {
                 .expect("spawning a kernel worker thread");
             handles.push(h.thread().clone());
         }
-        *shared.threads.lock().unwrap() = handles;
-        Self { shared, busy: Mutex::new(()), n_threads }
+        *shared.threads.lock().unwrap_or_else(|e| e.into_inner()) = handles;
+        Self { shared, busy: AtomicBool::new(false), n_threads }
     }
 
     pub fn n_threads(&self) -> usize {
@@ -99,13 +116,14 @@ impl ThreadPool {
             (0..n_chunks).for_each(&f);
             return;
         }
-        let Ok(_guard) = self.busy.try_lock() else {
+        if self.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             (0..n_chunks).for_each(&f);
             return;
-        };
+        }
+        let _busy = Busy(&self.busy);
         let s = &*self.shared;
         let job: &(dyn Fn(usize) + Sync + '_) = &f;
-        // SAFETY: we hold `busy`, and no worker reads `job` before the state below is published.
+        // SAFETY: we set `busy`, and no worker reads `job` before the state below is published.
         unsafe {
             *s.job.get() = Some(std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), *const Job>(job));
         }
@@ -115,7 +133,7 @@ impl ThreadPool {
         s.state.store((generation << 32) | OPEN, Ordering::SeqCst);
         for (w, sleeping) in s.sleeping.iter().enumerate() {
             if sleeping.load(Ordering::SeqCst) {
-                s.threads.lock().unwrap()[w].unpark();
+                s.threads.lock().unwrap_or_else(|e| e.into_inner())[w].unpark();
             }
         }
         // Ends the job even if our own chunk panics: the closure must outlive every worker
@@ -147,7 +165,7 @@ impl Drop for EndJob<'_> {
         while s.state.load(Ordering::Acquire) & ACTIVE != 0 {
             std::hint::spin_loop();
         }
-        // SAFETY: the caller holds `busy` and no worker is inside the job any more.
+        // SAFETY: the caller set `busy` and no worker is inside the job any more.
         unsafe {
             *s.job.get() = None;
         }
@@ -195,8 +213,15 @@ fn worker_loop(s: Arc<Shared>, w: usize) {
             s.sleeping[w].store(false, Ordering::SeqCst);
         };
         seen_generation = state >> 32;
+        #[cfg(test)]
+        {
+            let delay = s.join_delay_us.load(Ordering::Relaxed);
+            if delay > 0 {
+                thread::sleep(Duration::from_micros(delay));
+            }
+        }
         // Join, if the job is still open (the caller may have finished it already).
-        let mut st = state;
+        let mut st = s.state.load(Ordering::Acquire);
         let joined = loop {
             if st >> 32 != seen_generation || st & OPEN == 0 {
                 break false;
@@ -223,7 +248,7 @@ fn worker_loop(s: Arc<Shared>, w: usize) {
 impl Drop for ThreadPool {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
-        for t in self.shared.threads.lock().unwrap().iter() {
+        for t in self.shared.threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             t.unpark();
         }
     }
@@ -285,6 +310,28 @@ pub fn split_range(len: usize, i: usize, n: usize) -> std::ops::Range<usize> {
 }
 
 #[cfg(test)]
+impl ThreadPool {
+    /// Whether a job of `n_threads` chunks really runs on `n_threads` threads at once: each
+    /// chunk waits (up to 5 s) until every thread of the pool has entered one.
+    pub(crate) fn all_threads_join(&self) -> bool {
+        let arrived = Mutex::new(std::collections::HashSet::new());
+        let ok = AtomicUsize::new(0);
+        self.run_chunks(self.n_threads, |_| {
+            arrived.lock().unwrap().insert(thread::current().id());
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while arrived.lock().unwrap().len() < self.n_threads {
+                if Instant::now() > deadline {
+                    return;
+                }
+                thread::yield_now();
+            }
+            ok.fetch_add(1, Ordering::SeqCst);
+        });
+        ok.load(Ordering::SeqCst) == self.n_threads
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
@@ -300,10 +347,11 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         }
+        assert!(pool.all_threads_join());
     }
 
     /// A panic in any chunk reaches the caller only after every participant has left the job
-    /// (whose closure borrows the caller's stack), and the pool keeps working afterwards.
+    /// (whose closure borrows the caller's stack), and the pool keeps all its threads afterwards.
     #[test]
     fn panics_end_the_job_cleanly_on_any_thread() {
         let pool = ThreadPool::new(2);
@@ -318,10 +366,19 @@ mod tests {
                         self.0.fetch_sub(1, Ordering::SeqCst);
                     }
                 }
+                // Every chunk first waits until both threads are in the job, so each of them
+                // takes one of the first chunks (< 4) and the chosen one surely panics.
+                let arrived = Mutex::new(std::collections::HashSet::new());
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     pool.run_chunks(8, |c| {
                         inside.fetch_add(1, Ordering::SeqCst);
                         let _leave = Leave(&inside);
+                        arrived.lock().unwrap().insert(thread::current().id());
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        while arrived.lock().unwrap().len() < 2 {
+                            assert!(Instant::now() < deadline, "the worker never joined");
+                            thread::yield_now();
+                        }
                         let on_caller = thread::current().id() == caller;
                         if on_caller == panic_on_caller && c < 4 {
                             panic!("chunk failed");
@@ -331,9 +388,8 @@ mod tests {
                         thread::sleep(Duration::from_millis(20));
                     });
                 }));
-                // Whether the panic came from the caller or a worker (if one joined), nobody
-                // may still be running the job when the caller gets control back.
-                let _ = r;
+                let payload = r.expect_err("the chunk's panic did not reach the caller");
+                assert_eq!(payload.downcast_ref::<&str>(), Some(&"chunk failed"));
                 assert_eq!(inside.load(Ordering::SeqCst), 0, "a participant outlived run_chunks");
             }
         }
@@ -342,6 +398,8 @@ mod tests {
             hits.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(hits.load(Ordering::Relaxed), 16);
+        // A panicking job must not leave the pool running everything on the caller.
+        assert!(pool.all_threads_join(), "after panicking jobs the pool no longer uses its workers");
     }
 
     #[test]
@@ -355,6 +413,7 @@ mod tests {
             });
         }
         assert_eq!(total.load(Ordering::Relaxed), 9);
+        assert!(pool.all_threads_join());
     }
 
     #[test]
@@ -377,23 +436,34 @@ mod tests {
         for h in handles {
             assert_eq!(h.join().unwrap(), 500 * 45);
         }
+        assert!(pool.all_threads_join());
     }
 
+    /// A worker that is slow to show up (preempted, descheduled) must not hold up the caller:
+    /// the caller runs every chunk itself, the latecomer finds the job closed, and the next
+    /// job does not wait for it either.
     #[test]
     fn a_stalled_worker_does_not_stall_the_caller() {
-        // The caller finishes all chunks itself while the worker is stuck in a slow chunk of the
-        // previous job: the next job must not wait for it.
         let pool = ThreadPool::new(2);
-        let slow_done = AtomicU64::new(0);
-        let t = Instant::now();
-        pool.run_chunks(2, |c| {
-            if c == 1 {
-                std::thread::sleep(Duration::from_millis(50));
-                slow_done.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        assert_eq!(slow_done.load(Ordering::Relaxed), 1, "all chunks ran before returning");
-        assert!(t.elapsed() >= Duration::from_millis(50));
+        assert!(pool.all_threads_join());
+        pool.shared.join_delay_us.store(300_000, Ordering::Relaxed);
+        let caller = thread::current().id();
+        for _ in 0..2 {
+            let on_caller = AtomicU64::new(0);
+            let t = Instant::now();
+            pool.run_chunks(8, |_| {
+                std::thread::sleep(Duration::from_millis(1));
+                if thread::current().id() == caller {
+                    on_caller.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            let took = t.elapsed();
+            assert_eq!(on_caller.load(Ordering::Relaxed), 8, "a stalled worker ran a chunk");
+            assert!(took < Duration::from_millis(150), "the caller waited {took:?} for a stalled worker");
+        }
+        pool.shared.join_delay_us.store(0, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(400)); // the latecomer catches up
+        assert!(pool.all_threads_join(), "the worker did not come back after stalling");
     }
 
     #[test]
