@@ -28,6 +28,17 @@ cargo clippy --release --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --release
 
+# ---- CPU kernel sets: the model-level parity tests (ragged batches, LoRA rows, guided pairs)
+# again under every other kernel set this CPU supports (the run above used the best one), then
+# the NEON kernels cross-built for aarch64 and run under qemu (scripts/test-aarch64.sh; it skips
+# loudly if the aarch64 standard library cannot be installed, fails with LETHE_REQUIRE_AARCH64=1).
+for kernels in $(./target/release/lethe kernels --list | tail -n +2); do
+  echo "== model-level tests with LETHE_KERNELS=$kernels"
+  LETHE_KERNELS=$kernels cargo test --release --test engine --test model_runtime --test adapters
+done
+./scripts/test-aarch64.sh
+# ----
+
 echo "== the official openai Python SDK against lethe serve"
 venv=target/sdk-venv
 if [[ ! -x $venv/bin/python ]]; then

@@ -31,6 +31,12 @@ enum Command {
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The CPU kernel sets this machine can run, and the one in use (LETHE_KERNELS chooses).
+    Kernels {
+        /// Only the names of the supported sets, best first, one per line (for scripts).
+        #[arg(long)]
+        list: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -62,6 +68,9 @@ struct BenchQualityArgs {
     /// Kernel sets to measure (default: every one this CPU supports).
     #[arg(long, value_delimiter = ',')]
     kernels: Option<Vec<lethe::simd::Isa>>,
+    /// Activation precisions to measure for quantized weights.
+    #[arg(long, value_delimiter = ',', default_value = "int8,int16")]
+    precisions: Vec<lethe::model::kernels::matmul::ActPrecision>,
     #[arg(long)]
     json: bool,
 }
@@ -219,6 +228,13 @@ struct BenchDecodeArgs {
     prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
+    /// Model level: kernel sets to compare side by side, e.g. `avx512,avx2` (default: the
+    /// process's, LETHE_KERNELS or the best).
+    #[arg(long, value_delimiter = ',')]
+    kernels: Option<Vec<lethe::simd::Isa>>,
+    /// Model level: activation precisions to compare side by side, e.g. `int8,int16`.
+    #[arg(long, value_delimiter = ',')]
+    activations: Option<Vec<lethe::model::kernels::matmul::ActPrecision>>,
     /// Run C simultaneous requests through the engine instead; a list (`1,8`) measures each.
     #[arg(long, value_delimiter = ',')]
     concurrency: Option<Vec<usize>>,
@@ -250,6 +266,8 @@ fn main() -> Result<()> {
     // Which CPU kernels run (LETHE_KERNELS=avx512|avx2-vnni|avx2|neon-dotprod|neon|portable, or
     // the best this CPU has): one the CPU lacks is refused here, before any work.
     lethe::simd::init_from_env()?;
+    let precision = lethe::model::kernels::matmul::act_precision_from_env().map_err(anyhow::Error::msg)?;
+    lethe::model::kernels::matmul::set_act_precision(precision);
     match cli.command {
         Command::Serve(a) => serve(a),
         Command::Generate(a) => generate(a),
@@ -257,6 +275,22 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
         Command::Bench(BenchCommand::Adapters(a)) => bench_adapters(a),
         Command::Bench(BenchCommand::Quality(a)) => bench_quality(a),
+        Command::Kernels { list } => {
+            let supported = lethe::simd::Isa::supported();
+            if list {
+                supported.iter().for_each(|i| println!("{i}"));
+            } else {
+                let names: Vec<&str> = supported.iter().map(|i| i.name()).collect();
+                println!(
+                    "in use: {} kernels, {} activations",
+                    lethe::simd::active(),
+                    lethe::model::kernels::matmul::act_precision().name()
+                );
+                println!("supported (best first): {}", names.join(", "));
+                println!("CPU features: {}", lethe::simd::Isa::cpu_features());
+            }
+            Ok(())
+        }
     }
 }
 
@@ -268,7 +302,8 @@ fn bench_quality(a: BenchQualityArgs) -> Result<()> {
         None => lethe::quality::HELDOUT_TEXT.to_string(),
     };
     let isas = a.kernels.unwrap_or_else(lethe::simd::Isa::supported);
-    let r = lethe::quality::measure(&exact.model, &candidate.model, &candidate.tokenizer, &text, a.max_tokens, &isas)?;
+    let paths: Vec<_> = isas.iter().flat_map(|&i| a.precisions.iter().map(move |&p| (i, p))).collect();
+    let r = lethe::quality::measure(&exact.model, &candidate.model, &candidate.tokenizer, &text, a.max_tokens, &paths)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -442,15 +477,33 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             if a.guided {
                 bail!("--guided needs --concurrency (guided requests run through the engine)");
             }
-            let runs = lethe::bench::decode(&bundle.model, &a.batch, a.prompt_tokens, a.gen_tokens, a.model.kv_dtype)?;
+            // Every (kernel set, precision) × batch size, interleaved in one process.
+            let kernels: Vec<Option<lethe::simd::Isa>> =
+                a.kernels.clone().map_or(vec![None], |v| v.into_iter().map(Some).collect());
+            let precisions: Vec<_> = a.activations.clone().map_or(vec![None], |v| v.into_iter().map(Some).collect());
+            let mut cases = Vec::new();
+            for &k in &kernels {
+                for &p in &precisions {
+                    for &b in &a.batch {
+                        cases.push(lethe::bench::DecodeCase {
+                            kernels: k,
+                            activations: p,
+                            ..lethe::bench::DecodeCase::rows(b)
+                        });
+                    }
+                }
+            }
+            let runs =
+                lethe::bench::decode_cases(&bundle.model, &cases, a.prompt_tokens, a.gen_tokens, a.model.kv_dtype)?;
             let base = runs[0].step_ms;
             if !a.json {
                 for r in &runs {
                     println!(
-                        "{} ({}, {} kernels), {} threads, batch {}: prefill {:.0} tok/s | decode {:.1} steps/s, {:.1} tok/s ({:.2} ms/step, {:.2}x batch {}) | peak RSS {:.0} MiB",
+                        "{} ({}, {} kernels, {} activations), {} threads, batch {}: prefill {:.0} tok/s | decode {:.1} steps/s, {:.1} tok/s ({:.2} ms/step, {:.2}x the first) | peak RSS {:.0} MiB",
                         r.model,
                         r.weights,
                         r.kernels,
+                        r.activations,
                         r.threads,
                         r.batch,
                         r.prefill_tok_s,
@@ -458,9 +511,23 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                         r.decode_tok_s,
                         r.step_ms,
                         r.step_ms / base,
-                        runs[0].batch,
                         r.peak_rss_bytes as f64 / (1 << 20) as f64
                     );
+                }
+                if runs.len() > 1 {
+                    let ratios: Vec<String> = runs[1..]
+                        .iter()
+                        .map(|r| {
+                            format!(
+                                "{}/{}/b{} {:.3}",
+                                r.kernels,
+                                r.activations,
+                                r.batch,
+                                lethe::bench::paired_speed_ratio(&runs[0], r) * r.batch as f64 / runs[0].batch as f64
+                            )
+                        })
+                        .collect();
+                    println!("step time vs the first (median of per-round ratios): {}", ratios.join(", "));
                 }
             }
             if runs.len() == 1 {

@@ -12,6 +12,7 @@
 //!
 //! The held-out text (`heldout.txt`) was written for this benchmark, so no model has seen it.
 
+use crate::model::kernels::matmul::{ActPrecision, act_precision, set_act_precision};
 use crate::model::{BatchEntry, KvDtype, Llama, RaggedBatch};
 use crate::simd::Isa;
 use crate::tokenizer::{ChatMessage, Tokenizer};
@@ -31,6 +32,8 @@ const CHUNK: usize = 64;
 pub struct PathQuality {
     /// The kernel set.
     pub kernels: &'static str,
+    /// How activations are rounded for the quantized weights (`int8`, `int16`).
+    pub activations: &'static str,
     pub perplexity: f64,
     /// Mean over positions of KL(f32 ‖ this path), in nats.
     pub mean_kl: f64,
@@ -55,21 +58,30 @@ pub struct QualityReport {
 /// A model run with one kernel set: its own KV cache, advanced chunk by chunk.
 struct Run<'a> {
     model: &'a Llama,
-    isa: Isa,
+    path: Path,
     kv: crate::model::KvCache,
     seq: crate::model::SeqId,
 }
 
+/// A kernel set and an activation precision.
+pub type Path = (Isa, ActPrecision);
+
+fn activate((isa, precision): Path) -> anyhow::Result<()> {
+    crate::simd::activate(isa)?;
+    set_act_precision(precision);
+    Ok(())
+}
+
 impl<'a> Run<'a> {
-    fn new(model: &'a Llama, isa: Isa, dtype: KvDtype) -> Self {
+    fn new(model: &'a Llama, path: Path, dtype: KvDtype) -> Self {
         let mut kv = model.new_kv_cache_with_dtype(1 << 30, dtype);
         let seq = kv.add_sequence();
-        Self { model, isa, kv, seq }
+        Self { model, path, kv, seq }
     }
 
     /// Log-probabilities of every position of `tokens` (appended to the sequence).
     fn log_probs(&mut self, tokens: &[u32]) -> anyhow::Result<Vec<Vec<f32>>> {
-        crate::simd::activate(self.isa)?;
+        activate(self.path)?;
         let mut e = BatchEntry::last(self.seq, tokens.to_vec());
         e.all_logits = true;
         let logits = self.model.forward(&RaggedBatch::new(vec![e]), &mut self.kv)?;
@@ -84,9 +96,9 @@ impl<'a> Run<'a> {
     }
 }
 
-/// Greedy continuation of `prompt` (up to `max` tokens, stopping at EOS) with kernel set `isa`.
-fn greedy(model: &Llama, tok: &Tokenizer, isa: Isa, prompt: &[u32], max: usize) -> anyhow::Result<String> {
-    crate::simd::activate(isa)?;
+/// Greedy continuation of `prompt` (up to `max` tokens, stopping at EOS) on `path`.
+fn greedy(model: &Llama, tok: &Tokenizer, path: Path, prompt: &[u32], max: usize) -> anyhow::Result<String> {
+    activate(path)?;
     let mut kv = model.new_kv_cache(1 << 28);
     let s = kv.add_sequence();
     let mut next = prompt.to_vec();
@@ -103,20 +115,20 @@ fn greedy(model: &Llama, tok: &Tokenizer, isa: Isa, prompt: &[u32], max: usize) 
     Ok(tok.decode(&out, true)?.trim().to_string())
 }
 
-/// Scores `text` with `reference` (f32 weights: the f32 path) and with `candidate` under each
-/// kernel set of `isas`. Kernel sets are switched process-wide, one forward at a time; the
-/// set active before is restored at the end.
+/// Scores `text` with `reference` (f32 weights: the f32 path) and with `candidate` on each
+/// path (kernel set, activation precision). Both are switched process-wide, one forward at a
+/// time; the ones active before are restored at the end.
 pub fn measure(
     reference: &Llama,
     candidate: &Llama,
     tok: &Tokenizer,
     text: &str,
     max_tokens: usize,
-    isas: &[Isa],
+    paths: &[Path],
 ) -> anyhow::Result<QualityReport> {
-    let before = crate::simd::active();
-    let result = measure_inner(reference, candidate, tok, text, max_tokens, isas);
-    crate::simd::activate(before)?;
+    let before = (crate::simd::active(), act_precision());
+    let result = measure_inner(reference, candidate, tok, text, max_tokens, paths);
+    activate(before)?;
     result
 }
 
@@ -126,18 +138,19 @@ fn measure_inner(
     tok: &Tokenizer,
     text: &str,
     max_tokens: usize,
-    isas: &[Isa],
+    paths: &[Path],
 ) -> anyhow::Result<QualityReport> {
     let mut tokens = tok.encode_prompt(text)?;
     tokens.truncate(max_tokens.min(reference.config().max_context));
     anyhow::ensure!(tokens.len() >= 2, "the held-out text is too short to score");
-    let best = Isa::best();
+    // f32 weights take no activation rounding; the precision is irrelevant there.
+    let best = (Isa::best(), ActPrecision::Int8);
     let mut reference_run = Run::new(reference, best, KvDtype::F32);
-    let mut runs: Vec<Run> = isas.iter().map(|&isa| Run::new(candidate, isa, KvDtype::default())).collect();
+    let mut runs: Vec<Run> = paths.iter().map(|&p| Run::new(candidate, p, KvDtype::default())).collect();
     let mut ref_nll = 0f64;
-    let mut nll = vec![0f64; isas.len()];
-    let mut kls: Vec<Vec<f64>> = vec![Vec::new(); isas.len()];
-    let mut agree = vec![0usize; isas.len()];
+    let mut nll = vec![0f64; paths.len()];
+    let mut kls: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut agree = vec![0usize; paths.len()];
     let inputs = &tokens[..tokens.len() - 1];
     for (c, chunk) in inputs.chunks(CHUNK).enumerate() {
         let targets = &tokens[c * CHUNK + 1..][..chunk.len()];
@@ -155,17 +168,18 @@ fn measure_inner(
     }
     let n = inputs.len() as f64;
     let question = tok.encode_chat(&[ChatMessage::user(QUESTION)], true)?;
-    let mut paths = Vec::new();
-    for (p, &isa) in isas.iter().enumerate() {
+    let mut out = Vec::new();
+    for (p, &path) in paths.iter().enumerate() {
         let mut k = std::mem::take(&mut kls[p]);
         k.sort_by(f64::total_cmp);
-        paths.push(PathQuality {
-            kernels: isa.name(),
+        out.push(PathQuality {
+            kernels: path.0.name(),
+            activations: path.1.name(),
             perplexity: (nll[p] / n).exp(),
             mean_kl: k.iter().sum::<f64>() / n,
             p99_kl: k[((k.len() - 1) as f64 * 0.99).round() as usize],
             top1_agreement: agree[p] as f64 / n,
-            answer: greedy(candidate, tok, isa, &question, 16)?,
+            answer: greedy(candidate, tok, path, &question, 16)?,
         });
     }
     Ok(QualityReport {
@@ -174,6 +188,6 @@ fn measure_inner(
         tokens: tokens.len(),
         reference_perplexity: (ref_nll / n).exp(),
         reference_answer: greedy(reference, tok, best, &question, 16)?,
-        paths,
+        paths: out,
     })
 }

@@ -30,6 +30,8 @@ const BASE: KernelSet = KernelSet {
     quantize_block,
     q8_0_tile: q8_0_tile::<false>,
     q4_1_tile: q4_1_tile::<false>,
+    q8_0_tile16: q8_0_tile16::<false>,
+    q4_1_tile16: q4_1_tile16::<false>,
     f32_tile,
     f16_tile,
     add_f16_tile_rows,
@@ -42,8 +44,14 @@ const BASE: KernelSet = KernelSet {
 };
 
 static KERNELS: KernelSet = BASE;
-static KERNELS_VNNI: KernelSet =
-    KernelSet { isa: Isa::Avx2Vnni, q8_0_tile: q8_0_tile_vnni, q4_1_tile: q4_1_tile_vnni, ..BASE };
+static KERNELS_VNNI: KernelSet = KernelSet {
+    isa: Isa::Avx2Vnni,
+    q8_0_tile: q8_0_tile_vnni,
+    q4_1_tile: q4_1_tile_vnni,
+    q8_0_tile16: q8_0_tile16_vnni,
+    q4_1_tile16: q4_1_tile16_vnni,
+    ..BASE
+};
 
 /// # Safety
 /// The CPU must support [`Isa::Avx2`], and [`Isa::Avx2Vnni`] if `vnni`.
@@ -274,6 +282,151 @@ unsafe fn q4_1_rows<const R: usize, const VNNI: bool>(
                 for r in 0..R {
                     let s = if VNNI { s[r] } else { _mm256_madd_epi16(s[r], ones) };
                     let sf = _mm256_cvtepi32_ps(s);
+                    acc[r] = _mm256_fmadd_ps(sf, _mm256_mul_ps(dw, _mm256_set1_ps(*xd[r].add(b))), acc[r]);
+                    accm[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xs[r].add(b)), accm[r]);
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(half * HALF), _mm256_add_ps(acc[r], accm[r]));
+            }
+        }
+    }
+}
+
+/// Two 16-bit activations (a pair of [`QuantizedActs::qs16`]) in every 32-bit lane.
+#[inline(always)]
+unsafe fn bcast_pair(p: *const i16) -> __m256i {
+    unsafe { _mm256_set1_epi32((p as *const i32).read_unaligned()) }
+}
+
+/// `s += Σ pairs of i16 products` per 32-bit lane: `vpdpwssd` with AVX-VNNI, else
+/// `vpmaddwd` + `vpaddd` (the same sums).
+#[inline(always)]
+unsafe fn dot_pairs<const VNNI: bool>(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    unsafe { if VNNI { _mm256_dpwssd_avx_epi32(s, w, x) } else { _mm256_add_epi32(s, _mm256_madd_epi16(w, x)) } }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_tile16<const VNNI: bool>(
+    w: &PackedMatrix,
+    a: &QuantizedActs,
+    t: usize,
+    row0: usize,
+    rows: usize,
+    out: &mut Tile,
+) {
+    unsafe { dispatch_rows!(rows, q8_0_rows16::<VNNI>, w, a, t, row0, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn q8_0_tile16_vnni(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
+    unsafe { dispatch_rows!(rows, q8_0_rows16::<true>, w, a, t, row0, out) }
+}
+
+/// Q8_0 × 16-bit activations (see `q8_0_rows16` in avx512.rs for the pairing).
+#[inline(always)]
+unsafe fn q8_0_rows16<const R: usize, const VNNI: bool>(
+    w: &PackedMatrix,
+    a: &QuantizedActs,
+    t: usize,
+    row0: usize,
+    out: &mut Tile,
+) {
+    unsafe {
+        let kb = w.k_blocks();
+        let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE);
+        let scales = w.scales.as_ptr().add(t * kb * TILE);
+        let xq: [*const i16; R] = std::array::from_fn(|r| a.qs16.as_ptr().add((row0 + r) * a.k));
+        let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+        let flip = _mm256_set1_epi8(-128);
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..kb {
+                let qb = q.add(b * QBLOCK * TILE + half * 32);
+                let mut s = [_mm256_setzero_si256(); R];
+                for g in 0..8 {
+                    let ws = _mm256_xor_si256(_mm256_load_si256(qb.add(g * 64) as *const __m256i), flip);
+                    let even = _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(ws));
+                    let odd = _mm256_srai_epi16::<8>(ws);
+                    for r in 0..R {
+                        let xp = xq[r].add(b * QBLOCK + g * 4);
+                        s[r] = dot_pairs::<VNNI>(s[r], even, bcast_pair(xp));
+                        s[r] = dot_pairs::<VNNI>(s[r], odd, bcast_pair(xp.add(2)));
+                    }
+                }
+                let dw = load_f16x8(scales.add(b * TILE + half * HALF));
+                for r in 0..R {
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[r].add(b)));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), scale, acc[r]);
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(half * HALF), acc[r]);
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_tile16<const VNNI: bool>(
+    w: &PackedMatrix,
+    a: &QuantizedActs,
+    t: usize,
+    row0: usize,
+    rows: usize,
+    out: &mut Tile,
+) {
+    unsafe { dispatch_rows!(rows, q4_1_rows16::<VNNI>, w, a, t, row0, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn q4_1_tile16_vnni(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
+    unsafe { dispatch_rows!(rows, q4_1_rows16::<true>, w, a, t, row0, out) }
+}
+
+/// Q4_1 × 16-bit activations (see `q4_1_rows16` in avx512.rs for the pairing).
+#[inline(always)]
+unsafe fn q4_1_rows16<const R: usize, const VNNI: bool>(
+    w: &PackedMatrix,
+    a: &QuantizedActs,
+    t: usize,
+    row0: usize,
+    out: &mut Tile,
+) {
+    unsafe {
+        let kb = w.k_blocks();
+        let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE / 2);
+        let scales = w.scales.as_ptr().add(t * kb * TILE);
+        let mins = w.mins.as_ptr().add(t * kb * TILE);
+        let xq: [*const i16; R] = std::array::from_fn(|r| a.qs16.as_ptr().add((row0 + r) * a.k));
+        let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+        let xs: [*const f32; R] = std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
+        let m = _mm256_set1_epi32(0x000F_000F);
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut accm = [_mm256_setzero_ps(); R];
+            for b in 0..kb {
+                let qb = q.add(b * QBLOCK * TILE / 2 + half * 32);
+                let mut s = [_mm256_setzero_si256(); R];
+                for g in 0..4 {
+                    let v = _mm256_load_si256(qb.add(g * 64) as *const __m256i);
+                    let pairs = [
+                        _mm256_and_si256(v, m),
+                        _mm256_and_si256(_mm256_srli_epi32::<8>(v), m),
+                        _mm256_and_si256(_mm256_srli_epi32::<4>(v), m),
+                        _mm256_and_si256(_mm256_srli_epi32::<12>(v), m),
+                    ];
+                    for r in 0..R {
+                        let xp = xq[r].add(b * QBLOCK + g * 8);
+                        for (j, p) in pairs.iter().enumerate() {
+                            s[r] = dot_pairs::<VNNI>(s[r], *p, bcast_pair(xp.add(2 * j)));
+                        }
+                    }
+                }
+                let dw = load_f16x8(scales.add(b * TILE + half * HALF));
+                let mw = load_f16x8(mins.add(b * TILE + half * HALF));
+                for r in 0..R {
+                    let sf = _mm256_cvtepi32_ps(s[r]);
                     acc[r] = _mm256_fmadd_ps(sf, _mm256_mul_ps(dw, _mm256_set1_ps(*xd[r].add(b))), acc[r]);
                     accm[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xs[r].add(b)), accm[r]);
                 }

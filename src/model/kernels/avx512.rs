@@ -17,6 +17,8 @@ static KERNELS: KernelSet = KernelSet {
     quantize_block,
     q8_0_tile,
     q4_1_tile,
+    q8_0_tile16,
+    q4_1_tile16,
     f32_tile,
     f16_tile,
     add_f16_tile_rows,
@@ -196,6 +198,108 @@ unsafe fn q4_1_rows<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usiz
                     let xb = xq[r].add(b * QBLOCK + g * 8);
                     s[r] = _mm512_dpbusd_epi32(s[r], lo, bcast4(xb));
                     s[r] = _mm512_dpbusd_epi32(s[r], hi, bcast4(xb.add(4)));
+                }
+            }
+            let dw = load_f16x16(scales.add(b * TILE));
+            let mw = load_f16x16(mins.add(b * TILE));
+            for r in 0..R {
+                let sf = _mm512_cvtepi32_ps(s[r]);
+                acc[r] = _mm512_fmadd_ps(sf, _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b))), acc[r]);
+                accm[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*xs[r].add(b)), accm[r]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(acc[r], accm[r]));
+        }
+    }
+}
+
+/// Two 16-bit activations (a pair of [`QuantizedActs::qs16`]) in every 32-bit lane.
+#[inline(always)]
+unsafe fn bcast_pair(p: *const i16) -> __m512i {
+    unsafe { _mm512_set1_epi32((p as *const i32).read_unaligned()) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+unsafe fn q8_0_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
+    unsafe { dispatch_rows!(rows, q8_0_rows16, w, a, t, row0, out) }
+}
+
+/// Q8_0 × 16-bit activations with `vpdpwssd` (pairs of i16 products into i32): a lane's 4
+/// weight bytes, flipped back to signed, give the pairs (0, 2) and (1, 3), matching the
+/// activations' `[0, 2, 1, 3]` order.
+#[inline(always)]
+unsafe fn q8_0_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
+    unsafe {
+        let kb = w.k_blocks();
+        let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE);
+        let scales = w.scales.as_ptr().add(t * kb * TILE);
+        let xq: [*const i16; R] = std::array::from_fn(|r| a.qs16.as_ptr().add((row0 + r) * a.k));
+        let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+        let flip = _mm512_set1_epi8(-128);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..kb {
+            let qb = q.add(b * QBLOCK * TILE);
+            let mut s = [_mm512_setzero_si512(); R];
+            for g in 0..8 {
+                let ws = _mm512_xor_si512(_mm512_load_si512(qb.add(g * 64) as *const __m512i), flip);
+                let even = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(ws));
+                let odd = _mm512_srai_epi16::<8>(ws);
+                for r in 0..R {
+                    let xp = xq[r].add(b * QBLOCK + g * 4);
+                    s[r] = _mm512_dpwssd_epi32(s[r], even, bcast_pair(xp));
+                    s[r] = _mm512_dpwssd_epi32(s[r], odd, bcast_pair(xp.add(2)));
+                }
+            }
+            let dw = load_f16x16(scales.add(b * TILE));
+            for r in 0..R {
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b)));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), scale, acc[r]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+unsafe fn q4_1_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
+    unsafe { dispatch_rows!(rows, q4_1_rows16, w, a, t, row0, out) }
+}
+
+/// Q4_1 × 16-bit activations with `vpdpwssd`: masking a lane's 4 bytes with `0x000F000F`
+/// after shifts of 0, 8, 4 and 12 bits gives the nibble pairs (0, 2), (1, 3), (4, 6), (5, 7)
+/// of its 8 inputs, matching the activations' order.
+#[inline(always)]
+unsafe fn q4_1_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
+    unsafe {
+        let kb = w.k_blocks();
+        let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE / 2);
+        let scales = w.scales.as_ptr().add(t * kb * TILE);
+        let mins = w.mins.as_ptr().add(t * kb * TILE);
+        let xq: [*const i16; R] = std::array::from_fn(|r| a.qs16.as_ptr().add((row0 + r) * a.k));
+        let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+        let xs: [*const f32; R] = std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
+        let m = _mm512_set1_epi32(0x000F_000F);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut accm = [_mm512_setzero_ps(); R];
+        for b in 0..kb {
+            let qb = q.add(b * QBLOCK * TILE / 2);
+            let mut s = [_mm512_setzero_si512(); R];
+            for g in 0..4 {
+                let v = _mm512_load_si512(qb.add(g * 64) as *const __m512i);
+                let pairs = [
+                    _mm512_and_si512(v, m),
+                    _mm512_and_si512(_mm512_srli_epi32::<8>(v), m),
+                    _mm512_and_si512(_mm512_srli_epi32::<4>(v), m),
+                    _mm512_and_si512(_mm512_srli_epi32::<12>(v), m),
+                ];
+                for r in 0..R {
+                    let xp = xq[r].add(b * QBLOCK + g * 8);
+                    for (j, p) in pairs.iter().enumerate() {
+                        s[r] = _mm512_dpwssd_epi32(s[r], *p, bcast_pair(xp.add(2 * j)));
+                    }
                 }
             }
             let dw = load_f16x16(scales.add(b * TILE));

@@ -20,34 +20,127 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 /// Activation rows processed together against one tile (register blocking).
 pub const MR: usize = 4;
 
-/// Activations quantized to 8 bits per block of 32.
+/// How activations are rounded before the integer dot products with quantized weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActPrecision {
+    /// 8 bits per block of 32 (llama.cpp's and candle's Q8_1 scheme): the least arithmetic.
+    #[default]
+    Int8,
+    /// 16 bits per block of 32: rounding 256× finer, next-token distributions within ~1e-5
+    /// nats of exact f32 arithmetic, for about twice the integer work.
+    Int16,
+}
+
+impl ActPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Int8 => "int8",
+            Self::Int16 => "int16",
+        }
+    }
+}
+
+impl std::str::FromStr for ActPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "int8" | "8" => Ok(Self::Int8),
+            "int16" | "16" => Ok(Self::Int16),
+            _ => Err(format!("unknown activation precision {s:?} (int8, int16)")),
+        }
+    }
+}
+
+/// The process-wide activation precision (0 = not chosen yet).
+static PRECISION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the activation precision of every later quantized matmul (start-up, benchmarks).
+pub fn set_act_precision(p: ActPrecision) {
+    PRECISION.store(p as u8 + 1, Ordering::Release);
+}
+
+/// The process-wide activation precision: set by [`set_act_precision`], else `LETHE_ACTIVATIONS`
+/// (`int8`/`int16`), else the default. An unknown `LETHE_ACTIVATIONS` panics here; programs check
+/// it at start-up with [`act_precision_from_env`].
+pub fn act_precision() -> ActPrecision {
+    match PRECISION.load(Ordering::Acquire) {
+        1 => ActPrecision::Int8,
+        2 => ActPrecision::Int16,
+        _ => {
+            let p = act_precision_from_env().unwrap_or_else(|e| panic!("{e}"));
+            set_act_precision(p);
+            p
+        }
+    }
+}
+
+/// The precision `LETHE_ACTIVATIONS` asks for (the default when unset).
+pub fn act_precision_from_env() -> Result<ActPrecision, String> {
+    match std::env::var("LETHE_ACTIVATIONS") {
+        Ok(v) => v.parse().map_err(|e| format!("LETHE_ACTIVATIONS: {e}")),
+        Err(_) => Ok(ActPrecision::default()),
+    }
+}
+
+/// Activations quantized per block of 32, to 8 or 16 bits.
 pub struct QuantizedActs {
     pub m: usize,
     pub k: usize,
+    pub precision: ActPrecision,
+    /// 8-bit values (`Int8`), `[m, k]`.
     pub qs: Vec<i8>,
+    /// 16-bit values (`Int16`), `[m, k]`, each group of 4 inputs stored as `[0, 2, 1, 3]`: the
+    /// pairs that 16-bit multiply-adds combine (see [`quantize_block16`]).
+    pub qs16: Vec<i16>,
     /// Scale per (row, block).
     pub d: Vec<f32>,
-    /// Integer sum of the block's quants per (row, block).
+    /// Integer sum of the block's quants per (row, block) (`Int8`).
     pub sums: Vec<i32>,
-    /// `d · sum` per (row, block), rounded through f16 as GGUF's Q8_1 stores it (the term that
-    /// multiplies a Q4_1 block's minimum).
+    /// `d · sum` per (row, block): the term that multiplies a Q4_1 block's minimum. Rounded
+    /// through f16 for `Int8`, as GGUF's Q8_1 stores it.
     pub dsums: Vec<f32>,
 }
 
+/// Where input `i` of a block sits in [`QuantizedActs::qs16`]: groups of 4 as `[0, 2, 1, 3]`.
+#[inline]
+pub(crate) fn q16_index(i: usize) -> usize {
+    const SWAP: [usize; 4] = [0, 2, 1, 3];
+    i / 4 * 4 + SWAP[i % 4]
+}
+
+/// One block to 16 bits: `d = amax / 32767`, `q = round(x / d)` (half away from zero), stored in
+/// [`q16_index`] order. Returns (d, Σq). One implementation for every instruction set: the
+/// integer sums are then the same everywhere.
+pub fn quantize_block16(src: &[f32], dst: &mut [i16]) -> (f32, i32) {
+    let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 32767.0;
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (i, v) in src.iter().enumerate() {
+        let q = (v * inv).round() as i16;
+        dst[q16_index(i)] = q;
+        sum += q as i32;
+    }
+    (d, sum)
+}
+
 impl QuantizedActs {
-    /// Quantizes `x: [m, k]` with the process-wide kernels.
+    /// Quantizes `x: [m, k]` with the process-wide kernels and precision.
     pub fn quantize(x: &[f32], m: usize, k: usize) -> Self {
-        Self::quantize_with(super::active(), x, m, k)
+        Self::quantize_with(super::active(), act_precision(), x, m, k)
     }
 
-    fn quantize_with(ks: &KernelSet, x: &[f32], m: usize, k: usize) -> Self {
+    fn quantize_with(ks: &KernelSet, precision: ActPrecision, x: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(x.len(), m * k);
         assert!(k.is_multiple_of(QBLOCK));
         let kb = k / QBLOCK;
+        let wide = precision == ActPrecision::Int16;
         let mut a = Self {
             m,
             k,
-            qs: vec![0i8; m * k],
+            precision,
+            qs: vec![0i8; if wide { 0 } else { m * k }],
+            qs16: vec![0i16; if wide { m * k } else { 0 }],
             d: vec![0f32; m * kb],
             sums: vec![0i32; m * kb],
             dsums: vec![0f32; m * kb],
@@ -56,8 +149,9 @@ impl QuantizedActs {
         let rows_per_chunk =
             if m * k >= 64 * 1024 { m.div_ceil(pool::n_chunks(m, pool::global().n_threads())) } else { m };
         let chunks = m.div_ceil(rows_per_chunk.max(1));
-        let (qs, d, sums, dsums) = (
+        let (qs, qs16, d, sums, dsums) = (
             pool::SyncPtr::new(a.qs.as_mut_ptr()),
+            pool::SyncPtr::new(a.qs16.as_mut_ptr()),
             pool::SyncPtr::new(a.d.as_mut_ptr()),
             pool::SyncPtr::new(a.sums.as_mut_ptr()),
             pool::SyncPtr::new(a.dsums.as_mut_ptr()),
@@ -67,14 +161,22 @@ impl QuantizedActs {
             for bi in rows.start * kb..rows.end * kb {
                 let src = &x[bi * QBLOCK..][..QBLOCK];
                 // SAFETY: chunks cover disjoint rows, hence disjoint blocks of every array; the
-                // block lengths are what `quantize_block` needs.
+                // block lengths are what the quantizers need.
                 unsafe {
-                    let dst = std::slice::from_raw_parts_mut(qs.get().add(bi * QBLOCK), QBLOCK);
-                    let (scale, sum) = (ks.quantize_block)(src, dst);
+                    let (scale, sum) = if wide {
+                        let dst = std::slice::from_raw_parts_mut(qs16.get().add(bi * QBLOCK), QBLOCK);
+                        let (scale, sum) = quantize_block16(src, dst);
+                        *dsums.get().add(bi) = scale * sum as f32;
+                        (scale, sum)
+                    } else {
+                        let dst = std::slice::from_raw_parts_mut(qs.get().add(bi * QBLOCK), QBLOCK);
+                        let (scale, sum) = (ks.quantize_block)(src, dst);
+                        // As ggml/candle: `s = f16(sum) * f16(d)`, kept in f16.
+                        *dsums.get().add(bi) = (f16::from_f32(sum as f32) * f16::from_f32(scale)).to_f32();
+                        (scale, sum)
+                    };
                     *d.get().add(bi) = scale;
                     *sums.get().add(bi) = sum;
-                    // As ggml/candle: `s = f16(sum) * f16(d)`, kept in f16.
-                    *dsums.get().add(bi) = (f16::from_f32(sum as f32) * f16::from_f32(scale)).to_f32();
                 }
             }
         });
@@ -92,13 +194,13 @@ pub fn matmul_new_then(w: &PackedMatrix, x: &[f32], m: usize, epilogue: &(impl E
     // Zero-filled rather than a slice over uninitialised capacity (unsound even if every
     // element is written before it is read); the fill costs a few µs next to the product.
     let mut y = vec![0f32; m * w.n];
-    matmul_with(pool::global(), w, x, m, &mut y, crate::simd::active(), epilogue);
+    matmul_with(pool::global(), w, x, m, &mut y, crate::simd::active(), act_precision(), epilogue);
     y
 }
 
 /// `y[m, n] = x[m, k] · Wᵀ` using the global kernel pool.
 pub fn matmul(w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32]) {
-    matmul_with(pool::global(), w, x, m, y, crate::simd::active(), &NoEpilogue)
+    matmul_with(pool::global(), w, x, m, y, crate::simd::active(), act_precision(), &NoEpilogue)
 }
 
 /// Work fused into a matmul, applied to each freshly computed tile (16 output columns of up to
@@ -168,7 +270,9 @@ impl PreItems {
     }
 }
 
-/// [`matmul`] on a given pool and kernel set (which must be one the CPU supports).
+/// [`matmul`] on a given pool, kernel set (which must be one the CPU supports) and activation
+/// precision (for quantized weights).
+#[allow(clippy::too_many_arguments)]
 pub fn matmul_with(
     pool: &pool::ThreadPool,
     w: &PackedMatrix,
@@ -176,6 +280,7 @@ pub fn matmul_with(
     m: usize,
     y: &mut [f32],
     isa: Isa,
+    precision: ActPrecision,
     epilogue: &(impl Epilogue + ?Sized),
 ) {
     let ks = kernel_set(isa);
@@ -187,7 +292,7 @@ pub fn matmul_with(
     }
     let acts = match w.format {
         PackedFormat::F32 | PackedFormat::F16 => None,
-        _ => Some(QuantizedActs::quantize_with(ks, x, m, k)),
+        _ => Some(QuantizedActs::quantize_with(ks, precision, x, m, k)),
     };
     let tiles = w.n_tiles();
     let out = pool::SyncPtr::new(y.as_mut_ptr());
@@ -274,8 +379,11 @@ unsafe fn compute_tile(
     out: &mut Tile,
 ) {
     let quantized = || acts.expect("quantized formats come with quantized activations");
+    let wide = || quantized().precision == ActPrecision::Int16;
     unsafe {
         match w.format {
+            PackedFormat::Q8_0 if wide() => (ks.q8_0_tile16)(w, quantized(), t, row0, rows, out),
+            PackedFormat::Q4_1 if wide() => (ks.q4_1_tile16)(w, quantized(), t, row0, rows, out),
             PackedFormat::Q8_0 => (ks.q8_0_tile)(w, quantized(), t, row0, rows, out),
             PackedFormat::Q4_1 => (ks.q4_1_tile)(w, quantized(), t, row0, rows, out),
             PackedFormat::F32 => (ks.f32_tile)(w, x, t, row0, rows, out),
@@ -326,14 +434,22 @@ mod tests {
         raw
     }
 
-    fn check_all_isas(w: &PackedMatrix, x: &[f32], m: usize, tol: f32) {
+    const PRECISIONS: [ActPrecision; 2] = [ActPrecision::Int8, ActPrecision::Int16];
+
+    fn check_all_isas(w: &PackedMatrix, x: &[f32], m: usize, tol: [f32; 2]) {
         let want = reference(&w.dequantize(), x, m, w.n, w.k);
         let pool = ThreadPool::new(2);
         for isa in Isa::supported() {
-            let mut y = vec![0f32; m * w.n];
-            matmul_with(&pool, w, x, m, &mut y, isa, &NoEpilogue);
-            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{:?} {isa:?} m={m} i={i}: {a} vs {b}", w.format);
+            for (p, tol) in PRECISIONS.into_iter().zip(tol) {
+                let mut y = vec![0f32; m * w.n];
+                matmul_with(&pool, w, x, m, &mut y, isa, p, &NoEpilogue);
+                for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= tol * (1.0 + b.abs()),
+                        "{:?} {isa} {p:?} m={m} i={i}: {a} vs {b}",
+                        w.format
+                    );
+                }
             }
         }
     }
@@ -351,8 +467,10 @@ mod tests {
         for m in [1, 2, 3, 4, 5, 9] {
             let x = rand_vec(m * k, 100 + m as u64);
             for w in &formats {
-                // Activation quantization error dominates for the 8-bit formats.
-                let tol = if matches!(w.format, PackedFormat::F32 | PackedFormat::F16) { 1e-5 } else { 0.05 };
+                // Activation quantization error dominates for the quantized formats; 16-bit
+                // activations bring it within f32 summation noise.
+                let tol =
+                    if matches!(w.format, PackedFormat::F32 | PackedFormat::F16) { [1e-5; 2] } else { [0.05, 5e-4] };
                 check_all_isas(w, &x, m, tol);
             }
         }
@@ -389,12 +507,12 @@ mod tests {
         let x = rand_vec(m * k, 4);
         let pool = ThreadPool::new(2);
         let mut plain = vec![0f32; m * n];
-        matmul_with(&pool, &w, &x, m, &mut plain, Isa::best(), &NoEpilogue);
+        matmul_with(&pool, &w, &x, m, &mut plain, Isa::best(), ActPrecision::Int8, &NoEpilogue);
         for pre in [1, 2, 7, 40] {
             for _ in 0..20 {
                 let gated = Gated { done: (0..pre).map(|_| AtomicU32::new(0)).collect() };
                 let mut y = vec![0f32; m * n];
-                matmul_with(&pool, &w, &x, m, &mut y, Isa::best(), &gated);
+                matmul_with(&pool, &w, &x, m, &mut y, Isa::best(), ActPrecision::Int8, &gated);
                 for (a, b) in y.iter().zip(&plain) {
                     assert_eq!(*a, b + pre as f32, "a tile ran before all {pre} pre items finished");
                 }
@@ -412,13 +530,19 @@ mod tests {
             PackedMatrix::quantize_q8_0(&wf, n, k).unwrap(),
             PackedMatrix::from_q4_1_blocks(&q4_1_raw(&wf), n, k).unwrap(),
         ] {
-            let mut a = vec![0f32; 3 * n];
-            matmul_with(&pool, &w, &x, 3, &mut a, Isa::Portable, &NoEpilogue);
-            for isa in Isa::supported() {
-                let mut b = vec![0f32; 3 * n];
-                matmul_with(&pool, &w, &x, 3, &mut b, isa, &NoEpilogue);
-                for (p, q) in a.iter().zip(&b) {
-                    assert!((p - q).abs() <= 1e-4 * (1.0 + p.abs()), "{isa} {:?}: {p} vs {q}", w.format);
+            for precision in PRECISIONS {
+                let mut a = vec![0f32; 3 * n];
+                matmul_with(&pool, &w, &x, 3, &mut a, Isa::Portable, precision, &NoEpilogue);
+                for isa in Isa::supported() {
+                    let mut b = vec![0f32; 3 * n];
+                    matmul_with(&pool, &w, &x, 3, &mut b, isa, precision, &NoEpilogue);
+                    for (p, q) in a.iter().zip(&b) {
+                        assert!(
+                            (p - q).abs() <= 1e-4 * (1.0 + p.abs()),
+                            "{isa} {precision:?} {:?}: {p} vs {q}",
+                            w.format
+                        );
+                    }
                 }
             }
         }
@@ -462,13 +586,13 @@ mod tests {
             PackedMatrix::from_f32_as_f16(&wf, n, k).unwrap(),
         ] {
             let x = rand_vec(6 * k, 12);
-            for isa in Isa::supported() {
+            for (isa, p) in Isa::supported().into_iter().flat_map(|i| PRECISIONS.map(|p| (i, p))) {
                 let mut all = vec![0f32; 6 * n];
-                matmul_with(&pool, &w, &x, 6, &mut all, isa, &NoEpilogue);
+                matmul_with(&pool, &w, &x, 6, &mut all, isa, p, &NoEpilogue);
                 for r in 0..6 {
                     let mut one = vec![0f32; n];
-                    matmul_with(&pool, &w, &x[r * k..][..k], 1, &mut one, isa, &NoEpilogue);
-                    assert_eq!(&all[r * n..][..n], &one[..], "{isa} {:?} row {r}", w.format);
+                    matmul_with(&pool, &w, &x[r * k..][..k], 1, &mut one, isa, p, &NoEpilogue);
+                    assert_eq!(&all[r * n..][..n], &one[..], "{isa} {p:?} {:?} row {r}", w.format);
                 }
             }
         }
@@ -504,7 +628,7 @@ mod tests {
                     s.spawn(|| {
                         let mut y = vec![0f32; m * n];
                         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            matmul_with(&pool, &w, &x, m, &mut y, Isa::best(), &Failing { bad })
+                            matmul_with(&pool, &w, &x, m, &mut y, Isa::best(), ActPrecision::Int8, &Failing { bad })
                         }));
                         tx.send(r.is_err()).unwrap();
                     });

@@ -57,10 +57,14 @@ pub struct KernelSet {
     /// One block of 32 activations → (scale, Σq), llama.cpp's Q8_1 rounding; every set returns
     /// bit-identical results. Needs `src.len() == dst.len() == 32`.
     pub(crate) quantize_block: unsafe fn(src: &[f32], dst: &mut [i8]) -> (f32, i32),
-    /// Q8_0 and Q4_1 tiles. Needs `w` of that format, `t < w.n_tiles()`, `1 ≤ rows ≤ MR`,
-    /// `a` quantized from `row0 + rows` rows or more of `w.k` inputs.
+    /// Q8_0 and Q4_1 tiles with 8-bit activations. Needs `w` of that format, `t < w.n_tiles()`,
+    /// `1 ≤ rows ≤ MR`, `a` quantized (at that precision) from `row0 + rows` rows or more of
+    /// `w.k` inputs.
     pub(crate) q8_0_tile: QuantTileFn,
     pub(crate) q4_1_tile: QuantTileFn,
+    /// The same with 16-bit activations ([`matmul::ActPrecision::Int16`]).
+    pub(crate) q8_0_tile16: QuantTileFn,
+    pub(crate) q4_1_tile16: QuantTileFn,
     /// F32 and F16 tiles. Needs `w` of that format, `t < w.n_tiles()`, `1 ≤ rows ≤ MR`,
     /// `x.len() ≥ (row0 + rows) · w.k`.
     pub(crate) f32_tile: FloatTileFn,

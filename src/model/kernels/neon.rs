@@ -33,6 +33,8 @@ const BASE: KernelSet = KernelSet {
     quantize_block,
     q8_0_tile: q8_0_tile::<false>,
     q4_1_tile: q4_1_tile::<false>,
+    q8_0_tile16,
+    q4_1_tile16,
     f32_tile,
     f16_tile,
     add_f16_tile_rows,
@@ -319,6 +321,126 @@ unsafe fn q4_1_rows<const R: usize, const DOT: bool>(
                 q4_group!(DOT, 1, qb, xv, s, R);
                 q4_group!(DOT, 2, qb, xv, s, R);
                 q4_group!(DOT, 3, qb, xv, s, R);
+                let dw = load_f16x8(scales.add(b * TILE + half * HALF));
+                let mw = load_f16x8(mins.add(b * TILE + half * HALF));
+                for r in 0..R {
+                    let (xd, xs) = (vdupq_n_f32(*xd[r].add(b)), vdupq_n_f32(*xs[r].add(b)));
+                    for j in 0..2 {
+                        acc[r][j] = vfmaq_f32(acc[r][j], vcvtq_f32_s32(s[r][j]), vmulq_f32(dw[j], xd));
+                        accm[r][j] = vfmaq_f32(accm[r][j], mw[j], xs);
+                    }
+                }
+            }
+            for r in 0..R {
+                for j in 0..2 {
+                    vst1q_f32(out[r].as_mut_ptr().add(half * HALF + 4 * j), vaddq_f32(acc[r][j], accm[r][j]));
+                }
+            }
+        }
+    }
+}
+
+/// `s += Σ pairs of i16 products` per 32-bit lane (widening multiplies, pairwise add).
+#[inline(always)]
+unsafe fn dot_pairs(s: int32x4_t, w: int16x8_t, x: int16x8_t) -> int32x4_t {
+    unsafe { vaddq_s32(s, vpaddq_s32(vmull_s16(vget_low_s16(w), vget_low_s16(x)), vmull_high_s16(w, x))) }
+}
+
+/// Two 16-bit activations in every 32-bit lane.
+#[inline(always)]
+unsafe fn bcast_pair(p: *const i16) -> int16x8_t {
+    unsafe { vreinterpretq_s16_s32(vdupq_n_s32((p as *const i32).read_unaligned())) }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn q8_0_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
+    unsafe { dispatch_rows!(rows, q8_0_rows16, w, a, t, row0, out) }
+}
+
+/// Q8_0 × 16-bit activations (the pairing of `q8_0_rows16` in avx512.rs).
+#[inline(always)]
+unsafe fn q8_0_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
+    unsafe {
+        let kb = w.k_blocks();
+        let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE);
+        let scales = w.scales.as_ptr().add(t * kb * TILE);
+        let xq: [*const i16; R] = std::array::from_fn(|r| a.qs16.as_ptr().add((row0 + r) * a.k));
+        let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+        let flip = vdupq_n_u8(0x80);
+        for half in 0..2 {
+            let mut acc = [[vdupq_n_f32(0.0); 2]; R];
+            for b in 0..kb {
+                let qb = q.add(b * QBLOCK * TILE + half * 32);
+                let mut s = [[vdupq_n_s32(0); 2]; R];
+                for g in 0..8 {
+                    for j in 0..2 {
+                        let ws = vreinterpretq_s16_u8(veorq_u8(vld1q_u8(qb.add(g * 64 + j * 16)), flip));
+                        let even = vshrq_n_s16::<8>(vshlq_n_s16::<8>(ws));
+                        let odd = vshrq_n_s16::<8>(ws);
+                        for r in 0..R {
+                            let xp = xq[r].add(b * QBLOCK + g * 4);
+                            s[r][j] = dot_pairs(s[r][j], even, bcast_pair(xp));
+                            s[r][j] = dot_pairs(s[r][j], odd, bcast_pair(xp.add(2)));
+                        }
+                    }
+                }
+                let dw = load_f16x8(scales.add(b * TILE + half * HALF));
+                for r in 0..R {
+                    let xs = vdupq_n_f32(*xd[r].add(b));
+                    for j in 0..2 {
+                        acc[r][j] = vfmaq_f32(acc[r][j], vcvtq_f32_s32(s[r][j]), vmulq_f32(dw[j], xs));
+                    }
+                }
+            }
+            for r in 0..R {
+                for j in 0..2 {
+                    vst1q_f32(out[r].as_mut_ptr().add(half * HALF + 4 * j), acc[r][j]);
+                }
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn q4_1_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
+    unsafe { dispatch_rows!(rows, q4_1_rows16, w, a, t, row0, out) }
+}
+
+/// Q4_1 × 16-bit activations (the pairing of `q4_1_rows16` in avx512.rs).
+#[inline(always)]
+unsafe fn q4_1_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
+    unsafe {
+        let kb = w.k_blocks();
+        let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE / 2);
+        let scales = w.scales.as_ptr().add(t * kb * TILE);
+        let mins = w.mins.as_ptr().add(t * kb * TILE);
+        let xq: [*const i16; R] = std::array::from_fn(|r| a.qs16.as_ptr().add((row0 + r) * a.k));
+        let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+        let xs: [*const f32; R] = std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
+        let m = vdupq_n_u32(0x000F_000F);
+        for half in 0..2 {
+            let mut acc = [[vdupq_n_f32(0.0); 2]; R];
+            let mut accm = [[vdupq_n_f32(0.0); 2]; R];
+            for b in 0..kb {
+                let qb = q.add(b * QBLOCK * TILE / 2 + half * 32);
+                let mut s = [[vdupq_n_s32(0); 2]; R];
+                for g in 0..4 {
+                    for j in 0..2 {
+                        let v = vreinterpretq_u32_u8(vld1q_u8(qb.add(g * 64 + j * 16)));
+                        let pairs = [
+                            vreinterpretq_s16_u32(vandq_u32(v, m)),
+                            vreinterpretq_s16_u32(vandq_u32(vshrq_n_u32::<8>(v), m)),
+                            vreinterpretq_s16_u32(vandq_u32(vshrq_n_u32::<4>(v), m)),
+                            vreinterpretq_s16_u32(vandq_u32(vshrq_n_u32::<12>(v), m)),
+                        ];
+                        for r in 0..R {
+                            let xp = xq[r].add(b * QBLOCK + g * 8);
+                            for (p, w) in pairs.iter().enumerate() {
+                                s[r][j] = dot_pairs(s[r][j], *w, bcast_pair(xp.add(2 * p)));
+                            }
+                        }
+                    }
+                }
                 let dw = load_f16x8(scales.add(b * TILE + half * HALF));
                 let mw = load_f16x8(mins.add(b * TILE + half * HALF));
                 for r in 0..R {

@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 /// between two projections of a decode step, short enough not to burn a core when idle.
 const SPIN: Duration = Duration::from_micros(300);
 
+/// How long a caller spins for workers still inside its finished job before it starts
+/// yielding its core (far longer than a chunk of a decode step takes).
+const YIELD_AFTER: Duration = Duration::from_micros(50);
+
 type Job = dyn Fn(usize) + Sync;
 
 /// `state` layout: generation in the high 32 bits, an "open for joining" flag, and the number of
@@ -59,6 +63,9 @@ unsafe impl Send for Shared {}
 
 pub struct ThreadPool {
     shared: Arc<Shared>,
+    /// Whether sharing jobs with the workers currently pays (see [`Adaptive`]); only the caller
+    /// that set `busy` touches it.
+    adaptive: Mutex<Adaptive>,
     /// Set while a caller runs a job on the workers. An atomic flag rather than a mutex: a
     /// panicking job must not leave it poisoned (every later job would silently run on one
     /// thread); [`Busy`] clears it however the job ends.
@@ -102,7 +109,8 @@ impl ThreadPool {
             handles.push(h.thread().clone());
         }
         *shared.threads.lock().unwrap_or_else(|e| e.into_inner()) = handles;
-        Self { shared, busy: AtomicBool::new(false), n_threads }
+        let adapt = std::env::var("LETHE_POOL_ADAPT").map_or(true, |v| v != "0");
+        Self { shared, adaptive: Mutex::new(Adaptive::new(adapt)), busy: AtomicBool::new(false), n_threads }
     }
 
     pub fn n_threads(&self) -> usize {
@@ -112,6 +120,12 @@ impl ThreadPool {
     /// Runs `f(chunk)` for every chunk in `0..n_chunks`, spread over the pool's threads, and
     /// returns when all are done. Chunks must be independent (disjoint outputs).
     pub fn run_chunks<F: Fn(usize) + Sync>(&self, n_chunks: usize, f: F) {
+        self.run_chunks_as(n_chunks, f, true)
+    }
+
+    /// [`Self::run_chunks`]; `may_run_alone`: whether the caller may run the whole job itself
+    /// while sharing has not been paying (see [`Adaptive`]).
+    fn run_chunks_as<F: Fn(usize) + Sync>(&self, n_chunks: usize, f: F, may_run_alone: bool) {
         if n_chunks <= 1 || self.n_threads == 1 {
             (0..n_chunks).for_each(&f);
             return;
@@ -121,6 +135,13 @@ impl ThreadPool {
             return;
         }
         let _busy = Busy(&self.busy);
+        let mut adaptive = self.adaptive.lock().unwrap_or_else(|e| e.into_inner());
+        if may_run_alone && adaptive.run_alone() {
+            drop(adaptive);
+            (0..n_chunks).for_each(&f);
+            return;
+        }
+        let started = Instant::now();
         let s = &*self.shared;
         let job: &(dyn Fn(usize) + Sync + '_) = &f;
         // SAFETY: we set `busy`, and no worker reads `job` before the state below is published.
@@ -139,8 +160,11 @@ impl ThreadPool {
         // Ends the job even if our own chunk panics: the closure must outlive every worker
         // inside it, and no latecomer may join a job whose closure is gone.
         let end = EndJob(s);
-        claim_chunks(s, job);
+        let own = claim_chunks(s, job);
+        let own_time = started.elapsed();
         drop(end);
+        adaptive.record(n_chunks, own, own_time, started.elapsed());
+        drop(adaptive);
         if let Some(payload) = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
             std::panic::resume_unwind(payload);
         }
@@ -162,8 +186,18 @@ impl Drop for EndJob<'_> {
     fn drop(&mut self) {
         let s = self.0;
         s.state.fetch_and(!OPEN, Ordering::SeqCst);
+        // Spin for the workers still inside (they are normally a chunk away), but yield the
+        // core after a while: a worker that takes long has usually been preempted, and may be
+        // waiting for exactly this core.
+        let start = Instant::now();
+        let mut spins = 0u32;
         while s.state.load(Ordering::Acquire) & ACTIVE != 0 {
-            std::hint::spin_loop();
+            spins += 1;
+            if spins.is_multiple_of(64) && start.elapsed() > YIELD_AFTER {
+                thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         // SAFETY: the caller set `busy` and no worker is inside the job any more.
         unsafe {
@@ -176,14 +210,78 @@ impl Drop for EndJob<'_> {
     }
 }
 
-fn claim_chunks(s: &Shared, job: &(dyn Fn(usize) + Sync + '_)) {
+/// Runs chunks until none is left; returns how many this participant ran.
+fn claim_chunks(s: &Shared, job: &(dyn Fn(usize) + Sync + '_)) -> usize {
     let n = s.n_chunks.load(Ordering::Relaxed);
+    let mut ran = 0;
     loop {
         let c = s.next_chunk.fetch_add(1, Ordering::Relaxed);
         if c >= n {
-            break;
+            return ran;
         }
         job(c);
+        ran += 1;
+    }
+}
+
+/// Decides whether jobs are worth sharing with the workers, from what sharing has been
+/// costing.
+///
+/// On a machine where another busy process (or anything else) takes one of our cores, a worker
+/// is preempted in the middle of its chunk and the caller waits a whole scheduler time slice
+/// (milliseconds) for it, at every one of the ~150 jobs of a decode step: measured 55 tok/s with
+/// the default two threads against 108 with one. The caller can see this at the end of each
+/// job: it ran `own` of the `n` chunks in `own_time`, so alone the job would have taken about
+/// `own_time · n / own`; the job actually took `total`. Over a window of jobs, if sharing lost
+/// time overall, the caller runs jobs alone for a while (the workers park), then tries sharing
+/// again; each further losing window doubles the time alone (up to a cap).
+struct Adaptive {
+    enabled: bool,
+    /// Jobs run since the pool started.
+    jobs: u64,
+    /// Run jobs alone until `jobs` reaches this.
+    alone_until: u64,
+    /// Length of the next period alone.
+    alone_len: u64,
+    /// Seconds saved by sharing (negative: lost) over the current window.
+    gain: f64,
+    window: u32,
+}
+
+impl Adaptive {
+    /// Jobs per decision (a decode step is ~150 jobs).
+    const WINDOW: u32 = 256;
+    const ALONE_MIN: u64 = 2048;
+    const ALONE_MAX: u64 = 65536;
+
+    fn new(enabled: bool) -> Self {
+        Self { enabled, jobs: 0, alone_until: 0, alone_len: Self::ALONE_MIN, gain: 0.0, window: 0 }
+    }
+
+    /// Whether the next job runs on the caller alone.
+    fn run_alone(&mut self) -> bool {
+        self.jobs += 1;
+        self.jobs < self.alone_until
+    }
+
+    fn record(&mut self, n: usize, own: usize, own_time: Duration, total: Duration) {
+        if !self.enabled || own == 0 {
+            return;
+        }
+        let alone = own_time.as_secs_f64() * n as f64 / own as f64;
+        self.gain += alone - total.as_secs_f64();
+        self.window += 1;
+        if self.window < Self::WINDOW {
+            return;
+        }
+        if self.gain < 0.0 {
+            self.alone_until = self.jobs + self.alone_len;
+            self.alone_len = (self.alone_len * 2).min(Self::ALONE_MAX);
+        } else {
+            self.alone_len = Self::ALONE_MIN;
+        }
+        self.gain = 0.0;
+        self.window = 0;
     }
 }
 
@@ -236,7 +334,9 @@ fn worker_loop(s: Arc<Shared>, w: usize) {
             let job = unsafe { (*s.job.get()).expect("an open job has a closure") };
             // A panicking chunk must not kill the worker without leaving the job (the caller
             // would wait forever): catch it, leave, and let the caller re-raise it.
-            let run = std::panic::AssertUnwindSafe(|| claim_chunks(&s, unsafe { &*job }));
+            let run = std::panic::AssertUnwindSafe(|| {
+                claim_chunks(&s, unsafe { &*job });
+            });
             if let Err(payload) = std::panic::catch_unwind(run) {
                 s.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(payload);
             }
@@ -316,17 +416,21 @@ impl ThreadPool {
     pub(crate) fn all_threads_join(&self) -> bool {
         let arrived = Mutex::new(std::collections::HashSet::new());
         let ok = AtomicUsize::new(0);
-        self.run_chunks(self.n_threads, |_| {
-            arrived.lock().unwrap().insert(thread::current().id());
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while arrived.lock().unwrap().len() < self.n_threads {
-                if Instant::now() > deadline {
-                    return;
+        self.run_chunks_as(
+            self.n_threads,
+            |_| {
+                arrived.lock().unwrap().insert(thread::current().id());
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while arrived.lock().unwrap().len() < self.n_threads {
+                    if Instant::now() > deadline {
+                        return;
+                    }
+                    thread::yield_now();
                 }
-                thread::yield_now();
-            }
-            ok.fetch_add(1, Ordering::SeqCst);
-        });
+                ok.fetch_add(1, Ordering::SeqCst);
+            },
+            false,
+        );
         ok.load(Ordering::SeqCst) == self.n_threads
     }
 }
@@ -464,6 +568,50 @@ mod tests {
         pool.shared.join_delay_us.store(0, Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(400)); // the latecomer catches up
         assert!(pool.all_threads_join(), "the worker did not come back after stalling");
+    }
+
+    /// A worker that is preempted in every chunk it takes (simulated: it sleeps 1 ms where
+    /// the caller needs 20 µs) makes sharing lose time: after a window the caller runs jobs
+    /// alone; after the period alone it shares again, and keeps sharing while that pays.
+    #[test]
+    fn jobs_run_alone_while_sharing_loses_time_then_sharing_is_tried_again() {
+        let pool = ThreadPool::new(2);
+        let caller = thread::current().id();
+        let on_worker = AtomicU64::new(0);
+        let busy = |d: Duration| {
+            let t = Instant::now();
+            while t.elapsed() < d {
+                std::hint::spin_loop();
+            }
+        };
+        let job = |preempted: bool| {
+            pool.run_chunks(4, |_| {
+                if thread::current().id() != caller {
+                    on_worker.fetch_add(1, Ordering::Relaxed);
+                    if preempted {
+                        thread::sleep(Duration::from_millis(1));
+                        return;
+                    }
+                }
+                busy(Duration::from_micros(20));
+            })
+        };
+        for _ in 0..Adaptive::WINDOW {
+            job(true);
+        }
+        on_worker.store(0, Ordering::Relaxed);
+        for _ in 0..100 {
+            job(true);
+        }
+        assert_eq!(on_worker.load(Ordering::Relaxed), 0, "jobs were still shared while sharing lost time");
+        for _ in 0..Adaptive::ALONE_MIN {
+            job(false);
+        }
+        on_worker.store(0, Ordering::Relaxed);
+        for _ in 0..2 * Adaptive::WINDOW {
+            job(false);
+        }
+        assert!(on_worker.load(Ordering::Relaxed) > 0, "sharing did not resume once it paid again");
     }
 
     #[test]

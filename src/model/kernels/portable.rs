@@ -3,8 +3,8 @@
 //! on CPUs no other set supports.
 
 use super::attention::{BLOCK_TOKENS, KvElem, QueryArgs, region};
-use super::matmul::QuantizedActs;
-use super::packed::{PackedMatrix, QBLOCK, TILE, q4_index};
+use super::matmul::{QuantizedActs, q16_index};
+use super::packed::{PackedMatrix, QBLOCK, TILE, q4_index, q8_index};
 use super::{Isa, KernelSet, Tile};
 use half::f16;
 
@@ -13,6 +13,8 @@ pub(super) static KERNELS: KernelSet = KernelSet {
     quantize_block,
     q8_0_tile,
     q4_1_tile,
+    q8_0_tile16,
+    q4_1_tile16,
     f32_tile,
     f16_tile,
     add_f16_tile_rows,
@@ -132,6 +134,67 @@ pub fn f32_tile(w: &PackedMatrix, x: &[f32], t: usize, row0: usize, rows: usize,
             }
         }
         out[r] = acc;
+    }
+}
+
+/// Q8_0 weights × 16-bit activations.
+pub fn q8_0_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
+    let kb = w.k_blocks();
+    let data = w.data.as_slice();
+    for (r, o) in out.iter_mut().enumerate().take(rows) {
+        let row = row0 + r;
+        let mut acc = [0f32; TILE];
+        for b in 0..kb {
+            let tb = t * kb + b;
+            let q = &data[tb * QBLOCK * TILE..][..QBLOCK * TILE];
+            let xa = &a.qs16[row * a.k + b * QBLOCK..][..QBLOCK];
+            let mut s = [0i32; TILE];
+            for i in 0..QBLOCK {
+                let xv = xa[q16_index(i)] as i32;
+                for (lane, sl) in s.iter_mut().enumerate() {
+                    *sl += (q[q8_index(i, lane)] as i32 - 128) * xv;
+                }
+            }
+            let da = a.d[row * kb + b];
+            let dw = f16x16(&w.scales[tb * TILE..]);
+            for l in 0..TILE {
+                acc[l] += s[l] as f32 * (dw[l] * da);
+            }
+        }
+        *o = acc;
+    }
+}
+
+/// Q4_1 weights × 16-bit activations.
+pub fn q4_1_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
+    let kb = w.k_blocks();
+    let data = w.data.as_slice();
+    for r in 0..rows {
+        let row = row0 + r;
+        let mut acc = [0f32; TILE];
+        let mut accm = [0f32; TILE];
+        for b in 0..kb {
+            let tb = t * kb + b;
+            let q = &data[tb * QBLOCK * TILE / 2..][..QBLOCK * TILE / 2];
+            let xa = &a.qs16[row * a.k + b * QBLOCK..][..QBLOCK];
+            let mut s = [0i32; TILE];
+            for i in 0..QBLOCK {
+                let xv = xa[q16_index(i)] as i32;
+                for (lane, sl) in s.iter_mut().enumerate() {
+                    let (byte, high) = q4_index(i, lane);
+                    let v = if high { q[byte] >> 4 } else { q[byte] & 0x0F };
+                    *sl += v as i32 * xv;
+                }
+            }
+            let (da, sa) = (a.d[row * kb + b], a.dsums[row * kb + b]);
+            let dw = f16x16(&w.scales[tb * TILE..]);
+            let mw = f16x16(&w.mins[tb * TILE..]);
+            for l in 0..TILE {
+                acc[l] += s[l] as f32 * (dw[l] * da);
+                accm[l] += mw[l] * sa;
+            }
+        }
+        out[r] = std::array::from_fn(|l| acc[l] + accm[l]);
     }
 }
 
