@@ -44,12 +44,12 @@ if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || ! command -v qemu-aarch
 fi
 
 echo "== aarch64: kernel unit tests under qemu (CPU with dotprod)"
-QEMU_CPU=max cargo test --target "$target" --lib -- simd:: model::kernels::
+QEMU_CPU=max cargo test --release --target "$target" --lib -- simd:: model::kernels::
 echo "== aarch64: kernel unit tests under qemu (Cortex-A53: NEON without dotprod)"
-QEMU_CPU=cortex-a53 cargo test --target "$target" --lib -- simd:: model::kernels::
+QEMU_CPU=cortex-a53 cargo test --release --target "$target" --lib -- simd:: model::kernels::
 for kernels in neon-dotprod neon; do
   echo "== aarch64: engine tests under qemu, LETHE_KERNELS=$kernels"
-  LETHE_KERNELS=$kernels QEMU_CPU=max cargo test --target "$target" --test engine -- \
+  LETHE_KERNELS=$kernels QEMU_CPU=max cargo test --release --target "$target" --test engine -- \
     --skip guidance_changes_behaviour_on_the_default_model
 done
 echo "== aarch64 tests passed"

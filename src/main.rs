@@ -314,8 +314,9 @@ fn bench_quality(a: BenchQualityArgs) -> Result<()> {
     );
     for p in &r.paths {
         println!(
-            "  {:<13} perplexity {:.3} | KL to f32 mean {:.5} p99 {:.5} | top-1 agreement {:.1}% | answer {:?}",
+            "  {:<13} {:<6} perplexity {:.3} | KL to f32 mean {:.6} p99 {:.6} | top-1 agreement {:.1}% | answer {:?}",
             p.kernels,
+            p.activations,
             p.perplexity,
             p.mean_kl,
             p.p99_kl,
