@@ -58,15 +58,10 @@ fn main() {
         let mut blocks: Vec<Vec<Vec<u64>>> = (0..n_seq)
             .map(|_| (0..(ctx + 1).div_ceil(16)).map(|_| vec![0u64; geo.block_bytes() / 8]).collect())
             .collect();
-        let spans: Vec<SeqSpan> = blocks
+        let mut spans: Vec<SeqSpan> = blocks
             .iter_mut()
             .enumerate()
-            .map(|(i, b)| SeqSpan {
-                blocks: b.iter_mut().map(|x| x.as_mut_ptr() as *mut u8).collect(),
-                start: ctx,
-                len: 1,
-                row: i,
-            })
+            .map(|(i, b)| SeqSpan { blocks: b.iter_mut().map(|x| &mut x[..]).collect(), start: ctx, len: 1, row: i })
             .collect();
         let qkv = rand(n_seq * 15 * 64, 7);
         let rope = RopeRows::new(&vec![ctx as u32; n_seq], &inv, RopeStyle::Interleaved);
@@ -74,7 +69,7 @@ fn main() {
         let mut t = Vec::new();
         for _ in 0..200 {
             let s = Instant::now();
-            attention::paged_attention(&geo, 0, &qkv, &spans, &rope, &mut out);
+            attention::paged_attention(&geo, 0, &qkv, &mut spans, &rope, &mut out);
             t.push(s.elapsed().as_secs_f64());
         }
         println!("attention, 1 layer, {n_seq} seq x {ctx} positions: {:>6.1} µs", median(t) * 1e6);

@@ -46,6 +46,16 @@ LETHE_TEST_BACKEND=candle cargo test --release --test engine -- --skip guidance_
 echo "== the cuda feature compiles (CUDA 13.0 from PyPI wheels; no GPU needed)"
 ./scripts/cuda-check.sh
 # --- end of the candle path / cuda steps ----------------------------------------------------
+# ---- CPU kernel sets: the model-level parity tests (ragged batches, LoRA rows, guided pairs)
+# again under every other kernel set this CPU supports (the run above used the best one), then
+# the NEON kernels cross-built for aarch64 and run under qemu (scripts/test-aarch64.sh; it skips
+# loudly if the aarch64 standard library cannot be installed, fails with LETHE_REQUIRE_AARCH64=1).
+for kernels in $(./target/release/lethe kernels --list | tail -n +2); do
+  echo "== model-level tests with LETHE_KERNELS=$kernels"
+  LETHE_KERNELS=$kernels cargo test --release --test engine --test model_runtime --test adapters
+done
+./scripts/test-aarch64.sh
+# ----
 
 echo "== the official openai Python SDK against lethe serve"
 port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

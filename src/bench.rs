@@ -3,6 +3,7 @@
 
 use crate::engine::{EngineConfig, EngineHandle, Event, Request, SchedulerConfig};
 use crate::guidance::{Guidance, GuidanceMode};
+use crate::model::kernels::matmul::{ActPrecision, act_precision, set_act_precision};
 use crate::model::lora::LoraWeights;
 use crate::model::{BatchEntry, KvDtype, Llama, RaggedBatch, SeqId};
 use crate::tokenizer::Tokenizer;
@@ -29,6 +30,10 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub struct DecodeReport {
     pub model: String,
     pub weights: String,
+    /// The CPU kernel set that ran (`avx512`, `avx2`, ...).
+    pub kernels: &'static str,
+    /// Activation precision of the quantized matmuls (`int8`, `int16`).
+    pub activations: &'static str,
     pub threads: usize,
     pub batch: usize,
     pub prompt_tokens: usize,
@@ -64,14 +69,36 @@ pub fn decode(
     gen_tokens: usize,
     kv_dtype: KvDtype,
 ) -> anyhow::Result<Vec<DecodeReport>> {
-    let cases: Vec<DecodeCase> = batches.iter().map(|&b| DecodeCase { rows: vec![Vec::new(); b] }).collect();
+    let cases: Vec<DecodeCase> = batches.iter().map(|&b| DecodeCase::rows(b)).collect();
     decode_cases(model, &cases, prompt_tokens, gen_tokens, kv_dtype)
 }
 
-/// One decode configuration: per row, the LoRA adapters applied to it (empty = base model).
-#[derive(Clone)]
+/// One decode configuration: per row, the LoRA adapters applied to it (empty = base model),
+/// and optionally the kernel set and activation precision it runs with (default: the
+/// process's), so that kernel variants can be compared side by side in one process.
+#[derive(Clone, Default)]
 pub struct DecodeCase {
     pub rows: Vec<Vec<Arc<LoraWeights>>>,
+    pub kernels: Option<crate::simd::Isa>,
+    pub activations: Option<ActPrecision>,
+}
+
+impl DecodeCase {
+    /// `n` rows without adapters.
+    pub fn rows(n: usize) -> Self {
+        Self { rows: vec![Vec::new(); n], ..Default::default() }
+    }
+
+    /// Makes this case's kernel set and precision the process's (before each of its runs).
+    fn enter(&self) -> anyhow::Result<()> {
+        if let Some(isa) = self.kernels {
+            crate::simd::activate(isa)?;
+        }
+        if let Some(p) = self.activations {
+            set_act_precision(p);
+        }
+        Ok(())
+    }
 }
 
 /// [`decode`] for arbitrary cases, e.g. rows with different adapters.
@@ -104,6 +131,8 @@ pub fn decode_cases(
         prefill_s: f64,
         round_s: Vec<f64>,
         steps: usize,
+        kernels: &'static str,
+        activations: &'static str,
     }
     impl Run<'_> {
         fn batch(&self, tokens: impl Fn(usize) -> Vec<u32>) -> RaggedBatch {
@@ -117,8 +146,10 @@ pub fn decode_cases(
             )
         }
     }
+    let before = (crate::simd::active(), act_precision());
     let mut runs = Vec::new();
     for (ci, case) in cases.iter().enumerate() {
+        case.enter()?;
         let batch = case.rows.len();
         let mut run = Run {
             seqs: (0..batch).map(|_| kv.add_sequence()).collect(),
@@ -127,17 +158,22 @@ pub fn decode_cases(
             prefill_s: 0.0,
             round_s: Vec::new(),
             steps: 0,
+            kernels: "",
+            activations: "",
         };
         let prefill = run.batch(|i| synthetic_prompt(prompt_tokens, vocab, (ci * 1000 + i) as u64));
         let t0 = Instant::now();
         // Greedy next tokens where the logits are (on a GPU only the ids come back).
         run.next = model.forward_step(&prefill, &mut kv)?.greedy_last()?;
         run.prefill_s = t0.elapsed().as_secs_f64();
+        run.kernels = crate::simd::active().name();
+        run.activations = act_precision().name();
         runs.push(run);
     }
     for round in 0..rounds {
         let steps = gen_tokens / rounds + usize::from(round < gen_tokens % rounds);
-        for run in runs.iter_mut() {
+        for (run, case) in runs.iter_mut().zip(cases) {
+            case.enter()?;
             let t = Instant::now();
             for _ in 0..steps {
                 let step = run.batch(|i| vec![run.next[i]]);
@@ -149,6 +185,8 @@ pub fn decode_cases(
             run.steps += steps;
         }
     }
+    crate::simd::activate(before.0)?;
+    set_act_precision(before.1);
     let rss = peak_rss_bytes().unwrap_or(0);
     Ok(runs
         .into_iter()
@@ -160,6 +198,8 @@ pub fn decode_cases(
             DecodeReport {
                 model: model.config().name.clone(),
                 weights: model.weights_desc().to_string(),
+                kernels: run.kernels,
+                activations: run.activations,
                 threads: crate::model::kernels::pool::global().n_threads(),
                 batch,
                 prompt_tokens,
@@ -180,6 +220,7 @@ pub fn decode_cases(
 pub struct AdapterBenchReport {
     pub model: String,
     pub weights: String,
+    pub kernels: &'static str,
     pub rank: usize,
     /// Bytes of one adapter's factors in memory.
     pub adapter_bytes: usize,
@@ -236,13 +277,16 @@ pub fn adapters(
     let file_bytes = std::fs::metadata(dir.join("adapter0").join("adapter_model.safetensors"))?.len();
     let one = &loaded[0];
     let labelled: Vec<(String, DecodeCase)> = vec![
-        ("1 row, base".into(), DecodeCase { rows: vec![vec![]] }),
-        ("1 row, 1 adapter".into(), DecodeCase { rows: vec![vec![one.clone()]] }),
-        (format!("{batch} rows, base"), DecodeCase { rows: vec![vec![]; batch] }),
-        (format!("{batch} rows, 1 adapter"), DecodeCase { rows: vec![vec![one.clone()]; batch] }),
+        ("1 row, base".into(), DecodeCase::rows(1)),
+        ("1 row, 1 adapter".into(), DecodeCase { rows: vec![vec![one.clone()]], ..Default::default() }),
+        (format!("{batch} rows, base"), DecodeCase::rows(batch)),
+        (format!("{batch} rows, 1 adapter"), DecodeCase { rows: vec![vec![one.clone()]; batch], ..Default::default() }),
         (
             format!("{batch} rows, 4 adapters"),
-            DecodeCase { rows: (0..batch).map(|i| vec![loaded[i * 4 / batch.max(1)].clone()]).collect() },
+            DecodeCase {
+                rows: (0..batch).map(|i| vec![loaded[i * 4 / batch.max(1)].clone()]).collect(),
+                ..Default::default()
+            },
         ),
     ];
     let cases: Vec<DecodeCase> = labelled.iter().map(|(_, c)| c.clone()).collect();
@@ -251,6 +295,7 @@ pub fn adapters(
     Ok(AdapterBenchReport {
         model: cfg.name.clone(),
         weights: model.weights_desc().to_string(),
+        kernels: crate::simd::active().name(),
         rank,
         adapter_bytes: one.bytes,
         adapter_file_bytes: file_bytes,
@@ -266,6 +311,7 @@ pub fn adapters(
 pub struct EngineReport {
     pub model: String,
     pub weights: String,
+    pub kernels: &'static str,
     pub concurrency: usize,
     pub guided: bool,
     pub prompt_tokens: usize,
@@ -345,6 +391,7 @@ pub fn engine(
         .map(|(case, rs)| EngineReport {
             model: name.clone(),
             weights: weights.clone(),
+            kernels: crate::simd::active().name(),
             concurrency: case.concurrency,
             guided: case.guided.is_some(),
             prompt_tokens,

@@ -12,7 +12,7 @@
 //! tokens (−∞) are replaced by a large finite floor before mixing, so `−∞ + ∞` never arises.
 
 use crate::sampling::{Rng, SamplingParams, sample_logits, sample_probs};
-use crate::simd;
+use crate::simd::{self, LogMix};
 
 /// How the two predictions are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -74,6 +74,9 @@ pub fn softmax(x: &[f32], out: &mut [f32]) {
 pub fn mix_log(cond: &[f32], uncond: &[f32], gamma: f32, out: &mut [f32]) {
     assert_eq!(cond.len(), uncond.len());
     let (lc, lu) = (RowLse::of(cond), RowLse::of(uncond));
+    if let Some(mix) = lc.mix_with(&lu, gamma) {
+        return simd::mix_log_probs(cond, uncond, &mix, out);
+    }
     let rest = 1.0 - gamma;
     for ((o, &c), &u) in out.iter_mut().zip(cond).zip(uncond) {
         *o = gamma * lc.log_prob(c) + rest * lu.log_prob(u);
@@ -94,6 +97,12 @@ impl RowLse {
         Self { lse, uniform: -(x.len() as f32).ln() }
     }
 
+    /// The vectorised mix's constants, when both rows have a finite logit (the usual case; a
+    /// row without one makes every token equally likely, which the scalar path handles).
+    fn mix_with(&self, other: &RowLse, gamma: f32) -> Option<LogMix> {
+        Some(LogMix { lse_c: self.lse?, lse_u: other.lse?, gamma, floor: LOG_FLOOR })
+    }
+
     #[inline(always)]
     fn log_prob(&self, x: f32) -> f32 {
         match self.lse {
@@ -107,6 +116,9 @@ impl RowLse {
 /// `argmax` of [`mix_log`]'s scores without materialising them (the greedy hot path).
 pub fn argmax_log_mix(cond: &[f32], uncond: &[f32], gamma: f32) -> u32 {
     let (lc, lu) = (RowLse::of(cond), RowLse::of(uncond));
+    if let Some(mix) = lc.mix_with(&lu, gamma) {
+        return simd::argmax_mix_log_probs(cond, uncond, &mix);
+    }
     let rest = 1.0 - gamma;
     let (mut best, mut best_v) = (0, f32::NEG_INFINITY);
     for (i, (&c, &u)) in cond.iter().zip(uncond).enumerate() {

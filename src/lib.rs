@@ -24,6 +24,7 @@ pub mod fixtures;
 pub mod guidance;
 pub mod loader;
 pub mod model;
+pub mod quality;
 pub mod sampling;
 pub mod server;
 pub mod simd;

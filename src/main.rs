@@ -42,6 +42,12 @@ enum Command {
     Synth(SynthArgs),
     /// Measure forgetting: leakage, retention, utility and attacks, through the serving engine.
     Eval(EvalArgs),
+    /// The CPU kernel sets this machine can run, and the one in use (LETHE_KERNELS chooses).
+    Kernels {
+        /// Only the names of the supported sets, best first, one per line (for scripts).
+        #[arg(long)]
+        list: bool,
+    },
 }
 
 /// Settings shared by `finetune` and `forget`.
@@ -189,6 +195,29 @@ enum BenchCommand {
     /// The cost of forget-adapters: load time of a synthetic rank-r all-linear PEFT adapter, and
     /// decode speed with no adapter, one adapter on every row, and rows spread over 4 adapters.
     Adapters(BenchAdaptersArgs),
+    /// Numerical quality of each CPU kernel path: perplexity on a held-out text and mean KL of
+    /// the next-token distributions to the exact f32 path (same weights, dequantized).
+    Quality(BenchQualityArgs),
+}
+
+#[derive(Args)]
+struct BenchQualityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A text file to score instead of the built-in held-out text.
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Score at most this many tokens of the text.
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: usize,
+    /// Kernel sets to measure (default: every one this CPU supports).
+    #[arg(long, value_delimiter = ',')]
+    kernels: Option<Vec<lethe::simd::Isa>>,
+    /// Activation precisions to measure for quantized weights.
+    #[arg(long, value_delimiter = ',', default_value = "int8,int16")]
+    precisions: Vec<lethe::model::kernels::matmul::ActPrecision>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -350,6 +379,13 @@ struct BenchDecodeArgs {
     prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
+    /// Model level: kernel sets to compare side by side, e.g. `avx512,avx2` (default: the
+    /// process's, LETHE_KERNELS or the best).
+    #[arg(long, value_delimiter = ',')]
+    kernels: Option<Vec<lethe::simd::Isa>>,
+    /// Model level: activation precisions to compare side by side, e.g. `int8,int16`.
+    #[arg(long, value_delimiter = ',')]
+    activations: Option<Vec<lethe::model::kernels::matmul::ActPrecision>>,
     /// Run C simultaneous requests through the engine instead; a list (`1,8`) measures each.
     #[arg(long, value_delimiter = ',')]
     concurrency: Option<Vec<usize>>,
@@ -378,12 +414,34 @@ fn main() -> Result<()> {
     tune_allocator();
     let cli = Cli::parse();
     lethe::telemetry::init_logging(cli.log_format);
+    // Which CPU kernels run (LETHE_KERNELS=avx512|avx2-vnni|avx2|neon-dotprod|neon|portable, or
+    // the best this CPU has): one the CPU lacks is refused here, before any work.
+    lethe::simd::init_from_env()?;
+    let precision = lethe::model::kernels::matmul::act_precision_from_env().map_err(anyhow::Error::msg)?;
+    lethe::model::kernels::matmul::set_act_precision(precision);
     match cli.command {
         Command::Serve(a) => serve(a),
         Command::Generate(a) => generate(a),
         Command::Bench(BenchCommand::Decode(a)) => bench_decode(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
         Command::Bench(BenchCommand::Adapters(a)) => bench_adapters(a),
+        Command::Bench(BenchCommand::Quality(a)) => bench_quality(a),
+        Command::Kernels { list } => {
+            let supported = lethe::simd::Isa::supported();
+            if list {
+                supported.iter().for_each(|i| println!("{i}"));
+            } else {
+                let names: Vec<&str> = supported.iter().map(|i| i.name()).collect();
+                println!(
+                    "in use: {} kernels, {} activations",
+                    lethe::simd::active(),
+                    lethe::model::kernels::matmul::act_precision().name()
+                );
+                println!("supported (best first): {}", names.join(", "));
+                println!("CPU features: {}", lethe::simd::Isa::cpu_features());
+            }
+            Ok(())
+        }
         Command::Finetune(a) => {
             let objective = lethe::train::Objective::Sft { train_on_prompt: a.train_on_prompt };
             train(&a.train, objective, None, None)
@@ -481,6 +539,39 @@ fn train(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn bench_quality(a: BenchQualityArgs) -> Result<()> {
+    let candidate = a.model.load()?;
+    let exact = ModelArgs { weights: WeightFormat::F32, ..a.model.clone() }.load()?;
+    let text = match &a.text {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        None => lethe::quality::HELDOUT_TEXT.to_string(),
+    };
+    let isas = a.kernels.unwrap_or_else(lethe::simd::Isa::supported);
+    let paths: Vec<_> = isas.iter().flat_map(|&i| a.precisions.iter().map(move |&p| (i, p))).collect();
+    let r = lethe::quality::measure(&exact.model, &candidate.model, &candidate.tokenizer, &text, a.max_tokens, &paths)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({}), {} tokens of held-out text; f32 path: perplexity {:.3}, answer {:?}",
+        r.model, r.weights, r.tokens, r.reference_perplexity, r.reference_answer
+    );
+    for p in &r.paths {
+        println!(
+            "  {:<13} {:<6} perplexity {:.3} | KL to f32 mean {:.6} p99 {:.6} | top-1 agreement {:.1}% | answer {:?}",
+            p.kernels,
+            p.activations,
+            p.perplexity,
+            p.mean_kl,
+            p.p99_kl,
+            100.0 * p.top1_agreement,
+            p.answer
+        );
+    }
+    Ok(())
 }
 
 fn serve(args: lethe::config::ServeArgs) -> Result<()> {
@@ -599,9 +690,10 @@ fn bench_adapters(a: BenchAdaptersArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} ({}), rank-{} all-linear adapter: {:.1} MiB in memory (f16), {:.1} MiB on disk (f32), loaded in {:.0} ms",
+        "{} ({}, {} kernels), rank-{} all-linear adapter: {:.1} MiB in memory (f16), {:.1} MiB on disk (f32), loaded in {:.0} ms",
         r.model,
         r.weights,
+        r.kernels,
         r.rank,
         r.adapter_bytes as f64 / (1 << 20) as f64,
         r.adapter_file_bytes as f64 / (1 << 20) as f64,
@@ -650,14 +742,33 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             if a.guided {
                 bail!("--guided needs --concurrency (guided requests run through the engine)");
             }
-            let runs = lethe::bench::decode(&bundle.model, &a.batch, a.prompt_tokens, a.gen_tokens, a.model.kv_dtype)?;
+            // Every (kernel set, precision) × batch size, interleaved in one process.
+            let kernels: Vec<Option<lethe::simd::Isa>> =
+                a.kernels.clone().map_or(vec![None], |v| v.into_iter().map(Some).collect());
+            let precisions: Vec<_> = a.activations.clone().map_or(vec![None], |v| v.into_iter().map(Some).collect());
+            let mut cases = Vec::new();
+            for &k in &kernels {
+                for &p in &precisions {
+                    for &b in &a.batch {
+                        cases.push(lethe::bench::DecodeCase {
+                            kernels: k,
+                            activations: p,
+                            ..lethe::bench::DecodeCase::rows(b)
+                        });
+                    }
+                }
+            }
+            let runs =
+                lethe::bench::decode_cases(&bundle.model, &cases, a.prompt_tokens, a.gen_tokens, a.model.kv_dtype)?;
             let base = runs[0].step_ms;
             if !a.json {
                 for r in &runs {
                     println!(
-                        "{} ({}), {} threads, batch {}: prefill {:.0} tok/s | decode {:.1} steps/s, {:.1} tok/s ({:.2} ms/step, {:.2}x batch {}) | peak RSS {:.0} MiB",
+                        "{} ({}, {} kernels, {} activations), {} threads, batch {}: prefill {:.0} tok/s | decode {:.1} steps/s, {:.1} tok/s ({:.2} ms/step, {:.2}x the first) | peak RSS {:.0} MiB",
                         r.model,
                         r.weights,
+                        r.kernels,
+                        r.activations,
                         r.threads,
                         r.batch,
                         r.prefill_tok_s,
@@ -665,9 +776,23 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                         r.decode_tok_s,
                         r.step_ms,
                         r.step_ms / base,
-                        runs[0].batch,
                         r.peak_rss_bytes as f64 / (1 << 20) as f64
                     );
+                }
+                if runs.len() > 1 {
+                    let ratios: Vec<String> = runs[1..]
+                        .iter()
+                        .map(|r| {
+                            format!(
+                                "{}/{}/b{} {:.3}",
+                                r.kernels,
+                                r.activations,
+                                r.batch,
+                                lethe::bench::paired_speed_ratio(&runs[0], r) * r.batch as f64 / runs[0].batch as f64
+                            )
+                        })
+                        .collect();
+                    println!("step time vs the first (median of per-round ratios): {}", ratios.join(", "));
                 }
             }
             if runs.len() == 1 {
@@ -698,9 +823,10 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             if !a.json {
                 for r in &runs {
                     println!(
-                        "{} ({}), concurrency {}{}: {:.1} tok/s per request, {:.1} tok/s aggregate ({:.1} incl. prefill), {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
+                        "{} ({}, {} kernels), concurrency {}{}: {:.1} tok/s per request, {:.1} tok/s aggregate ({:.1} incl. prefill), {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
                         r.model,
                         r.weights,
+                        r.kernels,
                         r.concurrency,
                         if r.guided { " guided" } else { "" },
                         r.per_request_tok_s,

@@ -44,7 +44,8 @@ pub const HTTP_REQUESTS: &str = "lethe_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "lethe_http_request_duration_seconds";
 /// 1 while the engine accepts work (what `/ready` answers).
 pub const READY: &str = "lethe_ready";
-/// Always 1; labels `version`, `model` and `weights` say what runs.
+/// Always 1; labels `version`, `model`, `weights` and `kernels` (the instruction set of the CPU
+/// kernels, e.g. `avx2`) say what runs.
 pub const BUILD_INFO: &str = "lethe_build_info";
 
 /// Every metric with its help text, and for histograms their buckets.
@@ -78,7 +79,7 @@ const CATALOG: &[(&str, Kind, &str)] = &[
         "HTTP request duration until the response head (streams: until the stream starts).",
     ),
     (READY, Kind::Gauge, "1 while the engine accepts work."),
-    (BUILD_INFO, Kind::Gauge, "Version, model and weight format of this process (value 1)."),
+    (BUILD_INFO, Kind::Gauge, "Version, model, weight format and CPU kernel set of this process (value 1)."),
 ];
 
 #[derive(Clone, Copy)]

@@ -357,6 +357,52 @@ fn kv_check_counts_whole_blocks_and_the_engine_keeps_serving() {
     assert!(matches!(one_row.submit(pair), Err(EngineError::InvalidRequest(m)) if m.contains("max_running_rows")));
 }
 
+/// A panic inside a step (here: a corrupt adapter whose LoRA shrink, run as a pre item of the
+/// base matmul on any pool thread, trips a kernel assertion) ends that step's requests with an
+/// error event; the engine keeps serving, healthy. It used to spin forever while `/health` said
+/// 200 (the tiles waited for a pre item that had died).
+#[test]
+fn a_panic_in_a_step_fails_its_requests_and_the_engine_keeps_serving() {
+    use lethe::model::ProjKind;
+    use lethe::model::kernels::PackedMatrix;
+    use lethe::model::lora::{LoraFactors, LoraPair, LoraWeights};
+    use std::sync::Arc;
+    let t = tiny();
+    let cfg = t.bundle.model.config().clone();
+    let (h, rank) = (cfg.hidden_size, 16);
+    // `a` must be a float matrix; a Q8_0 one fails the shrink kernel's format check.
+    let corrupt = || LoraPair {
+        factors: LoraFactors::Packed {
+            a: PackedMatrix::quantize_q8_0(&vec![0.01; rank * h], rank, h).unwrap(),
+            b: PackedMatrix::from_f32_as_f16(&vec![0.0; cfg.q_dim() * rank], cfg.q_dim(), rank).unwrap(),
+        },
+        rank,
+        scale: 1.0,
+    };
+    let layers =
+        (0..cfg.n_layers).map(|_| std::array::from_fn(|k| (k == ProjKind::Q as usize).then(corrupt))).collect();
+    let poisoned = Arc::new(LoraWeights { layers, bytes: 0 });
+    let e = engine(&t, SchedulerConfig::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (e2, mut bad, good) = (e.clone(), chat(&t, "Hello", None), chat(&t, "Hello", Some((2.0, GuidanceMode::Log))));
+    bad.adapters = vec![poisoned];
+    std::thread::spawn(move || {
+        // The poisoned request beside a healthy one in the same steps: both are in the failed
+        // step, so both get the error.
+        let (mut s1, mut s2) = (e2.submit(bad).unwrap(), e2.submit(good.clone()).unwrap());
+        let last = |s: &mut RequestStream| std::iter::from_fn(|| s.blocking_next()).last();
+        let (l1, l2) = (last(&mut s1), last(&mut s2));
+        // Afterwards, a healthy request runs to the end.
+        let after = collect(e2.submit(good).unwrap());
+        tx.send((l1, l2, after.2)).unwrap();
+    });
+    let (l1, l2, after) = rx.recv_timeout(Duration::from_secs(60)).expect("the engine hung after a panic in a step");
+    assert!(matches!(&l1, Some(Event::Error(EngineError::Failed(m))) if m.contains("internal error")), "{l1:?}");
+    assert!(matches!(&l2, Some(Event::Error(EngineError::Failed(_))) | Some(Event::Finished { .. })), "{l2:?}");
+    assert_eq!(after, FinishReason::Length);
+    assert!(e.is_alive() && !e.stats().crashed.load(std::sync::atomic::Ordering::SeqCst));
+}
+
 #[test]
 fn shutdown_ends_running_streams_cleanly() {
     let t = tiny();

@@ -58,7 +58,8 @@ fn logits_along(m: &Llama, prompt: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
 fn default_model_on_gpu_matches_cpu() {
     let (Some(dev), Some(path)) = (gpu(), common::default_model()) else { return };
     let cpu = ModelBundle::load(&path, &LoadOptions::default(), None).unwrap();
-    let exact = ModelBundle::load(&path, &LoadOptions { weights: WeightFormat::F32, ..Default::default() }, None).unwrap();
+    let exact =
+        ModelBundle::load(&path, &LoadOptions { weights: WeightFormat::F32, ..Default::default() }, None).unwrap();
     let prompt = cpu.tokenizer.encode_chat(&[ChatMessage::user("Write a short poem about the sea.")], true).unwrap();
     let mut tokens = Vec::new();
     let mut kv = cpu.model.new_kv_cache_with_dtype(1 << 30, KvDtype::F32);
@@ -66,7 +67,10 @@ fn default_model_on_gpu_matches_cpu() {
     let mut l = cpu.model.forward(&RaggedBatch::new(vec![BatchEntry::last(s, prompt.clone())]), &mut kv).unwrap();
     for _ in 0..16 {
         tokens.push(argmax(l.last(0)));
-        l = cpu.model.forward(&RaggedBatch::new(vec![BatchEntry::last(s, vec![*tokens.last().unwrap()])]), &mut kv).unwrap();
+        l = cpu
+            .model
+            .forward(&RaggedBatch::new(vec![BatchEntry::last(s, vec![*tokens.last().unwrap()])]), &mut kv)
+            .unwrap();
     }
     let reference = logits_along(&exact.model, &prompt, &tokens);
     let native = logits_along(&cpu.model, &prompt, &tokens);
@@ -96,8 +100,12 @@ fn tiny() -> Tiny {
     let x = tmp.path().join("x");
     write_peft_adapter(&x, &spec, &PeftSpec { seed: 41, ..Default::default() }).unwrap();
     let y = tmp.path().join("y");
-    write_peft_adapter(&y, &spec, &PeftSpec { rank: 8, seed: 42, modules: vec!["q_proj", "v_proj"], ..Default::default() })
-        .unwrap();
+    write_peft_adapter(
+        &y,
+        &spec,
+        &PeftSpec { rank: 8, seed: 42, modules: vec!["q_proj", "v_proj"], ..Default::default() },
+    )
+    .unwrap();
     Tiny { _tmp: tmp, base, x, y }
 }
 
@@ -183,7 +191,8 @@ fn guided_pair_sampled_on_gpu() {
             assert_eq!(got, want, "{mode:?}");
             let draw = |seed: u64| {
                 let mut rng = Rng::new(seed);
-                let mut c = [Choice { cond: 0, uncond: Some(1), guidance: Some(guide), params: &seeded, rng: &mut rng }];
+                let mut c =
+                    [Choice { cond: 0, uncond: Some(1), guidance: Some(guide), params: &seeded, rng: &mut rng }];
                 choose_tokens(&on_gpu, &mut c).unwrap()[0]
             };
             assert_eq!(draw(9), draw(9));

@@ -396,6 +396,17 @@ impl Worker {
         if plan.is_empty() {
             return;
         }
+        // A panic anywhere in the step (a kernel, sampling) ends this step's requests with an
+        // error event and the engine keeps serving: never a dead thread behind a healthy server.
+        let ids = self.group_ids(&plan);
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_step(&plan)));
+        if let Err(payload) = stepped {
+            let what = payload.downcast_ref::<&str>().copied().or(payload.downcast_ref::<String>().map(|s| s.as_str()));
+            self.fail_groups(&ids, &format!("internal error in a forward step: {}", what.unwrap_or("panic")));
+        }
+    }
+
+    fn run_step(&mut self, plan: &[PlannedRow]) {
         let batch = RaggedBatch::new(
             plan.iter()
                 .map(|p| {
@@ -414,7 +425,7 @@ impl Worker {
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
             Ok(l) => l,
-            Err(e) => return self.fail_step(&plan, &e.to_string()),
+            Err(e) => return self.fail_groups(&self.group_ids(plan), &e.to_string()),
         };
         for (i, p) in plan.iter().enumerate() {
             let r = &mut self.sched.running[p.group].rows[p.row];
@@ -426,17 +437,25 @@ impl Worker {
         self.sample_ready(&logits);
     }
 
-    /// A failed forward fails every request that was in it (the server stays up).
-    fn fail_step(&mut self, plan: &[PlannedRow], msg: &str) {
-        tracing::error!(error = msg, "forward step failed");
-        self.fail_groups(plan.iter().map(|p| p.group).collect(), msg);
+    /// The ids of the groups in a plan (indices shift as groups finish; ids do not).
+    fn group_ids(&self, plan: &[PlannedRow]) -> Vec<u64> {
+        self.ids_of(&plan.iter().map(|p| p.group).collect::<Vec<_>>())
     }
 
-    /// Ends the groups `groups` (indices into the running list) with an error.
-    fn fail_groups(&mut self, mut groups: Vec<usize>, msg: &str) {
-        groups.sort_unstable();
-        groups.dedup();
-        for gi in groups.into_iter().rev() {
+    /// The ids of the groups at indices `groups` of the running list, deduplicated.
+    fn ids_of(&self, groups: &[usize]) -> Vec<u64> {
+        let mut ids: Vec<u64> = groups.iter().map(|&gi| self.sched.running[gi].id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// A failed step fails every request that was in it (the server stays up); a step that
+    /// panicked half-way may have finished some of them already.
+    fn fail_groups(&mut self, ids: &[u64], msg: &str) {
+        tracing::error!(error = msg, "forward step failed");
+        for &id in ids {
+            let Some(gi) = self.sched.running.iter().position(|g| g.id == id) else { continue };
             let g = self.sched.finish(gi, &mut self.kv);
             let _ = g.events.send(Event::Error(EngineError::Failed(msg.to_string())));
             record_finish(&g, "error");
@@ -483,7 +502,10 @@ impl Worker {
                     match logits.last_to_host(i) {
                         Ok(v) => r.logits = Some(RowLogits::Owned(v)),
                         // Every group that points into this step's logits fails with it.
-                        Err(e) => return self.fail_groups([ready, holding].concat(), &e.to_string()),
+                        Err(e) => {
+                            let ids = self.ids_of(&[ready, holding].concat());
+                            return self.fail_groups(&ids, &e.to_string());
+                        }
                     }
                 }
             }
@@ -492,7 +514,10 @@ impl Worker {
             StepLogits::Host(l) => ready.iter().map(|&gi| self.choose_on_host(gi, l)).collect(),
             StepLogits::Device(d) => match super::device_step::choose(d, &mut self.sched.running, &ready) {
                 Ok(t) => t,
-                Err(e) => return self.fail_groups(ready, &format!("sampling failed: {e}")),
+                Err(e) => {
+                    let ids = self.ids_of(&ready);
+                    return self.fail_groups(&ids, &format!("sampling failed: {e}"));
+                }
             },
         };
         let mut finished = Vec::new();

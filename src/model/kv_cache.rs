@@ -315,20 +315,25 @@ impl KvCache {
     fn paged_attention(&mut self, layer: usize, qkv: &Tensor, plan: &StepPlan, rope: &StepRope) -> Result<Tensor> {
         let rows = plan.tokens.len();
         let q_dim = self.geo.n_heads * self.geo.head_dim;
+        // Each planned sequence's blocks, borrowed exclusively for the kernel.
+        let mut stores: HashMap<SeqId, &mut Vec<Block>> = self
+            .seqs
+            .iter_mut()
+            .filter_map(|(id, e)| match &mut e.store {
+                SeqStore::Paged(blocks) => Some((*id, blocks)),
+                _ => None,
+            })
+            .collect();
         let mut spans = Vec::with_capacity(plan.spans.len());
         for &(seq, start, len, row) in &plan.spans {
-            let entry = self.seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
-            let SeqStore::Paged(blocks) = &mut entry.store else { unreachable!("paged store") };
-            spans.push(SeqSpan {
-                blocks: blocks.iter_mut().map(|b| b.as_mut_ptr() as *mut u8).collect(),
-                start,
-                len,
-                row,
-            });
+            let blocks = stores.remove(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+            spans.push(SeqSpan { blocks: blocks.iter_mut().map(|b| &mut b[..]).collect(), start, len, row });
         }
         let mut out = vec![0f32; rows * q_dim];
         let qkv = qkv.contiguous()?;
-        with_cpu_f32(&qkv, |data| attention::paged_attention(&self.geo, layer, data, &spans, &rope.host, &mut out))?;
+        with_cpu_f32(&qkv, |data| {
+            attention::paged_attention(&self.geo, layer, data, &mut spans, &rope.host, &mut out)
+        })?;
         Ok(Tensor::from_vec(out, (rows, q_dim), &Device::Cpu)?)
     }
 

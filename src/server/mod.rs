@@ -56,6 +56,8 @@ impl AppState {
         use crate::model::{LoadOptions, load::parse_device};
         // Before anything records a metric: the recorder must already be there.
         crate::telemetry::metrics_handle();
+        // An instruction set the CPU lacks (LETHE_KERNELS) stops the server here, not mid-request.
+        let kernels = crate::simd::init_from_env()?;
         if let Some(n) = config.threads {
             crate::model::kernels::pool::init_global(n);
         }
@@ -88,7 +90,8 @@ impl AppState {
             crate::telemetry::BUILD_INFO,
             "version" => env!("CARGO_PKG_VERSION"),
             "model" => bundle.id.clone(),
-            "weights" => bundle.model.weights_desc().to_string()
+            "weights" => bundle.model.weights_desc().to_string(),
+            "kernels" => kernels.name()
         )
         .set(1.0);
         // The control plane: persisted tenants, then the adapters they were using.

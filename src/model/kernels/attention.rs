@@ -24,7 +24,7 @@ pub const BLOCK_TOKENS: usize = 16;
 /// Query positions per work item.
 const QUERY_CHUNK: usize = 16;
 /// Query heads per kv head handled in registers at once.
-const MAX_GROUP: usize = 8;
+pub(crate) const MAX_GROUP: usize = 8;
 
 /// Element type of cached keys and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,13 +75,6 @@ pub trait KvElem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// Stores one head vector; returns its scale (1 for unscaled types).
     fn quantize(src: &[f32], dst: &mut [Self]) -> f32;
-    /// Loads 16 consecutive elements as f32 lanes (unscaled values).
-    ///
-    /// # Safety
-    /// `p` must point to 16 readable elements, and the CPU must support AVX-512F (and F16C for
-    /// f16).
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl KvElem for f32 {
@@ -96,11 +89,6 @@ impl KvElem for f32 {
     fn quantize(src: &[f32], dst: &mut [Self]) -> f32 {
         dst.copy_from_slice(src);
         1.0
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -117,12 +105,6 @@ impl KvElem for half::f16 {
         use half::slice::HalfFloatSliceExt;
         dst.convert_from_f32_slice(src);
         1.0
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
     }
 }
 
@@ -144,12 +126,6 @@ impl KvElem for i8 {
             *d = (x * inv).round() as i8;
         }
         scale
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))) }
     }
 }
 
@@ -175,12 +151,12 @@ impl KvGeometry {
     }
     /// Byte offset of the keys (`[head_dim][BLOCK_TOKENS]`) of (layer, kv head) within a block.
     #[inline]
-    fn k_region(&self, layer: usize, head: usize) -> usize {
+    pub(crate) fn k_region(&self, layer: usize, head: usize) -> usize {
         ((layer * 2) * self.n_kv_heads + head) * self.region_bytes()
     }
     /// Byte offset of the values (`[BLOCK_TOKENS][head_dim]`) of (layer, kv head) within a block.
     #[inline]
-    fn v_region(&self, layer: usize, head: usize) -> usize {
+    pub(crate) fn v_region(&self, layer: usize, head: usize) -> usize {
         ((layer * 2 + 1) * self.n_kv_heads + head) * self.region_bytes()
     }
     /// Byte offset, within a region, of its per-position scales.
@@ -190,21 +166,22 @@ impl KvGeometry {
     }
 }
 
-/// Typed pointers into one region of a block.
+/// Typed pointers into one region of a block (`block` must be `geo.block_bytes()` long and
+/// `offset` one of the geometry's region offsets).
 #[inline(always)]
-fn region<E>(block: *mut u8, offset: usize, geo: &KvGeometry) -> (*mut E, *mut f32) {
-    // SAFETY: offsets come from the geometry, within the block's `block_bytes`.
-    unsafe {
-        let base = block.add(offset);
-        (base as *mut E, base.add(geo.scales_in_region()) as *mut f32)
-    }
+pub(crate) fn region<E>(block: *mut u8, offset: usize, geo: &KvGeometry) -> (*mut E, *mut f32) {
+    // In bounds of the block by the geometry's layout; `wrapping_add` keeps even a misuse free
+    // of undefined behaviour until a dereference.
+    let base = block.wrapping_add(offset);
+    (base as *mut E, base.wrapping_add(geo.scales_in_region()) as *mut f32)
 }
 
-/// One sequence's slice of the batch as the kernel sees it.
-pub struct SeqSpan {
-    /// Base pointers of the sequence's blocks (enough for `start + len` positions), each
-    /// `block_bytes` long, holding elements of the geometry's dtype.
-    pub blocks: Vec<*mut u8>,
+/// One sequence's slice of the batch as the kernel sees it: its cache blocks, borrowed
+/// exclusively for the call (so no two spans can share a block), and where its rows are.
+pub struct SeqSpan<'a> {
+    /// The sequence's blocks in position order, each at least `block_bytes` long (u64 words
+    /// keep every element type aligned); enough of them for `start + len` positions.
+    pub blocks: Vec<&'a mut [u64]>,
     /// Position of the first new token (tokens already in the cache).
     pub start: usize,
     /// Number of new tokens.
@@ -212,11 +189,6 @@ pub struct SeqSpan {
     /// Row of the first new token in the packed batch.
     pub row: usize,
 }
-
-// SAFETY: distinct sequences own distinct blocks; the kernel writes a sequence's new slots in a
-// serial phase and only reads blocks while running in parallel.
-unsafe impl Send for SeqSpan {}
-unsafe impl Sync for SeqSpan {}
 
 /// Rotary `cos`/`sin` per packed row: `[rows][head_dim / 2]` each.
 pub struct RopeRows {
@@ -268,37 +240,88 @@ impl RopeRows {
 /// Computes attention for `layer` of a ragged batch.
 ///
 /// `qkv` is `[rows, (n_heads + 2·n_kv_heads)·head_dim]` (q, then k, then v of each row); the new
-/// k/v rows are rotated and written into the sequences' caches first. Returns `[rows, n_heads·head_dim]`.
+/// k/v rows are rotated and written into the sequences' caches first. `out` is
+/// `[rows, n_heads·head_dim]`. Panics if a span's blocks cannot hold its positions.
 pub fn paged_attention(
     geo: &KvGeometry,
     layer: usize,
     qkv: &[f32],
-    spans: &[SeqSpan],
+    spans: &mut [SeqSpan],
     rope: &RopeRows,
     out: &mut [f32],
 ) {
-    paged_attention_with(pool::global(), geo, layer, qkv, spans, rope, out, super::Isa::detect())
+    paged_attention_with(pool::global(), geo, layer, qkv, spans, rope, out, crate::simd::active())
 }
 
+/// [`paged_attention`] on a given pool and kernel set (one the CPU supports).
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention_with(
     pool: &ThreadPool,
     geo: &KvGeometry,
     layer: usize,
     qkv: &[f32],
-    spans: &[SeqSpan],
+    spans: &mut [SeqSpan],
     rope: &RopeRows,
     out: &mut [f32],
     isa: super::Isa,
 ) {
-    // A caller may ask for the portable kernels, never for instructions the CPU lacks.
-    let isa = if isa == super::Isa::Avx512Vnni { super::Isa::detect() } else { isa };
-    match geo.dtype {
-        KvDtype::F16 => attention_impl::<half::f16>(pool, geo, layer, qkv, spans, rope, out, isa),
-        KvDtype::Q8 => attention_impl::<i8>(pool, geo, layer, qkv, spans, rope, out, isa),
-        KvDtype::F32 => attention_impl::<f32>(pool, geo, layer, qkv, spans, rope, out, isa),
+    let ks = super::kernel_set(isa);
+    let hd = geo.head_dim;
+    let width = (geo.n_heads + 2 * geo.n_kv_heads) * hd;
+    assert!(layer < geo.n_layers, "attention: layer {layer} of {}", geo.n_layers);
+    assert!(geo.n_kv_heads > 0 && geo.n_heads.is_multiple_of(geo.n_kv_heads), "attention: bad head counts");
+    assert!(width > 0 && qkv.len().is_multiple_of(width), "attention: qkv is not [rows, q + 2·kv]");
+    let rows = qkv.len() / width;
+    assert_eq!(out.len(), rows * geo.n_heads * hd, "attention: out is not [rows, n_heads·head_dim]");
+    assert!(rope.half * 2 == hd && rope.cos.len() >= rows * rope.half, "attention: rope rows do not fit");
+    // What the raw-pointer kernels below rely on, checked once per call: every span's blocks
+    // are whole blocks and cover its positions, and its rows lie inside the batch. The borrows
+    // make blocks exclusive to one span and alive for the whole call.
+    let words = geo.block_bytes().div_ceil(8);
+    let raw: Vec<RawSpan> = spans
+        .iter_mut()
+        .map(|s| {
+            assert!(s.len == 0 || s.blocks.len() * BLOCK_TOKENS >= s.start + s.len, "attention: too few KV blocks");
+            assert!(s.row + s.len <= rows, "attention: span rows outside the batch");
+            assert!(s.blocks.iter().all(|b| b.len() >= words), "attention: KV block shorter than block_bytes");
+            RawSpan {
+                blocks: s.blocks.iter_mut().map(|b| b.as_mut_ptr() as *mut u8).collect(),
+                start: s.start,
+                len: s.len,
+                row: s.row,
+            }
+        })
+        .collect();
+    let covered: usize = raw.iter().map(|s| s.len).sum();
+    assert!(covered <= rows, "attention: spans cover more rows than the batch has");
+    let mut seen = vec![false; rows];
+    for s in &raw {
+        for r in s.row..s.row + s.len {
+            assert!(!std::mem::replace(&mut seen[r], true), "attention: two spans share row {r}");
+        }
+    }
+    // SAFETY: the checks above are the contract of `attention_impl`.
+    unsafe {
+        match geo.dtype {
+            KvDtype::F16 => attention_impl::<half::f16>(pool, ks.attend_f16, geo, layer, qkv, &raw, rope, out),
+            KvDtype::Q8 => attention_impl::<i8>(pool, ks.attend_q8, geo, layer, qkv, &raw, rope, out),
+            KvDtype::F32 => attention_impl::<f32>(pool, ks.attend_f32, geo, layer, qkv, &raw, rope, out),
+        }
     }
 }
+
+/// A [`SeqSpan`] with its blocks as raw pointers, shareable with the pool's participants.
+struct RawSpan {
+    blocks: Vec<*mut u8>,
+    start: usize,
+    len: usize,
+    row: usize,
+}
+
+// SAFETY: the pointers come from exclusive borrows held by `paged_attention_with` for the whole
+// call; participants write disjoint slots (phase 1) and only read afterwards (phase 2).
+unsafe impl Send for RawSpan {}
+unsafe impl Sync for RawSpan {}
 
 /// One unit of parallel work.
 struct Item {
@@ -308,16 +331,23 @@ struct Item {
     queries: Range<usize>,
 }
 
+type AttendFn = unsafe fn(&QueryArgs, &mut [f32], &mut [f32]);
+
+/// # Safety
+/// Every span's blocks are valid for reads and writes of `geo.block_bytes()` bytes, aligned
+/// for `E`, cover `start + len` positions, belong to no other span and are not accessed by
+/// anyone else during the call; spans' rows are disjoint and inside the batch; `E` is the
+/// geometry's element type and `attend` one for `E`.
 #[allow(clippy::too_many_arguments)]
-fn attention_impl<E: KvElem>(
+unsafe fn attention_impl<E: KvElem>(
     pool: &ThreadPool,
+    attend: AttendFn,
     geo: &KvGeometry,
     layer: usize,
     qkv: &[f32],
-    spans: &[SeqSpan],
+    spans: &[RawSpan],
     rope: &RopeRows,
     out: &mut [f32],
-    isa: super::Isa,
 ) {
     let hd = geo.head_dim;
     let q_dim = geo.n_heads * hd;
@@ -325,23 +355,25 @@ fn attention_impl<E: KvElem>(
     let width = q_dim + 2 * kv_dim;
     let rows = qkv.len() / width;
     let group = geo.n_heads / geo.n_kv_heads;
-    assert_eq!(out.len(), rows * q_dim);
 
-    // Phase 1, parallel over rows: rotate q into a scratch copy, rotate k and store k/v into
-    // the caches (each row writes its own slot).
+    // Phase 1, in parallel over rows: rotate q into a scratch copy, rotate k and store k/v into
+    // the caches. Each row writes only its own slot (its own position of its own sequence), so
+    // participants never write the same bytes, and nothing reads the caches until the pool has
+    // joined every participant of this phase.
     let mut q = vec![0f32; rows * q_dim];
     let q_ptr = pool::SyncPtr::new(q.as_mut_ptr());
     let row_span: Vec<(usize, usize)> =
         spans.iter().flat_map(|s| (0..s.len).map(move |i| (s.start + i, s.row + i))).collect();
-    let span_of: Vec<&SeqSpan> = spans.iter().flat_map(|s| std::iter::repeat_n(s, s.len)).collect();
-    let chunks = if rows >= 8 { pool::n_chunks(rows, pool.n_threads()) } else { 1 };
+    let span_of: Vec<&RawSpan> = spans.iter().flat_map(|s| std::iter::repeat_n(s, s.len)).collect();
+    let chunks = if row_span.len() >= 8 { pool::n_chunks(row_span.len(), pool.n_threads()) } else { 1 };
     pool.run_chunks(chunks, |c| {
         let mut k_rot = vec![0f32; hd];
         let mut k_elems = vec![E::zero(); hd];
-        for idx in split_range(rows, c, chunks) {
+        for idx in split_range(row_span.len(), c, chunks) {
             let (pos, row) = row_span[idx];
             let src = &qkv[row * width..][..width];
-            // SAFETY: each row of `q` is written by one participant.
+            // SAFETY: rows of distinct spans are disjoint (caller), so each row of `q` is
+            // written by one participant.
             let qr = unsafe { std::slice::from_raw_parts_mut(q_ptr.get().add(row * q_dim), q_dim) };
             qr.copy_from_slice(&src[..q_dim]);
             for h in qr.chunks_exact_mut(hd) {
@@ -355,7 +387,7 @@ fn attention_impl<E: KvElem>(
                 let k_scale = E::quantize(&k_rot, &mut k_elems);
                 let (kt, k_scales) = region::<E>(block, geo.k_region(layer, g), geo);
                 let (vr, v_scales) = region::<E>(block, geo.v_region(layer, g), geo);
-                // SAFETY: the regions lie within the block; this row owns slot `slot`.
+                // SAFETY: the regions lie within the block (caller); this row owns slot `slot`.
                 unsafe {
                     for (d, &x) in k_elems.iter().enumerate() {
                         *kt.add(d * BLOCK_TOKENS + slot) = x;
@@ -371,7 +403,7 @@ fn attention_impl<E: KvElem>(
         }
     });
 
-    // Parallel phase.
+    // Phase 2, in parallel over items; the caches are only read from here on.
     let by_group: usize = spans.iter().map(|s| geo.n_kv_heads * s.len.div_ceil(QUERY_CHUNK)).sum();
     let split_heads = by_group < 2 * pool.n_threads();
     let mut items = Vec::new();
@@ -411,19 +443,14 @@ fn attention_impl<E: KvElem>(
                     n_heads: item.heads.len(),
                     n_keys: span.start + qi + 1,
                 };
-                // SAFETY: each (row, head) output slice is written by exactly one item.
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut(
+                // SAFETY: each (row, head) output slice is written by exactly one item; the
+                // blocks hold `n_keys` positions (caller) and `scores` was sized for them.
+                unsafe {
+                    let o = std::slice::from_raw_parts_mut(
                         out_ptr.get().add(row * q_dim + item.heads.start * hd),
                         item.heads.len() * hd,
-                    )
-                };
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    super::Isa::Avx512Vnni if matches!(hd, 32 | 64 | 128) => unsafe {
-                        avx512::attend::<E>(&args, scores, o)
-                    },
-                    _ => portable::attend::<E>(&args, scores, o),
+                    );
+                    attend(&args, scores, o)
                 }
             }
         })
@@ -435,213 +462,19 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// One query position of `n_heads` heads sharing kv head `kv_head`.
-struct QueryArgs<'a> {
-    geo: &'a KvGeometry,
-    layer: usize,
-    blocks: &'a [*mut u8],
-    kv_head: usize,
+/// One query position of `n_heads ≤ 8` heads sharing kv head `kv_head`: what the per-ISA
+/// attention kernels receive.
+pub(crate) struct QueryArgs<'a> {
+    pub(crate) geo: &'a KvGeometry,
+    pub(crate) layer: usize,
+    /// The sequence's blocks (valid for `n_keys` positions).
+    pub(crate) blocks: &'a [*mut u8],
+    pub(crate) kv_head: usize,
     /// `[n_heads][head_dim]`, rotated.
-    q: &'a [f32],
-    n_heads: usize,
+    pub(crate) q: &'a [f32],
+    pub(crate) n_heads: usize,
     /// Keys visible to this query (causal: positions `0..n_keys`).
-    n_keys: usize,
-}
-
-mod portable {
-    use super::*;
-
-    /// softmax(q·Kᵀ/√d)·V for each head, scalar reference implementation of the same layout.
-    pub fn attend<E: KvElem>(a: &QueryArgs, scores: &mut [f32], out: &mut [f32]) {
-        let hd = a.geo.head_dim;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let n = a.n_keys;
-        for h in 0..a.n_heads {
-            let q = &a.q[h * hd..][..hd];
-            let s = &mut scores[h * n..][..n];
-            for (t, sc) in s.iter_mut().enumerate() {
-                let (kt, k_scales) = region::<E>(a.blocks[t / BLOCK_TOKENS], a.geo.k_region(a.layer, a.kv_head), a.geo);
-                let slot = t % BLOCK_TOKENS;
-                let mut dot = 0f32;
-                for (d, &qd) in q.iter().enumerate() {
-                    dot += qd * unsafe { *kt.add(d * BLOCK_TOKENS + slot) }.to_f32();
-                }
-                let ks = if E::SCALED { unsafe { *k_scales.add(slot) } } else { 1.0 };
-                *sc = dot * ks * scale;
-            }
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for sc in s.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            let o = &mut out[h * hd..][..hd];
-            o.fill(0.0);
-            for (t, &w) in s.iter().enumerate() {
-                let (vr, v_scales) = region::<E>(a.blocks[t / BLOCK_TOKENS], a.geo.v_region(a.layer, a.kv_head), a.geo);
-                let slot = t % BLOCK_TOKENS;
-                let v = unsafe { std::slice::from_raw_parts(vr.add(slot * hd), hd) };
-                let w = if E::SCALED { w * unsafe { *v_scales.add(slot) } } else { w };
-                for (od, &vd) in o.iter_mut().zip(v) {
-                    *od += w * vd.to_f32();
-                }
-            }
-            let inv = 1.0 / sum;
-            o.iter_mut().for_each(|x| *x *= inv);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::*;
-    use crate::simd::exp16;
-    use std::arch::x86_64::*;
-
-    /// Hints the cache to load `len` bytes from `p`.
-    #[inline(always)]
-    unsafe fn prefetch_region(p: *const u8, len: usize) {
-        unsafe {
-            let mut off = 0;
-            while off < len {
-                _mm_prefetch::<_MM_HINT_T0>(p.add(off) as *const i8);
-                off += 64;
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx512f,f16c")]
-    pub unsafe fn attend<E: KvElem>(a: &QueryArgs, scores: &mut [f32], out: &mut [f32]) {
-        unsafe {
-            match a.geo.head_dim / 16 {
-                2 => attend_c::<E, 2>(a, scores, out),
-                4 => attend_c::<E, 4>(a, scores, out),
-                _ => attend_c::<E, 8>(a, scores, out),
-            }
-        }
-    }
-
-    /// `out[h0 + h] = Σ_t w[h][t]·v[t] / Σ_t w[h][t]` for `NH` heads from `h0`, loading each value
-    /// vector once for all of them.
-    #[inline(always)]
-    unsafe fn weighted_values<E: KvElem, const C: usize, const NH: usize>(
-        a: &QueryArgs,
-        sp: *const f32,
-        stride: usize,
-        inv: &[f32; MAX_GROUP],
-        out: &mut [f32],
-        h0: usize,
-    ) {
-        unsafe {
-            let hd = C * 16;
-            let n = a.n_keys;
-            let v_off = a.geo.v_region(a.layer, a.kv_head);
-            let values_bytes = BLOCK_TOKENS * hd * std::mem::size_of::<E>();
-            let mut acc = [[_mm512_setzero_ps(); C]; NH];
-            let n_blocks = n.div_ceil(BLOCK_TOKENS);
-            for b in 0..n_blocks {
-                let (vb, v_scales) = region::<E>(a.blocks[b], v_off, a.geo);
-                if b + 1 < n_blocks {
-                    prefetch_region(a.blocks[b + 1].add(v_off), values_bytes);
-                }
-                let n_in_block = (n - b * BLOCK_TOKENS).min(BLOCK_TOKENS);
-                for s in 0..n_in_block {
-                    let t = b * BLOCK_TOKENS + s;
-                    let vs = if E::SCALED { *v_scales.add(s) } else { 1.0 };
-                    let vp = vb.add(s * hd);
-                    let v: [__m512; C] = std::array::from_fn(|c| E::load16(vp.add(c * 16)));
-                    for h in 0..NH {
-                        let w = _mm512_set1_ps(*sp.add((h0 + h) * stride + t) * vs);
-                        for c in 0..C {
-                            acc[h][c] = _mm512_fmadd_ps(w, v[c], acc[h][c]);
-                        }
-                    }
-                }
-            }
-            for h in 0..NH {
-                let iv = _mm512_set1_ps(inv[h0 + h]);
-                for c in 0..C {
-                    _mm512_storeu_ps(out.as_mut_ptr().add((h0 + h) * hd + c * 16), _mm512_mul_ps(acc[h][c], iv));
-                }
-            }
-        }
-    }
-
-    /// `C` = head_dim / 16 (the dispatcher only sends head sizes 32, 64 and 128 here).
-    #[inline(always)]
-    unsafe fn attend_c<E: KvElem, const C: usize>(a: &QueryArgs, scores: &mut [f32], out: &mut [f32]) {
-        unsafe {
-            let hd = C * 16;
-            let nh = a.n_heads;
-            let n = a.n_keys;
-            // Keys are scored 16 at a time (one register of lanes); a block may hold several.
-            let n_chunks = n.div_ceil(16);
-            let stride = n_chunks * 16;
-            let scale = _mm512_set1_ps(1.0 / (hd as f32).sqrt());
-            let (k_off, v_off) = (a.geo.k_region(a.layer, a.kv_head), a.geo.v_region(a.layer, a.kv_head));
-            let q = a.q.as_ptr();
-            let sp = scores.as_mut_ptr();
-            let values_bytes = BLOCK_TOKENS * hd * std::mem::size_of::<E>();
-
-            // Scores, all heads of the group per loaded key vector.
-            let mut maxv = [_mm512_set1_ps(f32::NEG_INFINITY); MAX_GROUP];
-            // The values of the first block are needed right after the scores: start loading them.
-            prefetch_region(a.blocks[0].add(v_off), values_bytes);
-            for c in 0..n_chunks {
-                let (b, sub) = (c * 16 / BLOCK_TOKENS, (c * 16) % BLOCK_TOKENS / 16);
-                // Blocks are separate allocations: ask for the next block's keys ahead of time.
-                if sub == 0 && (b + 1) * BLOCK_TOKENS < n {
-                    prefetch_region(a.blocks[b + 1].add(k_off), values_bytes);
-                }
-                let (kt, k_scales) = region::<E>(a.blocks[b], k_off, a.geo);
-                let kt = kt.add(sub * 16);
-                let mut acc = [_mm512_setzero_ps(); MAX_GROUP];
-                for d in 0..hd {
-                    let k = E::load16(kt.add(d * BLOCK_TOKENS));
-                    for h in 0..nh {
-                        acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(h * hd + d)), k, acc[h]);
-                    }
-                }
-                // Per-key scales (int8 cache) fold into the softmax scale.
-                let key_scale =
-                    if E::SCALED { _mm512_mul_ps(scale, _mm512_loadu_ps(k_scales.add(sub * 16))) } else { scale };
-                let valid = n - c * 16;
-                let mask: __mmask16 = if valid >= 16 { 0xFFFF } else { (1u16 << valid) - 1 };
-                for h in 0..nh {
-                    let s =
-                        _mm512_mask_mov_ps(_mm512_set1_ps(f32::NEG_INFINITY), mask, _mm512_mul_ps(acc[h], key_scale));
-                    _mm512_storeu_ps(sp.add(h * stride + c * 16), s);
-                    maxv[h] = _mm512_max_ps(maxv[h], s);
-                }
-            }
-            // exp(s − max) in place, and the sums.
-            let mut inv = [0f32; MAX_GROUP];
-            for h in 0..nh {
-                let m = _mm512_set1_ps(_mm512_reduce_max_ps(maxv[h]));
-                let mut sum = _mm512_setzero_ps();
-                for c in 0..n_chunks {
-                    let p = sp.add(h * stride + c * 16);
-                    let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p), m));
-                    _mm512_storeu_ps(p, e);
-                    sum = _mm512_add_ps(sum, e);
-                }
-                inv[h] = 1.0 / _mm512_reduce_add_ps(sum);
-            }
-            // Weighted sum of values, 16 dimensions per register, accumulators in registers. All
-            // heads of the group share each loaded value vector when their accumulators fit.
-            match (nh, C) {
-                (1, _) => weighted_values::<E, C, 1>(a, sp, stride, &inv, out, 0),
-                (2, _) if C <= 4 => weighted_values::<E, C, 2>(a, sp, stride, &inv, out, 0),
-                (3, _) if C <= 4 => weighted_values::<E, C, 3>(a, sp, stride, &inv, out, 0),
-                (4, _) if C <= 4 => weighted_values::<E, C, 4>(a, sp, stride, &inv, out, 0),
-                _ => {
-                    for h in 0..nh {
-                        weighted_values::<E, C, 1>(a, sp, stride, &inv, out, h);
-                    }
-                }
-            }
-        }
-    }
+    pub(crate) n_keys: usize,
 }
 
 #[cfg(test)]
@@ -677,73 +510,115 @@ mod tests {
         check_geometry(geo, tol);
     }
 
+    /// Prefills four sequences of uneven lengths in one call, then decodes one more token of
+    /// each in a second call (queries over cached positions), on every instruction set and
+    /// pool size, against an f64 computation.
     fn check_geometry(geo: KvGeometry, tol: f64) {
         let dtype = geo.dtype;
         let hd = geo.head_dim;
         let (q_dim, kv_dim) = (geo.n_heads * hd, geo.n_kv_heads * hd);
         let width = q_dim + 2 * kv_dim;
         let mut rng = crate::sampling::Rng::new(5);
-        let lens = [37usize, 1, 16, 5];
-        let rows: usize = lens.iter().sum();
-        let qkv: Vec<f32> = (0..rows * width).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-        let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+        // Total positions per sequence; the last one is decoded in the second call.
+        let lens = [38usize, 2, 17, 6];
+        let full: Vec<Vec<f32>> =
+            lens.iter().map(|&l| (0..l * width).map(|_| rng.next_f32() * 2.0 - 1.0).collect()).collect();
         let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
-        let rope = RopeRows::new(&positions, &inv, RopeStyle::Half);
-        for isa in [Isa::Portable, Isa::detect()] {
+        let rope_for = |pos: &dyn Fn(usize) -> Vec<u32>| {
+            let positions: Vec<u32> = (0..lens.len()).flat_map(pos).collect();
+            RopeRows::new(&positions, &inv, RopeStyle::Half)
+        };
+        let prefill_rope = rope_for(&|s| (0..lens[s] as u32 - 1).collect());
+        let decode_rope = rope_for(&|s| vec![lens[s] as u32 - 1]);
+        let prefill_qkv: Vec<f32> = full.iter().zip(lens).flat_map(|(f, l)| f[..(l - 1) * width].to_vec()).collect();
+        let decode_qkv: Vec<f32> = full.iter().zip(lens).flat_map(|(f, l)| f[(l - 1) * width..].to_vec()).collect();
+        // The reference output of position `i` of sequence `s`, head `h`.
+        let rotate = |v: &[f32], pos: usize| {
+            let mut v = v.to_vec();
+            RopeRows::new(&[pos as u32], &inv, RopeStyle::Half).apply(&mut v, 0);
+            v
+        };
+        let reference = |s: usize, i: usize, h: usize| -> Vec<f64> {
+            let f = &full[s];
+            let g = h / (geo.n_heads / geo.n_kv_heads);
+            let qv = rotate(&f[i * width + h * hd..][..hd], i);
+            let mut sc: Vec<f64> = (0..=i)
+                .map(|t| {
+                    let k = rotate(&f[t * width + q_dim + g * hd..][..hd], t);
+                    qv.iter().zip(&k).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() / (hd as f64).sqrt()
+                })
+                .collect();
+            let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+            sc.iter_mut().for_each(|x| *x = (*x - m).exp());
+            let z: f64 = sc.iter().sum();
+            (0..hd)
+                .map(|d| (0..=i).map(|t| sc[t] / z * f[t * width + q_dim + kv_dim + g * hd + d] as f64).sum())
+                .collect()
+        };
+        for isa in Isa::supported() {
             for threads in [1, 2] {
                 let pool = ThreadPool::new(threads);
-                let mut storage: Vec<Vec<Vec<u8>>> = lens
-                    .iter()
-                    .map(|&l| (0..l.div_ceil(BLOCK_TOKENS)).map(|_| vec![0u8; geo.block_bytes()]).collect())
-                    .collect();
-                let mut row = 0;
-                let spans: Vec<SeqSpan> = storage
-                    .iter_mut()
-                    .zip(lens)
-                    .map(|(blocks, len)| {
-                        let s =
-                            SeqSpan { blocks: blocks.iter_mut().map(|b| b.as_mut_ptr()).collect(), start: 0, len, row };
-                        row += len;
-                        s
-                    })
-                    .collect();
-                let mut out = vec![0f32; rows * q_dim];
-                paged_attention_with(&pool, &geo, 1, &qkv, &spans, &rope, &mut out, isa);
-                // Reference.
-                let mut row0 = 0;
-                for &len in &lens {
-                    for i in 0..len {
+                let words = geo.block_bytes().div_ceil(8);
+                let mut storage: Vec<Vec<Vec<u64>>> =
+                    lens.iter().map(|&l| (0..l.div_ceil(BLOCK_TOKENS)).map(|_| vec![0u64; words]).collect()).collect();
+                let spans_of = |storage: &mut Vec<Vec<Vec<u64>>>, decode: bool| -> Vec<Vec<f32>> {
+                    let mut row = 0;
+                    let mut spans: Vec<SeqSpan> = storage
+                        .iter_mut()
+                        .zip(lens)
+                        .map(|(blocks, l)| {
+                            let (start, len) = if decode { (l - 1, 1) } else { (0, l - 1) };
+                            let s =
+                                SeqSpan { blocks: blocks.iter_mut().map(|b| &mut b[..]).collect(), start, len, row };
+                            row += len;
+                            s
+                        })
+                        .collect();
+                    let (qkv, rope) = if decode { (&decode_qkv, &decode_rope) } else { (&prefill_qkv, &prefill_rope) };
+                    let mut out = vec![0f32; row * q_dim];
+                    paged_attention_with(&pool, &geo, 1, qkv, &mut spans, rope, &mut out, isa);
+                    out.chunks(q_dim).map(|c| c.to_vec()).collect()
+                };
+                let prefill = spans_of(&mut storage, false);
+                let decode = spans_of(&mut storage, true);
+                let mut prow = 0;
+                for (s, &l) in lens.iter().enumerate() {
+                    for i in 0..l {
+                        let got = if i + 1 == l { &decode[s] } else { &prefill[prow + i] };
                         for h in 0..geo.n_heads {
-                            let g = h / (geo.n_heads / geo.n_kv_heads);
-                            let mut qv = qkv[(row0 + i) * width + h * hd..][..hd].to_vec();
-                            rope.apply(&mut qv, row0 + i);
-                            let mut s: Vec<f64> = (0..=i)
-                                .map(|t| {
-                                    let mut k = qkv[(row0 + t) * width + q_dim + g * hd..][..hd].to_vec();
-                                    rope.apply(&mut k, row0 + t);
-                                    qv.iter().zip(&k).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>()
-                                        / (hd as f64).sqrt()
-                                })
-                                .collect();
-                            let m = s.iter().cloned().fold(f64::MIN, f64::max);
-                            s.iter_mut().for_each(|x| *x = (*x - m).exp());
-                            let z: f64 = s.iter().sum();
-                            for d in 0..hd {
-                                let want: f64 = (0..=i)
-                                    .map(|t| s[t] / z * qkv[(row0 + t) * width + q_dim + kv_dim + g * hd + d] as f64)
-                                    .sum();
-                                let got = out[(row0 + i) * q_dim + h * hd + d] as f64;
+                            for (d, want) in reference(s, i, h).into_iter().enumerate() {
+                                let g = got[h * hd + d] as f64;
                                 assert!(
-                                    (got - want).abs() < tol,
-                                    "{dtype:?} {isa:?} t{threads} row {} head {h} dim {d}: {got} vs {want}",
-                                    row0 + i
+                                    (g - want).abs() < tol,
+                                    "{dtype:?} hd {hd} {isa} t{threads} seq {s} pos {i} head {h} dim {d}: {g} vs {want}"
                                 );
                             }
                         }
                     }
-                    row0 += len;
+                    prow += l - 1;
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_head_size_matches_reference() {
+        // The SIMD kernels specialise 32, 64 and 128; others take a generic path.
+        for head_dim in [32, 48, 64, 128] {
+            let geo = KvGeometry { n_layers: 2, n_heads: 4, n_kv_heads: 2, head_dim, dtype: KvDtype::F16 };
+            check_geometry(geo, 2e-3);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "too few KV blocks")]
+    fn spans_without_room_for_their_positions_are_refused() {
+        let geo = KvGeometry { n_layers: 1, n_heads: 2, n_kv_heads: 1, head_dim: 32, dtype: KvDtype::F16 };
+        let width = 4 * 32;
+        let mut block = vec![0u64; geo.block_bytes().div_ceil(8)];
+        let mut spans = vec![SeqSpan { blocks: vec![&mut block[..]], start: 10, len: 7, row: 0 }];
+        let rope = RopeRows::new(&[10; 7], &[1.0; 16], RopeStyle::Half);
+        let mut out = vec![0f32; 7 * 64];
+        paged_attention(&geo, 0, &vec![0.0; 7 * width], &mut spans, &rope, &mut out);
     }
 }

@@ -5,7 +5,6 @@
 //! pool, which then competes for the same cores as ours (measured: prefill 1.5× slower, decode
 //! 10% slower on 2 cores). Keeping the whole native step on one pool avoids that.
 
-use super::Isa;
 use super::pool::{self, split_range};
 
 /// Rows per parallel job below which threads are not worth waking.
@@ -15,57 +14,31 @@ const PAR_MIN_ELEMS: usize = 32 * 1024;
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let cols = w.len();
     assert_eq!(x.len(), out.len());
+    assert!(cols > 0 && x.len().is_multiple_of(cols), "rms_norm: x is not [rows, {cols}]");
+    let ks = super::active();
     rows_parallel(x.len(), cols, out, |r, o| {
-        let xr = &x[r * cols..][..cols];
-        dispatch(|| rms_norm_row(xr, w, eps, o))
+        // SAFETY: the row, the weights and the output row have `cols` elements.
+        unsafe { (ks.rms_norm_row)(&x[r * cols..][..cols], w, eps, o) }
     });
 }
 
 /// `out[r] = silu(gu[r][..f]) · gu[r][f..]` for `gu: [rows, 2f]`, `out: [rows, f]`.
 pub fn swiglu(gu: &[f32], f: usize, out: &mut [f32]) {
     assert_eq!(gu.len(), 2 * out.len());
+    assert!(f > 0 && out.len().is_multiple_of(f), "swiglu: out is not [rows, {f}]");
+    let ks = super::active();
     rows_parallel(out.len(), f, out, |r, o| {
-        let row = &gu[r * 2 * f..][..2 * f];
-        let (g, u) = row.split_at(f);
-        #[cfg(target_arch = "x86_64")]
-        if Isa::detect() == Isa::Avx512Vnni {
-            return unsafe { avx512::swiglu_row(g, u, o) };
-        }
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
+        let (g, u) = gu[r * 2 * f..][..2 * f].split_at(f);
+        // SAFETY: `g`, `u` and `o` have `f` elements.
+        unsafe { (ks.swiglu_row)(g, u, o) }
     });
 }
 
 /// `x += y`.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len());
-    dispatch(|| {
-        for (a, &b) in x.iter_mut().zip(y) {
-            *a += b;
-        }
-    })
-}
-
-#[inline(always)]
-fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    // 16 independent partial sums: vectorises without reassociating a single float sum.
-    let mut acc = [0f32; 16];
-    let chunks = x.len() / 16;
-    for c in 0..chunks {
-        for l in 0..16 {
-            let v = x[c * 16 + l];
-            acc[l] += v * v;
-        }
-    }
-    let mut ss: f32 = acc.iter().sum();
-    for &v in &x[chunks * 16..] {
-        ss += v * v;
-    }
-    let scale = 1.0 / (ss / x.len() as f32 + eps).sqrt();
-    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
-        *o = v * scale * g;
-    }
+    // SAFETY: equal lengths, asserted above.
+    unsafe { (super::active().add_assign)(x, y) }
 }
 
 /// Runs `f(row, out_row)` over rows, on the pool when the tensor is large (prefill).
@@ -82,50 +55,10 @@ fn rows_parallel(total: usize, cols: usize, out: &mut [f32], f: impl Fn(usize, &
     });
 }
 
-/// Runs `f` compiled for AVX-512 when the CPU has it (the body is inlined into a
-/// `target_feature` function, so plain loops vectorise to 512-bit registers).
-#[inline(always)]
-fn dispatch<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if Isa::detect() == Isa::Avx512Vnni {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        return unsafe { wide(f) };
-    }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use crate::simd::exp16;
-    use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn swiglu_row(g: &[f32], u: &[f32], out: &mut [f32]) {
-        unsafe {
-            let n = out.len();
-            let one = _mm512_set1_ps(1.0);
-            let mut i = 0;
-            while i + 16 <= n {
-                let gv = _mm512_loadu_ps(g.as_ptr().add(i));
-                let uv = _mm512_loadu_ps(u.as_ptr().add(i));
-                let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-                let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
-                _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_mul_ps(s, uv));
-                i += 16;
-            }
-            for j in i..n {
-                out[j] = g[j] / (1.0 + (-g[j]).exp()) * u[j];
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::{Isa, kernel_set};
 
     #[test]
     fn kernels_match_scalar_definitions() {
@@ -155,6 +88,39 @@ mod tests {
                     "{} vs {want}",
                     act[r * f + c]
                 );
+            }
+        }
+    }
+
+    /// Every instruction set's row kernels against the portable ones: RMSNorm and the residual
+    /// add bit for bit (same summation order), SiLU within the vector `exp`'s error.
+    #[test]
+    fn every_isa_matches_portable() {
+        let mut rng = crate::sampling::Rng::new(4);
+        let reference = kernel_set(Isa::Portable);
+        for n in [1, 7, 16, 33, 576, 1537] {
+            let x: Vec<f32> = (0..n).map(|_| rng.next_f32() * 20.0 - 10.0).collect();
+            let y: Vec<f32> = (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+            let w: Vec<f32> = (0..n).map(|_| rng.next_f32() + 0.5).collect();
+            let (mut want_n, mut want_s, mut want_a) = (vec![0f32; n], vec![0f32; n], x.clone());
+            unsafe {
+                (reference.rms_norm_row)(&x, &w, 1e-5, &mut want_n);
+                (reference.swiglu_row)(&x, &y, &mut want_s);
+                (reference.add_assign)(&mut want_a, &y);
+            }
+            for isa in Isa::supported() {
+                let ks = kernel_set(isa);
+                let (mut got_n, mut got_s, mut got_a) = (vec![0f32; n], vec![0f32; n], x.clone());
+                unsafe {
+                    (ks.rms_norm_row)(&x, &w, 1e-5, &mut got_n);
+                    (ks.swiglu_row)(&x, &y, &mut got_s);
+                    (ks.add_assign)(&mut got_a, &y);
+                }
+                assert_eq!(got_n, want_n, "{isa} rms_norm n={n}");
+                assert_eq!(got_a, want_a, "{isa} add n={n}");
+                for (g, w) in got_s.iter().zip(&want_s) {
+                    assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{isa} swiglu n={n}: {g} vs {w}");
+                }
             }
         }
     }

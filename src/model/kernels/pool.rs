@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 /// between two projections of a decode step, short enough not to burn a core when idle.
 const SPIN: Duration = Duration::from_micros(300);
 
+/// How long a caller spins for workers still inside its finished job before it starts
+/// yielding its core (far longer than a chunk of a decode step takes).
+const YIELD_AFTER: Duration = Duration::from_micros(50);
+
 type Job = dyn Fn(usize) + Sync;
 
 /// `state` layout: generation in the high 32 bits, an "open for joining" flag, and the number of
@@ -46,9 +50,12 @@ struct Shared {
     sleeping: Vec<AtomicBool>,
     /// A panic raised in a worker's chunk, re-raised on the caller once the job is over.
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    /// Tests: how long a worker dawdles before joining a job (a preempted worker, on demand).
+    #[cfg(test)]
+    join_delay_us: AtomicU64,
 }
 
-// SAFETY: `job` is written by the thread holding `ThreadPool::busy` before the state is published
+// SAFETY: `job` is written by the thread that set `ThreadPool::busy` before the state is published
 // (Release) and read by workers only after joining the published generation (Acquire); the caller
 // does not return (so the closure outlives every use) until no worker is inside the job.
 unsafe impl Sync for Shared {}
@@ -56,8 +63,23 @@ unsafe impl Send for Shared {}
 
 pub struct ThreadPool {
     shared: Arc<Shared>,
-    busy: Mutex<()>,
+    /// Whether sharing jobs with the workers currently pays (see [`Adaptive`]); only the caller
+    /// that set `busy` touches it.
+    adaptive: Mutex<Adaptive>,
+    /// Set while a caller runs a job on the workers. An atomic flag rather than a mutex: a
+    /// panicking job must not leave it poisoned (every later job would silently run on one
+    /// thread); [`Busy`] clears it however the job ends.
+    busy: AtomicBool,
     n_threads: usize,
+}
+
+/// Holds [`ThreadPool::busy`]; clears it on drop, unwinding included.
+struct Busy<'a>(&'a AtomicBool);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl ThreadPool {
@@ -74,6 +96,8 @@ impl ThreadPool {
             threads: Mutex::new(Vec::new()),
             sleeping: (0..n_workers).map(|_| AtomicBool::new(false)).collect(),
             panic: Mutex::new(None),
+            #[cfg(test)]
+            join_delay_us: AtomicU64::new(0),
         });
         let mut handles = Vec::with_capacity(n_workers);
         for w in 0..n_workers {
@@ -84,8 +108,9 @@ impl ThreadPool {
                 .expect("spawning a kernel worker thread");
             handles.push(h.thread().clone());
         }
-        *shared.threads.lock().unwrap() = handles;
-        Self { shared, busy: Mutex::new(()), n_threads }
+        *shared.threads.lock().unwrap_or_else(|e| e.into_inner()) = handles;
+        let adapt = std::env::var("LETHE_POOL_ADAPT").map_or(true, |v| v != "0");
+        Self { shared, adaptive: Mutex::new(Adaptive::new(adapt)), busy: AtomicBool::new(false), n_threads }
     }
 
     pub fn n_threads(&self) -> usize {
@@ -95,17 +120,31 @@ impl ThreadPool {
     /// Runs `f(chunk)` for every chunk in `0..n_chunks`, spread over the pool's threads, and
     /// returns when all are done. Chunks must be independent (disjoint outputs).
     pub fn run_chunks<F: Fn(usize) + Sync>(&self, n_chunks: usize, f: F) {
+        self.run_chunks_as(n_chunks, f, true)
+    }
+
+    /// [`Self::run_chunks`]; `may_run_alone`: whether the caller may run the whole job itself
+    /// while sharing has not been paying (see [`Adaptive`]).
+    fn run_chunks_as<F: Fn(usize) + Sync>(&self, n_chunks: usize, f: F, may_run_alone: bool) {
         if n_chunks <= 1 || self.n_threads == 1 {
             (0..n_chunks).for_each(&f);
             return;
         }
-        let Ok(_guard) = self.busy.try_lock() else {
+        if self.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             (0..n_chunks).for_each(&f);
             return;
-        };
+        }
+        let _busy = Busy(&self.busy);
+        let mut adaptive = self.adaptive.lock().unwrap_or_else(|e| e.into_inner());
+        if may_run_alone && adaptive.run_alone() {
+            drop(adaptive);
+            (0..n_chunks).for_each(&f);
+            return;
+        }
+        let started = Instant::now();
         let s = &*self.shared;
         let job: &(dyn Fn(usize) + Sync + '_) = &f;
-        // SAFETY: we hold `busy`, and no worker reads `job` before the state below is published.
+        // SAFETY: we set `busy`, and no worker reads `job` before the state below is published.
         unsafe {
             *s.job.get() = Some(std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), *const Job>(job));
         }
@@ -115,14 +154,17 @@ impl ThreadPool {
         s.state.store((generation << 32) | OPEN, Ordering::SeqCst);
         for (w, sleeping) in s.sleeping.iter().enumerate() {
             if sleeping.load(Ordering::SeqCst) {
-                s.threads.lock().unwrap()[w].unpark();
+                s.threads.lock().unwrap_or_else(|e| e.into_inner())[w].unpark();
             }
         }
         // Ends the job even if our own chunk panics: the closure must outlive every worker
         // inside it, and no latecomer may join a job whose closure is gone.
         let end = EndJob(s);
-        claim_chunks(s, job);
+        let own = claim_chunks(s, job);
+        let own_time = started.elapsed();
         drop(end);
+        adaptive.record(n_chunks, own, own_time, started.elapsed());
+        drop(adaptive);
         if let Some(payload) = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
             std::panic::resume_unwind(payload);
         }
@@ -144,10 +186,20 @@ impl Drop for EndJob<'_> {
     fn drop(&mut self) {
         let s = self.0;
         s.state.fetch_and(!OPEN, Ordering::SeqCst);
+        // Spin for the workers still inside (they are normally a chunk away), but yield the
+        // core after a while: a worker that takes long has usually been preempted, and may be
+        // waiting for exactly this core.
+        let start = Instant::now();
+        let mut spins = 0u32;
         while s.state.load(Ordering::Acquire) & ACTIVE != 0 {
-            std::hint::spin_loop();
+            spins += 1;
+            if spins.is_multiple_of(64) && start.elapsed() > YIELD_AFTER {
+                thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
-        // SAFETY: the caller holds `busy` and no worker is inside the job any more.
+        // SAFETY: the caller set `busy` and no worker is inside the job any more.
         unsafe {
             *s.job.get() = None;
         }
@@ -158,14 +210,78 @@ impl Drop for EndJob<'_> {
     }
 }
 
-fn claim_chunks(s: &Shared, job: &(dyn Fn(usize) + Sync + '_)) {
+/// Runs chunks until none is left; returns how many this participant ran.
+fn claim_chunks(s: &Shared, job: &(dyn Fn(usize) + Sync + '_)) -> usize {
     let n = s.n_chunks.load(Ordering::Relaxed);
+    let mut ran = 0;
     loop {
         let c = s.next_chunk.fetch_add(1, Ordering::Relaxed);
         if c >= n {
-            break;
+            return ran;
         }
         job(c);
+        ran += 1;
+    }
+}
+
+/// Decides whether jobs are worth sharing with the workers, from what sharing has been
+/// costing.
+///
+/// On a machine where another busy process (or anything else) takes one of our cores, a worker
+/// is preempted in the middle of its chunk and the caller waits a whole scheduler time slice
+/// (milliseconds) for it, at every one of the ~150 jobs of a decode step: measured 55 tok/s with
+/// the default two threads against 108 with one. The caller can see this at the end of each
+/// job: it ran `own` of the `n` chunks in `own_time`, so alone the job would have taken about
+/// `own_time · n / own`; the job actually took `total`. Over a window of jobs, if sharing lost
+/// time overall, the caller runs jobs alone for a while (the workers park), then tries sharing
+/// again; each further losing window doubles the time alone (up to a cap).
+struct Adaptive {
+    enabled: bool,
+    /// Jobs run since the pool started.
+    jobs: u64,
+    /// Run jobs alone until `jobs` reaches this.
+    alone_until: u64,
+    /// Length of the next period alone.
+    alone_len: u64,
+    /// Seconds saved by sharing (negative: lost) over the current window.
+    gain: f64,
+    window: u32,
+}
+
+impl Adaptive {
+    /// Jobs per decision (a decode step is ~150 jobs).
+    const WINDOW: u32 = 256;
+    const ALONE_MIN: u64 = 2048;
+    const ALONE_MAX: u64 = 65536;
+
+    fn new(enabled: bool) -> Self {
+        Self { enabled, jobs: 0, alone_until: 0, alone_len: Self::ALONE_MIN, gain: 0.0, window: 0 }
+    }
+
+    /// Whether the next job runs on the caller alone.
+    fn run_alone(&mut self) -> bool {
+        self.jobs += 1;
+        self.jobs < self.alone_until
+    }
+
+    fn record(&mut self, n: usize, own: usize, own_time: Duration, total: Duration) {
+        if !self.enabled || own == 0 {
+            return;
+        }
+        let alone = own_time.as_secs_f64() * n as f64 / own as f64;
+        self.gain += alone - total.as_secs_f64();
+        self.window += 1;
+        if self.window < Self::WINDOW {
+            return;
+        }
+        if self.gain < 0.0 {
+            self.alone_until = self.jobs + self.alone_len;
+            self.alone_len = (self.alone_len * 2).min(Self::ALONE_MAX);
+        } else {
+            self.alone_len = Self::ALONE_MIN;
+        }
+        self.gain = 0.0;
+        self.window = 0;
     }
 }
 
@@ -195,8 +311,15 @@ fn worker_loop(s: Arc<Shared>, w: usize) {
             s.sleeping[w].store(false, Ordering::SeqCst);
         };
         seen_generation = state >> 32;
+        #[cfg(test)]
+        {
+            let delay = s.join_delay_us.load(Ordering::Relaxed);
+            if delay > 0 {
+                thread::sleep(Duration::from_micros(delay));
+            }
+        }
         // Join, if the job is still open (the caller may have finished it already).
-        let mut st = state;
+        let mut st = s.state.load(Ordering::Acquire);
         let joined = loop {
             if st >> 32 != seen_generation || st & OPEN == 0 {
                 break false;
@@ -211,7 +334,9 @@ fn worker_loop(s: Arc<Shared>, w: usize) {
             let job = unsafe { (*s.job.get()).expect("an open job has a closure") };
             // A panicking chunk must not kill the worker without leaving the job (the caller
             // would wait forever): catch it, leave, and let the caller re-raise it.
-            let run = std::panic::AssertUnwindSafe(|| claim_chunks(&s, unsafe { &*job }));
+            let run = std::panic::AssertUnwindSafe(|| {
+                claim_chunks(&s, unsafe { &*job });
+            });
             if let Err(payload) = std::panic::catch_unwind(run) {
                 s.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(payload);
             }
@@ -223,7 +348,7 @@ fn worker_loop(s: Arc<Shared>, w: usize) {
 impl Drop for ThreadPool {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
-        for t in self.shared.threads.lock().unwrap().iter() {
+        for t in self.shared.threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             t.unpark();
         }
     }
@@ -285,6 +410,32 @@ pub fn split_range(len: usize, i: usize, n: usize) -> std::ops::Range<usize> {
 }
 
 #[cfg(test)]
+impl ThreadPool {
+    /// Whether a job of `n_threads` chunks really runs on `n_threads` threads at once: each
+    /// chunk waits (up to 5 s) until every thread of the pool has entered one.
+    pub(crate) fn all_threads_join(&self) -> bool {
+        let arrived = Mutex::new(std::collections::HashSet::new());
+        let ok = AtomicUsize::new(0);
+        self.run_chunks_as(
+            self.n_threads,
+            |_| {
+                arrived.lock().unwrap().insert(thread::current().id());
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while arrived.lock().unwrap().len() < self.n_threads {
+                    if Instant::now() > deadline {
+                        return;
+                    }
+                    thread::yield_now();
+                }
+                ok.fetch_add(1, Ordering::SeqCst);
+            },
+            false,
+        );
+        ok.load(Ordering::SeqCst) == self.n_threads
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
@@ -300,10 +451,11 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         }
+        assert!(pool.all_threads_join());
     }
 
     /// A panic in any chunk reaches the caller only after every participant has left the job
-    /// (whose closure borrows the caller's stack), and the pool keeps working afterwards.
+    /// (whose closure borrows the caller's stack), and the pool keeps all its threads afterwards.
     #[test]
     fn panics_end_the_job_cleanly_on_any_thread() {
         let pool = ThreadPool::new(2);
@@ -318,10 +470,19 @@ mod tests {
                         self.0.fetch_sub(1, Ordering::SeqCst);
                     }
                 }
+                // Every chunk first waits until both threads are in the job, so each of them
+                // takes one of the first chunks (< 4) and the chosen one surely panics.
+                let arrived = Mutex::new(std::collections::HashSet::new());
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     pool.run_chunks(8, |c| {
                         inside.fetch_add(1, Ordering::SeqCst);
                         let _leave = Leave(&inside);
+                        arrived.lock().unwrap().insert(thread::current().id());
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        while arrived.lock().unwrap().len() < 2 {
+                            assert!(Instant::now() < deadline, "the worker never joined");
+                            thread::yield_now();
+                        }
                         let on_caller = thread::current().id() == caller;
                         if on_caller == panic_on_caller && c < 4 {
                             panic!("chunk failed");
@@ -331,9 +492,8 @@ mod tests {
                         thread::sleep(Duration::from_millis(20));
                     });
                 }));
-                // Whether the panic came from the caller or a worker (if one joined), nobody
-                // may still be running the job when the caller gets control back.
-                let _ = r;
+                let payload = r.expect_err("the chunk's panic did not reach the caller");
+                assert_eq!(payload.downcast_ref::<&str>(), Some(&"chunk failed"));
                 assert_eq!(inside.load(Ordering::SeqCst), 0, "a participant outlived run_chunks");
             }
         }
@@ -342,6 +502,8 @@ mod tests {
             hits.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(hits.load(Ordering::Relaxed), 16);
+        // A panicking job must not leave the pool running everything on the caller.
+        assert!(pool.all_threads_join(), "after panicking jobs the pool no longer uses its workers");
     }
 
     #[test]
@@ -355,6 +517,7 @@ mod tests {
             });
         }
         assert_eq!(total.load(Ordering::Relaxed), 9);
+        assert!(pool.all_threads_join());
     }
 
     #[test]
@@ -377,23 +540,78 @@ mod tests {
         for h in handles {
             assert_eq!(h.join().unwrap(), 500 * 45);
         }
+        assert!(pool.all_threads_join());
     }
 
+    /// A worker that is slow to show up (preempted, descheduled) must not hold up the caller:
+    /// the caller runs every chunk itself, the latecomer finds the job closed, and the next
+    /// job does not wait for it either.
     #[test]
     fn a_stalled_worker_does_not_stall_the_caller() {
-        // The caller finishes all chunks itself while the worker is stuck in a slow chunk of the
-        // previous job: the next job must not wait for it.
         let pool = ThreadPool::new(2);
-        let slow_done = AtomicU64::new(0);
-        let t = Instant::now();
-        pool.run_chunks(2, |c| {
-            if c == 1 {
-                std::thread::sleep(Duration::from_millis(50));
-                slow_done.fetch_add(1, Ordering::Relaxed);
+        assert!(pool.all_threads_join());
+        pool.shared.join_delay_us.store(300_000, Ordering::Relaxed);
+        let caller = thread::current().id();
+        for _ in 0..2 {
+            let on_caller = AtomicU64::new(0);
+            let t = Instant::now();
+            pool.run_chunks(8, |_| {
+                std::thread::sleep(Duration::from_millis(1));
+                if thread::current().id() == caller {
+                    on_caller.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            let took = t.elapsed();
+            assert_eq!(on_caller.load(Ordering::Relaxed), 8, "a stalled worker ran a chunk");
+            assert!(took < Duration::from_millis(150), "the caller waited {took:?} for a stalled worker");
+        }
+        pool.shared.join_delay_us.store(0, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(400)); // the latecomer catches up
+        assert!(pool.all_threads_join(), "the worker did not come back after stalling");
+    }
+
+    /// A worker that is preempted in every chunk it takes (simulated: it sleeps 1 ms where
+    /// the caller needs 20 µs) makes sharing lose time: after a window the caller runs jobs
+    /// alone; after the period alone it shares again, and keeps sharing while that pays.
+    #[test]
+    fn jobs_run_alone_while_sharing_loses_time_then_sharing_is_tried_again() {
+        let pool = ThreadPool::new(2);
+        let caller = thread::current().id();
+        let on_worker = AtomicU64::new(0);
+        let busy = |d: Duration| {
+            let t = Instant::now();
+            while t.elapsed() < d {
+                std::hint::spin_loop();
             }
-        });
-        assert_eq!(slow_done.load(Ordering::Relaxed), 1, "all chunks ran before returning");
-        assert!(t.elapsed() >= Duration::from_millis(50));
+        };
+        let job = |preempted: bool| {
+            pool.run_chunks(4, |_| {
+                if thread::current().id() != caller {
+                    on_worker.fetch_add(1, Ordering::Relaxed);
+                    if preempted {
+                        thread::sleep(Duration::from_millis(1));
+                        return;
+                    }
+                }
+                busy(Duration::from_micros(20));
+            })
+        };
+        for _ in 0..Adaptive::WINDOW {
+            job(true);
+        }
+        on_worker.store(0, Ordering::Relaxed);
+        for _ in 0..100 {
+            job(true);
+        }
+        assert_eq!(on_worker.load(Ordering::Relaxed), 0, "jobs were still shared while sharing lost time");
+        for _ in 0..Adaptive::ALONE_MIN {
+            job(false);
+        }
+        on_worker.store(0, Ordering::Relaxed);
+        for _ in 0..2 * Adaptive::WINDOW {
+            job(false);
+        }
+        assert!(on_worker.load(Ordering::Relaxed) > 0, "sharing did not resume once it paid again");
     }
 
     #[test]
