@@ -1,7 +1,10 @@
 //! x86-64: vectorised `exp` and the row helpers for AVX-512 (16 lanes) and AVX2 + FMA (8 lanes).
 //!
 //! Every function here is `unsafe`: the CPU must support the module's instruction set, which
-//! callers guarantee by dispatching on an [`super::Isa`] the CPU supports.
+//! callers guarantee by dispatching on an [`super::Isa`] the CPU supports. That is the whole
+//! safety contract of each function (slices are bounds-checked or sized by their own lengths), so
+//! it is stated once here rather than on each.
+#![allow(clippy::missing_safety_doc)]
 
 use super::LogMix;
 use std::arch::x86_64::*;

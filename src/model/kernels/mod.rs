@@ -42,6 +42,9 @@ pub type Tile = [[f32; TILE]; MR];
 /// `out[r] = tile t of (row row0 + r) · Wᵀ` for `r < rows`, from quantized activations.
 pub(crate) type QuantTileFn =
     unsafe fn(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile);
+/// `out[o] += scale · t[tr] · Bᵀ` for each `(tr, o)` in `rows` (see `KernelSet::add_f16_tile_rows`).
+pub(crate) type AddTileRowsFn =
+    unsafe fn(b: &PackedMatrix, tile: usize, t: &[f32], rows: &[(usize, usize)], scale: f32, out: &mut Tile);
 /// The same from f32 activations `x: [m, k]`.
 pub(crate) type FloatTileFn =
     unsafe fn(w: &PackedMatrix, x: &[f32], t: usize, row0: usize, rows: usize, out: &mut Tile);
@@ -71,8 +74,7 @@ pub struct KernelSet {
     pub(crate) f16_tile: FloatTileFn,
     /// `out[o] += scale · t[tr] · Bᵀ` (tile `tile` of F16 `b`) for each `(tr, o)` in `rows`. Needs
     /// `tile < b.n_tiles()`, `rows.len() ≤ MR`, every `(tr + 1)·b.k ≤ t.len()` and `o < MR`.
-    pub(crate) add_f16_tile_rows:
-        unsafe fn(b: &PackedMatrix, tile: usize, t: &[f32], rows: &[(usize, usize)], scale: f32, out: &mut Tile),
+    pub(crate) add_f16_tile_rows: AddTileRowsFn,
     /// Attention of one query position over one kv head's cache, per cached element type.
     /// Needs `args` whose blocks hold `n_keys` positions of the geometry's element type,
     /// `scores.len() ≥ n_heads · ⌈n_keys/16⌉·16` and `out.len() == n_heads · head_dim`.
