@@ -10,6 +10,7 @@
 //! - [`loader`]: a model and its tokenizer, loaded together;
 //! - [`adapters`]: LoRA forget-adapters (PEFT loading, versioned registry with leases);
 //! - [`tenants`]: API keys, per-tenant policies, persistent control-plane state;
+//! - [`structured`]: grammar-constrained decoding (JSON schemas, tool calls);
 //! - [`server`]: the OpenAI-compatible HTTP/SSE layer and the admin API; [`config`]: its settings.
 
 pub mod adapters;
@@ -23,6 +24,7 @@ pub mod model;
 pub mod sampling;
 pub mod server;
 pub mod simd;
+pub mod structured;
 pub mod telemetry;
 pub mod tenants;
 pub mod tokenizer;

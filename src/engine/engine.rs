@@ -5,12 +5,13 @@
 //! length, vocabulary, queue capacity) and returns a stream of [`Event`]s. Dropping the stream
 //! cancels the request; its rows are freed before the next step.
 
+use super::choose::choose;
 use super::request::{Event, FinishReason, Request, Timing, Usage};
 use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig};
 use super::sequence::{Group, RowLogits};
-use crate::guidance::{self, GuidanceMode};
+use crate::guidance::GuidanceMode;
 use crate::model::{BatchEntry, BatchLogits, KvCache, KvDtype, KvSizing, Llama, RaggedBatch};
-use crate::sampling::{StopOutcome, sample_logits};
+use crate::sampling::{StopOutcome, TokenLogprobs};
 use crate::telemetry as t;
 use crate::tokenizer::Tokenizer;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -48,6 +49,9 @@ pub enum EngineError {
     CutByShutdown,
     #[error("inference failed: {0}")]
     Failed(String),
+    /// The request's output grammar admits no further token, or failed on the way.
+    #[error("constrained decoding failed: {0}")]
+    Constraint(String),
 }
 
 /// A request with more rows (a guided pair has two) than the engine may ever run at once.
@@ -181,6 +185,10 @@ impl EngineHandle {
     }
     pub fn max_context(&self) -> usize {
         self.max_context
+    }
+    /// The model's vocabulary size (the length of its logits).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
     }
     pub fn is_alive(&self) -> bool {
         self.stats.alive.load(Ordering::Relaxed)
@@ -407,7 +415,7 @@ impl Worker {
                 .collect(),
         );
         let started = Instant::now();
-        let result = self.model.forward(&batch, &mut self.kv);
+        let result = self.forward_preparing_constraints(&batch);
         metrics::histogram!(t::STEP_DURATION).record(started.elapsed().as_secs_f64());
         metrics::histogram!(t::BATCH_ROWS).record(plan.len() as f64);
         metrics::histogram!(t::BATCH_TOKENS).record(batch.n_tokens() as f64);
@@ -424,6 +432,31 @@ impl Worker {
             }
         }
         self.sample_ready(&logits);
+    }
+
+    /// The forward, and meanwhile, on a helper thread, the allowed next tokens of every
+    /// constrained request: grammar masks take up to milliseconds each, which must not lengthen
+    /// the step for everyone (on a GPU the forward leaves the CPU idle; on a CPU the kernel pool
+    /// claims work, so a core busy with masks only costs what it takes away).
+    fn forward_preparing_constraints(&mut self, batch: &RaggedBatch) -> Result<BatchLogits, crate::model::ModelError> {
+        let pending: Vec<&mut Box<dyn super::constraint::TokenConstraint>> =
+            self.sched.running.iter_mut().filter_map(|g| g.constraint.as_mut()).collect();
+        let (model, kv) = (&self.model, &mut self.kv);
+        if pending.is_empty() {
+            return model.forward(batch, kv);
+        }
+        std::thread::scope(|s| {
+            let helper = s.spawn(move || {
+                for c in pending {
+                    c.prepare();
+                }
+            });
+            let result = model.forward(batch, kv);
+            // A panic in there leaves that mask uncomputed; `allowed` computes it or fails the
+            // request when it samples.
+            let _ = helper.join();
+            result
+        })
     }
 
     /// A failed forward fails every request that was in it (the server stays up).
@@ -447,6 +480,7 @@ impl Worker {
             }
         }
         let mut finished = Vec::new();
+        let mut failed = Vec::new();
         for gi in 0..self.sched.running.len() {
             let g = &mut self.sched.running[gi];
             if !g.ready_to_sample() {
@@ -458,32 +492,46 @@ impl Worker {
                 }
                 continue;
             }
-            let token = match (g.req.is_pair(), g.req.guidance) {
-                (true, Some(guide)) => guidance::sample_guided(
-                    row_logits(&g.rows[0], logits),
-                    row_logits(&g.rows[1], logits),
-                    guide,
-                    &g.req.sampling,
-                    &mut g.rng,
-                    &mut self.scratch,
-                ),
-                _ => sample_logits(row_logits(&g.rows[0], logits), &g.req.sampling, &mut g.rng),
+            let cond = row_logits(&g.rows[0], logits);
+            let uncond = g.rows.get(1).map(|r| row_logits(r, logits));
+            let choice = choose(&g.req, g.constraint.as_deref_mut(), &mut g.rng, cond, uncond, &mut self.scratch);
+            let choice = match choice {
+                Ok(c) => c,
+                Err(e) => {
+                    failed.push((gi, e));
+                    continue;
+                }
             };
+            let token = choice.token;
             for r in &mut g.rows {
                 r.logits = None;
                 r.pending.clear();
                 r.pending.push(token);
                 r.cursor = 0;
             }
-            if let Some(reason) = emit_token(g, &self.tokenizer, token) {
-                finished.push((gi, reason));
+            // A complete grammar ends the generation, and wins over a length limit hit at once.
+            let complete = g.constraint.as_ref().is_some_and(|c| c.is_complete());
+            let ending = match emit_token(g, &self.tokenizer, token, choice.logprobs) {
+                None | Some(Ending::Length) if complete => Some(Ending::Complete),
+                e => e,
+            };
+            if let Some(reason) = ending {
+                finished.push((gi, Ok(reason)));
             }
         }
+        finished.extend(failed.into_iter().map(|(gi, e)| (gi, Err(e))));
         // Remove finished groups from the back so indices stay valid.
         finished.sort_by_key(|&(gi, _)| std::cmp::Reverse(gi));
-        for (gi, reason) in finished {
+        for (gi, outcome) in finished {
             let g = self.sched.finish(gi, &mut self.kv);
-            finish(g, reason, &self.tokenizer);
+            match outcome {
+                Ok(reason) => finish(g, reason, &self.tokenizer),
+                Err(e) => {
+                    tracing::warn!(error = %e, "constrained decoding failed");
+                    let _ = g.events.send(Event::Error(EngineError::Constraint(e)));
+                    record_finish(&g, "error");
+                }
+            }
         }
     }
 }
@@ -494,10 +542,12 @@ enum Ending {
     Eos,
     StopString,
     Length,
+    /// The output grammar is complete (nothing but end-of-sequence could follow).
+    Complete,
 }
 
 /// Records a sampled token, streams its text, and says whether the request is done.
-fn emit_token(g: &mut Group, tok: &Tokenizer, token: u32) -> Option<Ending> {
+fn emit_token(g: &mut Group, tok: &Tokenizer, token: u32, logprobs: Option<Box<TokenLogprobs>>) -> Option<Ending> {
     let now = Instant::now();
     match g.last_token {
         None => {
@@ -509,7 +559,7 @@ fn emit_token(g: &mut Group, tok: &Tokenizer, token: u32) -> Option<Ending> {
     g.last_token = Some(now);
     g.generated += 1;
     if !g.req.ignore_eos && tok.is_eos(token) {
-        let _ = g.events.send(Event::Token { id: token, text: String::new() });
+        let _ = g.events.send(Event::Token { id: token, text: String::new(), logprobs });
         return Some(Ending::Eos);
     }
     let delta = match g.decoder.push(tok, token) {
@@ -523,7 +573,7 @@ fn emit_token(g: &mut Group, tok: &Tokenizer, token: u32) -> Option<Ending> {
         StopOutcome::Continue(t) => (t, false),
         StopOutcome::Stopped(t) => (t, true),
     };
-    let _ = g.events.send(Event::Token { id: token, text });
+    let _ = g.events.send(Event::Token { id: token, text, logprobs });
     if stopped {
         return Some(Ending::StopString);
     }
@@ -536,7 +586,7 @@ fn finish(mut g: Group, ending: Ending, tok: &Tokenizer) {
         // The stop string ends the text; what was held back belongs to it.
         Ending::StopString => String::new(),
         // Release text held back for an incomplete character or a possible stop string.
-        Ending::Eos | Ending::Length => {
+        Ending::Eos | Ending::Length | Ending::Complete => {
             let rest = g.decoder.flush(tok).ok().flatten().unwrap_or_default();
             let mut out = match g.stop.push(&rest) {
                 StopOutcome::Continue(t) | StopOutcome::Stopped(t) => t,
@@ -546,11 +596,11 @@ fn finish(mut g: Group, ending: Ending, tok: &Tokenizer) {
         }
     };
     let reason = match ending {
-        Ending::Eos | Ending::StopString => FinishReason::Stop,
+        Ending::Eos | Ending::StopString | Ending::Complete => FinishReason::Stop,
         Ending::Length => FinishReason::Length,
     };
     if !tail.is_empty() {
-        let _ = g.events.send(Event::Token { id: u32::MAX, text: tail });
+        let _ = g.events.send(Event::Token { id: u32::MAX, text: tail, logprobs: None });
     }
     let now = Instant::now();
     let usage = Usage {

@@ -45,6 +45,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The template renders messages of role `tool` (function results) itself.
+    tool_role: bool,
 }
 
 /// Instructions one rendering may execute (minijinja "fuel"): ample for conversations of
@@ -72,7 +74,14 @@ impl ChatTemplate {
         });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TokenizerError::Template(format!("invalid chat template: {e}")))?;
-        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        let tool_role = source.contains("'tool'") || source.contains("\"tool\"");
+        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string(), tool_role })
+    }
+
+    /// True when the template knows the `tool` role (function results); other templates get
+    /// tool results as user turns.
+    pub fn supports_tool_role(&self) -> bool {
+        self.tool_role
     }
 
     /// Renders a conversation as plain text (tests, debugging). Content is inserted verbatim.
