@@ -394,6 +394,16 @@ fn openapi_contract_covers_routes_and_extensions() {
     for schema in ["ChatCompletion", "TextCompletion", "ChatCompletionChunk"] {
         assert!(props(schema).contains(&"guidance".to_string()), "{schema}.guidance");
     }
+    // Every request field the server accepts is documented (it refuses all others).
+    use lethe::server::validation::{Endpoint, accepted_fields};
+    for (schema, endpoint) in [("ChatCompletionRequest", Endpoint::Chat), ("CompletionRequest", Endpoint::Completions)]
+    {
+        let mut documented = props(schema);
+        documented.extend(props("SamplingParams"));
+        for f in accepted_fields(endpoint) {
+            assert!(documented.contains(&f.to_string()), "{schema}.{f} is accepted but not documented");
+        }
+    }
     assert!(props("AppliedGuidance").contains(&"adapters".to_string()), "AppliedGuidance.adapters");
     // The admin schemas match the Rust types they describe.
     let mut policy_fields: Vec<String> = serde_json::to_value(lethe::tenants::TenantPolicy::default())

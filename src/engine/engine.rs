@@ -559,7 +559,8 @@ fn emit_token(g: &mut Group, tok: &Tokenizer, token: u32, logprobs: Option<Box<T
     g.last_token = Some(now);
     g.generated += 1;
     if !g.req.ignore_eos && tok.is_eos(token) {
-        let _ = g.events.send(Event::Token { id: token, text: String::new(), logprobs });
+        // The end-of-sequence token that ends the generation is no output: no log-probabilities.
+        let _ = g.events.send(Event::Token { id: token, text: String::new(), logprobs: None });
         return Some(Ending::Eos);
     }
     let delta = match g.decoder.push(tok, token) {

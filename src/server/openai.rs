@@ -421,7 +421,6 @@ async fn run(state: Arc<AppState>, p: Prepared, kind: Kind, tenant: String) -> R
         tenant,
         tool_mode: p.tool_mode,
         logprobs: p.logprobs.then(|| TokenText { tokenizer: state.tokenizer.clone(), vocab: p.vocab.clone() }),
-        tokenizer: state.tokenizer.clone(),
     };
     if p.stream {
         Ok(Sse::new(sse_events(stream, meta)).keep_alive(KeepAlive::default()).into_response())
@@ -444,7 +443,6 @@ struct Meta {
     tool_mode: ToolMode,
     /// Set when the request asked for log-probabilities.
     logprobs: Option<TokenText>,
-    tokenizer: Arc<crate::tokenizer::Tokenizer>,
 }
 
 impl Meta {
@@ -455,19 +453,14 @@ impl Meta {
         })
     }
 
-    /// Adds a token's log-probabilities (not those of end-of-sequence, which is no output).
-    /// `offset`: bytes of completion text before the token.
+    /// Adds a token's log-probabilities. `offset`: bytes of completion text before the token.
     fn note_logprobs(
         &self,
         pending: &mut Option<PendingLogprobs>,
-        id: u32,
         lp: Option<&crate::sampling::TokenLogprobs>,
         offset: usize,
     ) {
         let (Some(text), Some(lp), Some(p)) = (&self.logprobs, lp, pending.as_mut()) else { return };
-        if self.tokenizer.is_eos(id) {
-            return;
-        }
         match p {
             PendingLogprobs::Chat(v) => v.push(text.chat_entry(lp)),
             PendingLogprobs::Text(t) => t.push(text, lp, offset),
@@ -501,8 +494,8 @@ async fn collect(mut stream: RequestStream, meta: Meta) -> Result<Response, ApiE
     let mut logprobs = meta.pending_logprobs();
     loop {
         match stream.next().await {
-            Some(Event::Token { id, text: t, logprobs: lp }) => {
-                meta.note_logprobs(&mut logprobs, id, lp.as_deref(), text.len());
+            Some(Event::Token { text: t, logprobs: lp, .. }) => {
+                meta.note_logprobs(&mut logprobs, lp.as_deref(), text.len());
                 text.push_str(&t);
             }
             Some(Event::Finished { reason, usage, timing }) => {
@@ -626,8 +619,8 @@ impl SseState {
             }
             Phase::Body => loop {
                 match self.stream.next().await {
-                    Some(Event::Token { id, text, logprobs }) => {
-                        self.meta.note_logprobs(&mut self.logprobs, id, logprobs.as_deref(), self.sent_bytes);
+                    Some(Event::Token { text, logprobs, .. }) => {
+                        self.meta.note_logprobs(&mut self.logprobs, logprobs.as_deref(), self.sent_bytes);
                         let piece = match self.meta.kind {
                             Kind::Chat => self.reader.push(&text),
                             Kind::Text => Piece { content: Some(text), tool_calls: Vec::new() },

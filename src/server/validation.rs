@@ -91,15 +91,21 @@ const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
     ("web_search_options", "lethe has no web search"),
 ];
 
-/// Refuses every field lethe does not implement, naming it (as OpenAI refuses unknown
-/// arguments): a client must never believe a field took effect when it did not.
-pub fn check_fields(keys: &BodyKeys, endpoint: Endpoint) -> Result<(), ApiError> {
+/// The fields an endpoint accepts (the contract documents each).
+pub fn accepted_fields(endpoint: Endpoint) -> Vec<&'static str> {
     let own = match endpoint {
         Endpoint::Chat => CHAT_FIELDS,
         Endpoint::Completions => COMPLETION_FIELDS,
     };
+    COMMON_FIELDS.iter().chain(own).copied().collect()
+}
+
+/// Refuses every field lethe does not implement, naming it (as OpenAI refuses unknown
+/// arguments): a client must never believe a field took effect when it did not.
+pub fn check_fields(keys: &BodyKeys, endpoint: Endpoint) -> Result<(), ApiError> {
+    let accepted = accepted_fields(endpoint);
     for k in &keys.0 {
-        if COMMON_FIELDS.contains(&k.as_str()) || own.contains(&k.as_str()) {
+        if accepted.contains(&k.as_str()) {
             continue;
         }
         let shown: String = k.chars().take(100).collect();
