@@ -149,7 +149,7 @@ async fn errors_are_openai_shaped_with_the_right_status() {
     let (st, b) = s.post("/v1/chat/completions", chat(&m, json!({"n": 2}))).await;
     assert_error(st, &b, 400, Some("n"));
     let (st, b) =
-        s.post("/v1/chat/completions", chat(&m, json!({"messages": [{"role": "tool", "content": "x"}]}))).await;
+        s.post("/v1/chat/completions", chat(&m, json!({"messages": [{"role": "function", "content": "x"}]}))).await;
     assert_error(st, &b, 400, Some("messages[0].role"));
     // Text parts work; image parts are refused.
     let parts = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]});
@@ -157,11 +157,13 @@ async fn errors_are_openai_shaped_with_the_right_status() {
     let parts = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]});
     let (st, b) = s.post("/v1/chat/completions", chat(&m, parts)).await;
     assert_error(st, &b, 400, Some("messages[0].content[0].type"));
-    // Unknown fields are ignored, like OpenAI.
+    // OpenAI's bookkeeping fields are accepted; unknown fields are refused, like OpenAI does.
     assert_eq!(
         s.post("/v1/chat/completions", chat(&m, json!({"service_tier": "auto", "metadata": {"a": 1}}))).await.0,
         200
     );
+    let (st, b) = s.post("/v1/chat/completions", chat(&m, json!({"frobnicate": 1}))).await;
+    assert_error(st, &b, 400, Some("frobnicate"));
     let r = client.get(s.url("/v1/nothing")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());

@@ -181,7 +181,7 @@ fn guidance_strategy() -> impl Strategy<Value = Option<Guidance>> {
 /// random model, any sampling settings, guided or not.
 #[test]
 fn bounded_schemas_always_complete_and_validate() {
-    let mut runner = TestRunner::new(Config { cases: 24, ..Config::default() });
+    let mut runner = TestRunner::new(Config { cases: 64, ..Config::default() });
     runner
         .run(&(schema_strategy(true), sampling_strategy(), guidance_strategy()), |(schema, sampling, guided)| {
             let (text, reason) = generate(&schema, sampling, guided, 2000);
@@ -197,12 +197,21 @@ fn bounded_schemas_always_complete_and_validate() {
 /// otherwise it ran out of tokens.
 #[test]
 fn complete_outputs_always_validate() {
-    let mut runner = TestRunner::new(Config { cases: 16, ..Config::default() });
+    let mut runner = TestRunner::new(Config { cases: 32, ..Config::default() });
     runner
         .run(&(schema_strategy(false), sampling_strategy()), |(schema, sampling)| {
             let (text, reason) = generate(&schema, sampling, None, 300);
             if reason == FinishReason::Stop {
-                let v: Value = serde_json::from_str(&text).map_err(|e| TestCaseError::fail(format!("{text}: {e}")))?;
+                // JSON numbers have no range; serde_json stops at f64, so huge exponents (a random
+                // model writes them) are capped before parsing.
+                let v: Value = serde_json::from_str(&text)
+                    .or_else(|e| match e.to_string().contains("out of range") {
+                        true => serde_json::from_str(
+                            &regex::Regex::new(r"([eE][+-]?)[0-9]{3,}").unwrap().replace_all(&text, "${1}9"),
+                        ),
+                        false => Err(e),
+                    })
+                    .map_err(|e| TestCaseError::fail(format!("{text}: {e}")))?;
                 validate(&schema, &v).map_err(TestCaseError::fail)?;
             }
             Ok(())
@@ -299,4 +308,76 @@ fn unusable_schemas_are_refused_with_a_reason() {
     let unsat = compile(json!({"type": "integer", "minimum": 5, "maximum": 1}));
     assert!(unsat.is_err(), "an unsatisfiable schema cannot compile");
     assert!(compile(json!(true)).is_err(), "a schema must be an object");
+}
+
+/// A test constraint: allows every token `allowed` times, then fails in the way it is told.
+#[derive(Debug)]
+struct Failing {
+    allowed: usize,
+    panics: bool,
+}
+
+struct FailingRun {
+    left: usize,
+    panics: bool,
+    bits: Vec<u32>,
+}
+
+impl lethe::engine::ConstraintSpec for Failing {
+    fn start(&self) -> Box<dyn lethe::engine::TokenConstraint> {
+        Box::new(FailingRun { left: self.allowed, panics: self.panics, bits: vec![u32::MAX; 64] })
+    }
+}
+
+impl lethe::engine::TokenConstraint for FailingRun {
+    fn prepare(&mut self) {
+        if self.left == 0 && self.panics {
+            panic!("test constraint panics in prepare");
+        }
+    }
+    fn allowed(&mut self) -> Result<Option<&[u32]>, String> {
+        match (self.left, self.panics) {
+            (0, true) => panic!("test constraint panics in allowed"),
+            (0, false) => Err("the output grammar admits no token here".into()),
+            _ => Ok(Some(&self.bits)),
+        }
+    }
+    fn commit(&mut self, _: u32) -> Result<(), String> {
+        self.left -= 1;
+        Ok(())
+    }
+    fn is_complete(&self) -> bool {
+        false
+    }
+}
+
+/// A grammar that admits no token (or a constraint that panics) ends its request with an
+/// error event, never a hang, and the engine keeps serving everyone else.
+#[test]
+fn a_dead_end_grammar_ends_the_request_with_an_error() {
+    let f = fixture();
+    let tok = &f.bundle.tokenizer;
+    for (guided, panics) in [(false, false), (true, false), (false, true)] {
+        let mut r = Request::new(tok.encode_prompt("hello").unwrap(), 50);
+        if guided {
+            r = r.guided(tok.encode_prompt("bye").unwrap(), Guidance { gamma: 2.0, mode: GuidanceMode::Log });
+        }
+        r.ignore_eos = true;
+        r.constraint = Some(std::sync::Arc::new(Failing { allowed: 3, panics }));
+        let mut s = f.engine.submit(r).unwrap();
+        let mut tokens = 0;
+        let error = loop {
+            match s.blocking_next().expect("the stream ends with an event") {
+                Event::Token { .. } => tokens += 1,
+                Event::Error(e) => break e,
+                Event::Finished { .. } => panic!("a dead-end grammar cannot finish normally"),
+            }
+        };
+        assert_eq!(tokens, 3);
+        assert!(matches!(error, lethe::engine::EngineError::Constraint(_)), "{error}");
+        // Everyone else is still served.
+        let mut ok = Request::new(tok.encode_prompt("hello").unwrap(), 4);
+        ok.ignore_eos = true;
+        assert_eq!(collect(f.engine.submit(ok).unwrap()).1, FinishReason::Length);
+    }
 }

@@ -494,7 +494,11 @@ impl Worker {
             }
             let cond = row_logits(&g.rows[0], logits);
             let uncond = g.rows.get(1).map(|r| row_logits(r, logits));
-            let choice = choose(&g.req, g.constraint.as_deref_mut(), &mut g.rng, cond, uncond, &mut self.scratch);
+            // A constraint is foreign code (a grammar library): its panic fails this request only.
+            let choice = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                choose(&g.req, g.constraint.as_deref_mut(), &mut g.rng, cond, uncond, &mut self.scratch)
+            }))
+            .unwrap_or_else(|_| Err("the output constraint panicked".into()));
             let choice = match choice {
                 Ok(c) => c,
                 Err(e) => {
