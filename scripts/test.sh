@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # lethe's test suite, as CI runs it: formatting, lints, every Rust test (unit, parity against
 # candle-transformers on the real default model, engine, HTTP), then the official `openai`
-# Python SDK against a real `lethe serve`.
+# Python SDK and LangChain against a real `lethe serve`.
 #
 # Fetches the default model first (idempotent) and requires it, so that tests needing it can
 # never be skipped silently.
@@ -33,7 +33,7 @@ venv=target/sdk-venv
 if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai>=1.40,<3"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai>=1.40,<3" "langchain-openai>=0.3,<2"
 port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export LETHE_ADMIN_KEY="sdk-test-admin-key-$RANDOM$RANDOM"
 ./target/release/lethe serve --port "$port" >target/sdk-serve.log 2>&1 &
@@ -45,6 +45,9 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 "$venv/bin/python" tests/clients/openai_sdk.py "http://127.0.0.1:$port"
+# -- LangChain (what internal apps use): structured output and a tool-calling round trip.
+echo "== LangChain (langchain-openai) against lethe serve"
+"$venv/bin/python" tests/clients/langchain_client.py "http://127.0.0.1:$port"
 kill -INT $server
 wait $server
 echo "== all tests passed"
