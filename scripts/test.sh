@@ -44,10 +44,11 @@ for _ in $(seq 1 120); do
   kill -0 $server 2>/dev/null || { cat target/sdk-serve.log; exit 1; }
   sleep 0.5
 done
-"$venv/bin/python" tests/clients/openai_sdk.py "http://127.0.0.1:$port"
-# -- LangChain (what internal apps use): structured output and a tool-calling round trip.
+# -- LangChain (what internal apps use): structured output and a tool-calling round trip. Runs
+# first: the SDK check below issues a tenant key, after which anonymous clients get 401.
 echo "== LangChain (langchain-openai) against lethe serve"
 "$venv/bin/python" tests/clients/langchain_client.py "http://127.0.0.1:$port"
+"$venv/bin/python" tests/clients/openai_sdk.py "http://127.0.0.1:$port"
 kill -INT $server
 wait $server
 echo "== all tests passed"
