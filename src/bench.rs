@@ -575,11 +575,10 @@ async fn one_streamed_request(
                 }
                 last = now;
                 chunks += 1;
-            } else if let Some(i) = data.find("\"completion_tokens\":") {
+            } else if let Some(n) = usage_completion_tokens(&v) {
                 // The usage chunk: count tokens, not chunks (text held back for an incomplete
                 // character arrives with a later token, in one chunk).
-                let digits: String = data[i + 19..].chars().take_while(char::is_ascii_digit).collect();
-                usage_tokens = digits.parse::<usize>().ok();
+                usage_tokens = Some(n);
             }
         }
     }
@@ -590,6 +589,12 @@ async fn one_streamed_request(
         tokens: usage_tokens.unwrap_or(chunks),
         decode_s: (last - first).as_secs_f64(),
     })
+}
+
+/// The generated tokens a streamed chunk reports (`usage.completion_tokens` of the final usage
+/// chunk); `None` for other chunks.
+fn usage_completion_tokens(chunk: &serde_json::Value) -> Option<usize> {
+    chunk.get("usage")?.get("completion_tokens")?.as_u64().map(|n| n as usize)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -664,4 +669,21 @@ pub fn ttft_under_prefill(
         ratio: l / i,
         long_ttft_ms: median(longs),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usage_completion_tokens;
+
+    /// `bench serve` counts tokens from the usage chunk, not content chunks.
+    #[test]
+    fn completion_tokens_come_from_the_usage_chunk() {
+        let parse = |s: &str| usage_completion_tokens(&serde_json::from_str(s).unwrap());
+        let usage =
+            r#"{"id":"x","choices":[],"usage":{"prompt_tokens":31,"completion_tokens":128,"total_tokens":159}}"#;
+        assert_eq!(parse(usage), Some(128));
+        let content = r#"{"id":"x","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}"#;
+        assert_eq!(parse(content), None);
+        assert_eq!(parse(r#"{"choices":[]}"#), None);
+    }
 }
