@@ -269,6 +269,8 @@ pub struct EngineReport {
     pub weights: String,
     pub concurrency: usize,
     pub guided: bool,
+    /// Constrained to [`BENCH_SCHEMA`].
+    pub schema: bool,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
     /// Mean over requests of generated tokens / (last token − first token); median over rounds.
@@ -290,7 +292,14 @@ pub struct EngineReport {
 pub struct EngineCase {
     pub concurrency: usize,
     pub guided: Option<Guidance>,
+    /// Every request is constrained to [`BENCH_SCHEMA`] (structured outputs).
+    pub schema: bool,
 }
+
+/// The JSON schema of structured-output benchmarks: a long list of records mixing integers,
+/// bounded strings, booleans and nested arrays (what an extraction app asks for). `minItems`
+/// keeps it open for any benchmark length, so every request generates exactly `gen_tokens`.
+pub const BENCH_SCHEMA: &str = r#"{"type": "array", "minItems": 10000, "items": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 100000}, "name": {"type": "string", "maxLength": 24}, "email": {"type": "string", "maxLength": 40}, "active": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}}, "required": ["id", "name", "email", "active", "tags"], "additionalProperties": false}}"#;
 
 /// Engine-level benchmark: for each case, `concurrency` simultaneous requests (CFG pairs when
 /// guided), each generating exactly `gen_tokens` tokens, through one engine. Cases run in
@@ -316,21 +325,32 @@ pub fn engine(
         kv_cache_bytes: 8 << 30,
     };
     let (name, weights) = (model.config().name.clone(), model.weights_desc().to_string());
+    let constraint = match cases.iter().any(|c| c.schema) {
+        true => {
+            let structured = crate::structured::Structured::new(&tokenizer, vocab).map_err(anyhow::Error::msg)?;
+            let format = crate::structured::ResponseFormat::JsonSchema(serde_json::from_str(BENCH_SCHEMA)?);
+            structured.compile(&crate::structured::OutputPlan { format, tools: None })?
+        }
+        false => None,
+    };
     let engine = EngineHandle::spawn_with_kv_dtype(model, tokenizer, cfg, kv_dtype);
-    let make = |i: usize, guided: Option<Guidance>| {
+    let make = |i: usize, case: &EngineCase| {
         let mut r = Request::new(synthetic_prompt(prompt_tokens, vocab, i as u64), gen_tokens);
         r.ignore_eos = true;
-        if let Some(g) = guided {
+        if let Some(g) = case.guided {
             r = r.guided(synthetic_prompt(prompt_tokens, vocab, 1000 + i as u64), g);
+        }
+        if case.schema {
+            r.constraint = constraint.clone();
         }
         r
     };
     // Warm-up.
-    run_requests(&engine, vec![make(usize::MAX / 2, cases[0].guided)])?;
+    run_requests(&engine, vec![make(usize::MAX / 2, &cases[0])])?;
     let mut samples: Vec<Vec<RoundStats>> = vec![Vec::new(); cases.len()];
     for _ in 0..rounds.max(1) {
         for (ci, case) in cases.iter().enumerate() {
-            let reqs = (0..case.concurrency).map(|i| make(i, case.guided)).collect();
+            let reqs = (0..case.concurrency).map(|i| make(i, case)).collect();
             samples[ci].push(run_requests(&engine, reqs)?);
         }
     }
@@ -348,6 +368,7 @@ pub fn engine(
             weights: weights.clone(),
             concurrency: case.concurrency,
             guided: case.guided.is_some(),
+            schema: case.schema,
             prompt_tokens,
             gen_tokens,
             per_request_tok_s: median(rs.iter().map(|r| r.per_request).collect()),

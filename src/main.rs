@@ -208,6 +208,13 @@ struct BenchDecodeArgs {
     /// With --guided: also run every concurrency unguided, side by side, and report the ratio.
     #[arg(long, requires = "guided")]
     compare_unguided: bool,
+    /// Engine requests are constrained to a JSON schema (structured outputs; `bench::BENCH_SCHEMA`).
+    #[arg(long)]
+    json_schema: bool,
+    /// With --json-schema: also run every concurrency without the schema, side by side, and
+    /// report the ratio.
+    #[arg(long, requires = "json_schema")]
+    compare_unconstrained: bool,
     /// Interleaved rounds for engine benchmarks (medians are reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -383,8 +390,8 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     }
     let json = match a.concurrency {
         None => {
-            if a.guided {
-                bail!("--guided needs --concurrency (guided requests run through the engine)");
+            if a.guided || a.json_schema {
+                bail!("--guided and --json-schema need --concurrency (they run through the engine)");
             }
             let runs = lethe::bench::decode(&bundle.model, &a.batch, a.prompt_tokens, a.gen_tokens, a.model.kv_dtype)?;
             let base = runs[0].step_ms;
@@ -416,11 +423,15 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         Some(cs) => {
             let g = a.guided.then(lethe::bench::default_guidance);
             let mut cases = Vec::new();
+            let schema = a.json_schema;
             for &c in &cs {
                 if a.compare_unguided {
-                    cases.push(lethe::bench::EngineCase { concurrency: c, guided: None });
+                    cases.push(lethe::bench::EngineCase { concurrency: c, guided: None, schema });
                 }
-                cases.push(lethe::bench::EngineCase { concurrency: c, guided: g });
+                if a.compare_unconstrained {
+                    cases.push(lethe::bench::EngineCase { concurrency: c, guided: g, schema: false });
+                }
+                cases.push(lethe::bench::EngineCase { concurrency: c, guided: g, schema });
             }
             let runs = lethe::bench::engine(
                 bundle.model.clone(),
@@ -434,11 +445,12 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             if !a.json {
                 for r in &runs {
                     println!(
-                        "{} ({}), concurrency {}{}: {:.1} tok/s per request, {:.1} tok/s aggregate ({:.1} incl. prefill), {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
+                        "{} ({}), concurrency {}{}{}: {:.1} tok/s per request, {:.1} tok/s aggregate ({:.1} incl. prefill), {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
                         r.model,
                         r.weights,
                         r.concurrency,
                         if r.guided { " guided" } else { "" },
+                        if r.schema { " json-schema" } else { "" },
                         r.per_request_tok_s,
                         r.aggregate_tok_s,
                         r.aggregate_e2e_tok_s,
@@ -447,12 +459,22 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                         r.peak_rss_bytes as f64 / (1 << 20) as f64
                     );
                 }
-                if a.compare_unguided {
+                if a.compare_unguided && !a.compare_unconstrained {
                     for pair in runs.chunks(2) {
                         println!(
                             "concurrency {}: guided / unguided per-request tok/s = {:.3}",
                             pair[0].concurrency,
                             pair[1].per_request_tok_s / pair[0].per_request_tok_s
+                        );
+                    }
+                }
+                if a.compare_unconstrained && !a.compare_unguided {
+                    for pair in runs.chunks(2) {
+                        println!(
+                            "concurrency {}: json-schema / unconstrained per-request tok/s = {:.3}, aggregate {:.3}",
+                            pair[0].concurrency,
+                            pair[1].per_request_tok_s / pair[0].per_request_tok_s,
+                            pair[1].aggregate_tok_s / pair[0].aggregate_tok_s
                         );
                     }
                 }
@@ -548,7 +570,7 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
                         http.push(serve_load(&base, &model, &cfg).await?.per_request_tok_s);
                     } else {
                         let (m, t) = (bundle.0.clone(), bundle.1.clone());
-                        let case = [lethe::bench::EngineCase { concurrency: 1, guided: None }];
+                        let case = [lethe::bench::EngineCase { concurrency: 1, guided: None, schema: false }];
                         let gen_tokens = a.gen_tokens;
                         let kv = a.model.kv_dtype;
                         let r = tokio::task::spawn_blocking(move || lethe::bench::engine(m, t, &case, prompt_tokens, gen_tokens, 3, kv)).await??;

@@ -263,6 +263,29 @@ fn logprobs_with(values: &[f32], token: u32, top: usize, lp: impl Fn(f32) -> f32
     TokenLogprobs { token, logprob, top: best }
 }
 
+/// [`argmax`] among the tokens `allowed` contains (visiting only those); `None` when it
+/// contains none with a finite score.
+pub fn argmax_allowed(xs: &[f32], allowed: &TokenBits) -> Option<u32> {
+    let mut best = None;
+    let mut best_v = f32::NEG_INFINITY;
+    for (w, &word) in allowed.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let i = w * 32 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            match xs.get(i) {
+                Some(&v) if v > best_v => {
+                    best_v = v;
+                    best = Some(i as u32);
+                }
+                Some(_) => {}
+                None => return best,
+            }
+        }
+    }
+    best
+}
+
 /// Sets the scores of tokens that `allowed` (a bitset) excludes to −∞.
 pub fn mask_scores(scores: &mut [f32], allowed: &TokenBits) {
     for (i, s) in scores.iter_mut().enumerate() {
@@ -463,6 +486,17 @@ mod tests {
         assert_eq!(l.top.len(), 3);
         assert_eq!(l.top[0].0, 2);
         assert_eq!(l.top[2].1, f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn masked_argmax_equals_mask_then_argmax() {
+        let xs: Vec<f32> = (0..100).map(|i| ((i * 37) % 23) as f32).collect();
+        for bits in [vec![0u32, 0, 0, 0], vec![0x8000_0001, 0, 0xF0, 0xF], vec![u32::MAX; 4], vec![0, 0, 0, 1 << 3]] {
+            let mut masked = xs.clone();
+            mask_scores(&mut masked, &bits);
+            let want = masked.iter().any(|v| v.is_finite()).then(|| argmax(&masked));
+            assert_eq!(argmax_allowed(&xs, &bits), want, "{bits:x?}");
+        }
     }
 
     #[test]

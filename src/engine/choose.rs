@@ -36,12 +36,18 @@ pub fn choose(
         Some(c) => c.allowed()?.map(<[u32]>::to_vec),
         None => None,
     };
-    let choice = if allowed.is_none() && req.logit_bias.is_empty() && req.logprobs.is_none() {
+    let untouched = req.logit_bias.is_empty() && req.logprobs.is_none();
+    let choice = if allowed.is_none() && untouched {
         // The hot path of unconstrained decoding: nothing to change in the distribution.
         let token = match guide {
             Some((g, u)) => guidance::sample_guided(cond, u, g, &req.sampling, rng, scratch),
             None => sample_logits(cond, &req.sampling, rng),
         };
+        Choice { token, logprobs: None }
+    } else if let (Some(a), None, true, true) = (&allowed, guide, untouched, req.sampling.is_greedy())
+        && let Some(token) = sampling::argmax_allowed(cond, a)
+    {
+        // The hot path of constrained greedy decoding: one pass over the allowed tokens.
         Choice { token, logprobs: None }
     } else {
         pick_adjusted(req, allowed.as_deref(), rng, cond, guide, scratch)
