@@ -390,6 +390,56 @@ struct RoundStats {
     ttft_ms: f64,
 }
 
+/// What structured outputs cost on their own (no model): building the vocabulary trie (once
+/// per server), compiling [`BENCH_SCHEMA`], and per token computing the allowed set and
+/// following the sampled token.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConstraintCosts {
+    pub vocab: usize,
+    pub trie_build_ms: f64,
+    pub compile_ms: f64,
+    pub mask_us_per_token: f64,
+    pub commit_us_per_token: f64,
+    pub tokens: usize,
+}
+
+/// Measures [`ConstraintCosts`] over `tokens` tokens of [`BENCH_SCHEMA`], each step taking an
+/// allowed token chosen by a fixed pseudo-random sequence (so the walk visits keys, strings,
+/// numbers and punctuation).
+pub fn constraint_costs(tokenizer: &Tokenizer, vocab: usize, tokens: usize) -> anyhow::Result<ConstraintCosts> {
+    use crate::structured::{OutputPlan, ResponseFormat, Structured};
+    let t = Instant::now();
+    let structured = Structured::new(tokenizer, vocab).map_err(anyhow::Error::msg)?;
+    let trie_build_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let plan = OutputPlan { format: ResponseFormat::JsonSchema(serde_json::from_str(BENCH_SCHEMA)?), tools: None };
+    let spec = structured.compile(&plan)?.ok_or_else(|| anyhow::anyhow!("no constraint"))?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut run = spec.start();
+    let mut rng = crate::sampling::Rng::new(7);
+    let (mut mask_s, mut commit_s) = (0.0, 0.0);
+    for _ in 0..tokens {
+        let t = Instant::now();
+        run.prepare();
+        let bits = run.allowed().map_err(anyhow::Error::msg)?.map(<[u32]>::to_vec).unwrap_or_default();
+        mask_s += t.elapsed().as_secs_f64();
+        let allowed: Vec<u32> = (0..vocab as u32).filter(|&i| crate::sampling::allows(&bits, i as usize)).collect();
+        anyhow::ensure!(!allowed.is_empty(), "the grammar admits no token");
+        let token = allowed[(rng.next_u64() % allowed.len() as u64) as usize];
+        let t = Instant::now();
+        run.commit(token).map_err(anyhow::Error::msg)?;
+        commit_s += t.elapsed().as_secs_f64();
+    }
+    Ok(ConstraintCosts {
+        vocab,
+        trie_build_ms,
+        compile_ms,
+        mask_us_per_token: mask_s * 1e6 / tokens.max(1) as f64,
+        commit_us_per_token: commit_s * 1e6 / tokens.max(1) as f64,
+        tokens,
+    })
+}
+
 /// Submits `reqs` at once and collects token timestamps from a thread per stream.
 fn run_requests(engine: &EngineHandle, reqs: Vec<Request>) -> anyhow::Result<RoundStats> {
     let steps0 = engine.stats().steps.load(std::sync::atomic::Ordering::Relaxed);

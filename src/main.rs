@@ -433,6 +433,13 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 }
                 cases.push(lethe::bench::EngineCase { concurrency: c, guided: g, schema });
             }
+            if a.json_schema && !a.json {
+                let c = lethe::bench::constraint_costs(&bundle.tokenizer, bundle.model.config().vocab_size, 400)?;
+                println!(
+                    "structured outputs, vocabulary {}: trie {:.0} ms (once), schema compile {:.1} ms, allowed-token mask {:.0} µs/token, commit {:.1} µs/token",
+                    c.vocab, c.trie_build_ms, c.compile_ms, c.mask_us_per_token, c.commit_us_per_token
+                );
+            }
             let runs = lethe::bench::engine(
                 bundle.model.clone(),
                 bundle.tokenizer.clone(),

@@ -438,13 +438,13 @@ impl Worker {
         self.sample_ready(&logits);
     }
 
-    /// The forward, and the allowed next tokens of every constrained request (grammar masks,
-    /// up to a millisecond each). Where a core would otherwise idle — the forward runs on a GPU,
-    /// or the kernel pool leaves a core free — the masks are computed on a helper thread while
-    /// the forward runs, so they do not lengthen the step. When the kernel pool already uses
-    /// every core, a helper would only take turns with it (and, on a busy machine, wait for a
-    /// time slice before the step can end: measured 0.82x decode speed against 0.97x inline on
-    /// 2 cores), so the masks are computed first, on this thread.
+    /// The forward, and the allowed next tokens of every constrained request (grammar masks:
+    /// ~0.1–0.2 ms each for a 49k vocabulary). Where a core would otherwise idle — the forward
+    /// runs on a GPU, or the kernel pool leaves a core free — the masks are computed on a helper
+    /// thread while the forward runs, so they do not lengthen the step. When the kernel pool
+    /// already uses every core, a helper only takes turns with it for the same cores, and the
+    /// step cannot end before the helper was scheduled (on a loaded machine, a time slice), so
+    /// the masks are computed first, on this thread (docs/BENCHMARKS.md).
     fn forward_preparing_constraints(&mut self, batch: &RaggedBatch) -> Result<BatchLogits, crate::model::ModelError> {
         let pending: Vec<&mut Box<dyn super::constraint::TokenConstraint>> =
             self.sched.running.iter_mut().filter_map(|g| g.constraint.as_mut()).collect();
