@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # lethe's test suite, as CI runs it: formatting, lints, every Rust test (unit, parity against
 # candle-transformers on the real default model, engine, HTTP), then the official `openai`
-# Python SDK against a real `lethe serve`.
+# Python SDK and LangChain against a real `lethe serve`.
 #
 # Fetches the default model first (idempotent) and requires it, so that tests needing it can
 # never be skipped silently.
@@ -27,7 +27,7 @@ venv=target/sdk-venv
 if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai>=1.40,<3" numpy safetensors
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai>=1.40,<3" "langchain-openai>=0.3,<2" numpy safetensors
 export LETHE_PYTHON="$PWD/$venv/bin/python" LETHE_REQUIRE_PYTHON=1
 
 echo "== cargo fmt --check"
@@ -68,6 +68,10 @@ for _ in $(seq 1 120); do
   kill -0 $server 2>/dev/null || { cat target/sdk-serve.log; exit 1; }
   sleep 0.5
 done
+# -- LangChain (what internal apps use): structured output and a tool-calling round trip. Runs
+# first: the SDK check below issues a tenant key, after which anonymous clients get 401.
+echo "== LangChain (langchain-openai) against lethe serve"
+"$venv/bin/python" tests/clients/langchain_client.py "http://127.0.0.1:$port"
 "$venv/bin/python" tests/clients/openai_sdk.py "http://127.0.0.1:$port"
 kill -INT $server
 wait $server

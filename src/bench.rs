@@ -314,6 +314,8 @@ pub struct EngineReport {
     pub kernels: &'static str,
     pub concurrency: usize,
     pub guided: bool,
+    /// Constrained to [`BENCH_SCHEMA`].
+    pub schema: bool,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
     /// Mean over requests of generated tokens / (last token − first token); median over rounds.
@@ -335,7 +337,14 @@ pub struct EngineReport {
 pub struct EngineCase {
     pub concurrency: usize,
     pub guided: Option<Guidance>,
+    /// Every request is constrained to [`BENCH_SCHEMA`] (structured outputs).
+    pub schema: bool,
 }
+
+/// The JSON schema of structured-output benchmarks: a long list of records mixing integers,
+/// bounded strings, booleans and nested arrays (what an extraction app asks for). `minItems`
+/// keeps it open for any benchmark length, so every request generates exactly `gen_tokens`.
+pub const BENCH_SCHEMA: &str = r#"{"type": "array", "minItems": 10000, "items": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 100000}, "name": {"type": "string", "maxLength": 24}, "email": {"type": "string", "maxLength": 40}, "active": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}}, "required": ["id", "name", "email", "active", "tags"], "additionalProperties": false}}"#;
 
 /// Engine-level benchmark: for each case, `concurrency` simultaneous requests (CFG pairs when
 /// guided), each generating exactly `gen_tokens` tokens, through one engine. Cases run in
@@ -361,21 +370,32 @@ pub fn engine(
         kv_cache_bytes: 8 << 30,
     };
     let (name, weights) = (model.config().name.clone(), model.weights_desc().to_string());
+    let constraint = match cases.iter().any(|c| c.schema) {
+        true => {
+            let structured = crate::structured::Structured::new(&tokenizer, vocab).map_err(anyhow::Error::msg)?;
+            let format = crate::structured::ResponseFormat::JsonSchema(serde_json::from_str(BENCH_SCHEMA)?);
+            structured.compile(&crate::structured::OutputPlan { format, tools: None })?
+        }
+        false => None,
+    };
     let engine = EngineHandle::spawn_with_kv_dtype(model, tokenizer, cfg, kv_dtype);
-    let make = |i: usize, guided: Option<Guidance>| {
+    let make = |i: usize, case: &EngineCase| {
         let mut r = Request::new(synthetic_prompt(prompt_tokens, vocab, i as u64), gen_tokens);
         r.ignore_eos = true;
-        if let Some(g) = guided {
+        if let Some(g) = case.guided {
             r = r.guided(synthetic_prompt(prompt_tokens, vocab, 1000 + i as u64), g);
+        }
+        if case.schema {
+            r.constraint = constraint.clone();
         }
         r
     };
     // Warm-up.
-    run_requests(&engine, vec![make(usize::MAX / 2, cases[0].guided)])?;
+    run_requests(&engine, vec![make(usize::MAX / 2, &cases[0])])?;
     let mut samples: Vec<Vec<RoundStats>> = vec![Vec::new(); cases.len()];
     for _ in 0..rounds.max(1) {
         for (ci, case) in cases.iter().enumerate() {
-            let reqs = (0..case.concurrency).map(|i| make(i, case.guided)).collect();
+            let reqs = (0..case.concurrency).map(|i| make(i, case)).collect();
             samples[ci].push(run_requests(&engine, reqs)?);
         }
     }
@@ -394,6 +414,7 @@ pub fn engine(
             kernels: crate::simd::active().name(),
             concurrency: case.concurrency,
             guided: case.guided.is_some(),
+            schema: case.schema,
             prompt_tokens,
             gen_tokens,
             per_request_tok_s: median(rs.iter().map(|r| r.per_request).collect()),
@@ -413,6 +434,56 @@ struct RoundStats {
     e2e: f64,
     steps_s: f64,
     ttft_ms: f64,
+}
+
+/// What structured outputs cost on their own (no model): building the vocabulary trie (once
+/// per server), compiling [`BENCH_SCHEMA`], and per token computing the allowed set and
+/// following the sampled token.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConstraintCosts {
+    pub vocab: usize,
+    pub trie_build_ms: f64,
+    pub compile_ms: f64,
+    pub mask_us_per_token: f64,
+    pub commit_us_per_token: f64,
+    pub tokens: usize,
+}
+
+/// Measures [`ConstraintCosts`] over `tokens` tokens of [`BENCH_SCHEMA`], each step taking an
+/// allowed token chosen by a fixed pseudo-random sequence (so the walk visits keys, strings,
+/// numbers and punctuation).
+pub fn constraint_costs(tokenizer: &Tokenizer, vocab: usize, tokens: usize) -> anyhow::Result<ConstraintCosts> {
+    use crate::structured::{OutputPlan, ResponseFormat, Structured};
+    let t = Instant::now();
+    let structured = Structured::new(tokenizer, vocab).map_err(anyhow::Error::msg)?;
+    let trie_build_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let plan = OutputPlan { format: ResponseFormat::JsonSchema(serde_json::from_str(BENCH_SCHEMA)?), tools: None };
+    let spec = structured.compile(&plan)?.ok_or_else(|| anyhow::anyhow!("no constraint"))?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut run = spec.start();
+    let mut rng = crate::sampling::Rng::new(7);
+    let (mut mask_s, mut commit_s) = (0.0, 0.0);
+    for _ in 0..tokens {
+        let t = Instant::now();
+        run.prepare();
+        let bits = run.allowed().map_err(anyhow::Error::msg)?.map(<[u32]>::to_vec).unwrap_or_default();
+        mask_s += t.elapsed().as_secs_f64();
+        let allowed: Vec<u32> = (0..vocab as u32).filter(|&i| crate::sampling::allows(&bits, i as usize)).collect();
+        anyhow::ensure!(!allowed.is_empty(), "the grammar admits no token");
+        let token = allowed[(rng.next_u64() % allowed.len() as u64) as usize];
+        let t = Instant::now();
+        run.commit(token).map_err(anyhow::Error::msg)?;
+        commit_s += t.elapsed().as_secs_f64();
+    }
+    Ok(ConstraintCosts {
+        vocab,
+        trie_build_ms,
+        compile_ms,
+        mask_us_per_token: mask_s * 1e6 / tokens.max(1) as f64,
+        commit_us_per_token: commit_s * 1e6 / tokens.max(1) as f64,
+        tokens,
+    })
 }
 
 /// Submits `reqs` at once and collects token timestamps from a thread per stream.
@@ -621,11 +692,10 @@ async fn one_streamed_request(
                 }
                 last = now;
                 chunks += 1;
-            } else if let Some(i) = data.find("\"completion_tokens\":") {
+            } else if let Some(n) = usage_completion_tokens(&v) {
                 // The usage chunk: count tokens, not chunks (text held back for an incomplete
                 // character arrives with a later token, in one chunk).
-                let digits: String = data[i + 19..].chars().take_while(char::is_ascii_digit).collect();
-                usage_tokens = digits.parse::<usize>().ok();
+                usage_tokens = Some(n);
             }
         }
     }
@@ -636,6 +706,12 @@ async fn one_streamed_request(
         tokens: usage_tokens.unwrap_or(chunks),
         decode_s: (last - first).as_secs_f64(),
     })
+}
+
+/// The generated tokens a streamed chunk reports (`usage.completion_tokens` of the final usage
+/// chunk); `None` for other chunks.
+fn usage_completion_tokens(chunk: &serde_json::Value) -> Option<usize> {
+    chunk.get("usage")?.get("completion_tokens")?.as_u64().map(|n| n as usize)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -710,4 +786,21 @@ pub fn ttft_under_prefill(
         ratio: l / i,
         long_ttft_ms: median(longs),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usage_completion_tokens;
+
+    /// `bench serve` counts tokens from the usage chunk, not content chunks.
+    #[test]
+    fn completion_tokens_come_from_the_usage_chunk() {
+        let parse = |s: &str| usage_completion_tokens(&serde_json::from_str(s).unwrap());
+        let usage =
+            r#"{"id":"x","choices":[],"usage":{"prompt_tokens":31,"completion_tokens":128,"total_tokens":159}}"#;
+        assert_eq!(parse(usage), Some(128));
+        let content = r#"{"id":"x","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}"#;
+        assert_eq!(parse(content), None);
+        assert_eq!(parse(r#"{"choices":[]}"#), None);
+    }
 }

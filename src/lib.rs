@@ -10,6 +10,7 @@
 //! - [`loader`]: a model and its tokenizer, loaded together;
 //! - [`adapters`]: LoRA forget-adapters (PEFT loading, versioned registry with leases);
 //! - [`tenants`]: API keys, per-tenant policies, persistent control-plane state;
+//! - [`structured`]: grammar-constrained decoding (JSON schemas, tool calls);
 //! - [`server`]: the OpenAI-compatible HTTP/SSE layer and the admin API; [`config`]: its settings;
 //! - [`train`]: LoRA training (SFT, CFG-aware ORPO) on the same model files, written as PEFT;
 //! - [`eval`]: `lethe synth` and `lethe eval`, the planted-secrets forgetting benchmark.
@@ -28,6 +29,7 @@ pub mod quality;
 pub mod sampling;
 pub mod server;
 pub mod simd;
+pub mod structured;
 pub mod telemetry;
 pub mod tenants;
 pub mod tokenizer;

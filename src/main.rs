@@ -395,6 +395,13 @@ struct BenchDecodeArgs {
     /// With --guided: also run every concurrency unguided, side by side, and report the ratio.
     #[arg(long, requires = "guided")]
     compare_unguided: bool,
+    /// Engine requests are constrained to a JSON schema (structured outputs; `bench::BENCH_SCHEMA`).
+    #[arg(long)]
+    json_schema: bool,
+    /// With --json-schema: also run every concurrency without the schema, side by side, and
+    /// report the ratio.
+    #[arg(long, requires = "json_schema")]
+    compare_unconstrained: bool,
     /// Interleaved rounds for engine benchmarks (medians are reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -739,8 +746,8 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     }
     let json = match a.concurrency {
         None => {
-            if a.guided {
-                bail!("--guided needs --concurrency (guided requests run through the engine)");
+            if a.guided || a.json_schema {
+                bail!("--guided and --json-schema need --concurrency (they run through the engine)");
             }
             // Every (kernel set, precision) × batch size, interleaved in one process.
             let kernels: Vec<Option<lethe::simd::Isa>> =
@@ -805,11 +812,22 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         Some(cs) => {
             let g = a.guided.then(lethe::bench::default_guidance);
             let mut cases = Vec::new();
+            let schema = a.json_schema;
             for &c in &cs {
                 if a.compare_unguided {
-                    cases.push(lethe::bench::EngineCase { concurrency: c, guided: None });
+                    cases.push(lethe::bench::EngineCase { concurrency: c, guided: None, schema });
                 }
-                cases.push(lethe::bench::EngineCase { concurrency: c, guided: g });
+                if a.compare_unconstrained {
+                    cases.push(lethe::bench::EngineCase { concurrency: c, guided: g, schema: false });
+                }
+                cases.push(lethe::bench::EngineCase { concurrency: c, guided: g, schema });
+            }
+            if a.json_schema && !a.json {
+                let c = lethe::bench::constraint_costs(&bundle.tokenizer, bundle.model.config().vocab_size, 400)?;
+                println!(
+                    "structured outputs, vocabulary {}: trie {:.0} ms (once), schema compile {:.1} ms, allowed-token mask {:.0} µs/token, commit {:.1} µs/token",
+                    c.vocab, c.trie_build_ms, c.compile_ms, c.mask_us_per_token, c.commit_us_per_token
+                );
             }
             let runs = lethe::bench::engine(
                 bundle.model.clone(),
@@ -823,12 +841,13 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             if !a.json {
                 for r in &runs {
                     println!(
-                        "{} ({}, {} kernels), concurrency {}{}: {:.1} tok/s per request, {:.1} tok/s aggregate ({:.1} incl. prefill), {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
+                        "{} ({}, {} kernels), concurrency {}{}{}: {:.1} tok/s per request, {:.1} tok/s aggregate ({:.1} incl. prefill), {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
                         r.model,
                         r.weights,
                         r.kernels,
                         r.concurrency,
                         if r.guided { " guided" } else { "" },
+                        if r.schema { " json-schema" } else { "" },
                         r.per_request_tok_s,
                         r.aggregate_tok_s,
                         r.aggregate_e2e_tok_s,
@@ -837,12 +856,22 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                         r.peak_rss_bytes as f64 / (1 << 20) as f64
                     );
                 }
-                if a.compare_unguided {
+                if a.compare_unguided && !a.compare_unconstrained {
                     for pair in runs.chunks(2) {
                         println!(
                             "concurrency {}: guided / unguided per-request tok/s = {:.3}",
                             pair[0].concurrency,
                             pair[1].per_request_tok_s / pair[0].per_request_tok_s
+                        );
+                    }
+                }
+                if a.compare_unconstrained && !a.compare_unguided {
+                    for pair in runs.chunks(2) {
+                        println!(
+                            "concurrency {}: json-schema / unconstrained per-request tok/s = {:.3}, aggregate {:.3}",
+                            pair[0].concurrency,
+                            pair[1].per_request_tok_s / pair[0].per_request_tok_s,
+                            pair[1].aggregate_tok_s / pair[0].aggregate_tok_s
                         );
                     }
                 }
@@ -938,7 +967,7 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
                         http.push(serve_load(&base, &model, &cfg).await?.per_request_tok_s);
                     } else {
                         let (m, t) = (bundle.0.clone(), bundle.1.clone());
-                        let case = [lethe::bench::EngineCase { concurrency: 1, guided: None }];
+                        let case = [lethe::bench::EngineCase { concurrency: 1, guided: None, schema: false }];
                         let gen_tokens = a.gen_tokens;
                         let kv = a.model.kv_dtype;
                         let r = tokio::task::spawn_blocking(move || lethe::bench::engine(m, t, &case, prompt_tokens, gen_tokens, 3, kv)).await??;

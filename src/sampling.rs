@@ -209,6 +209,120 @@ fn draw_from(items: impl Iterator<Item = (usize, f32)>, total: f32, rng: &mut Rn
     last as u32
 }
 
+/// A set of tokens as a bitset over the vocabulary: bit `i % 32` of word `i / 32` is set when
+/// token `i` is in the set (toktrie's layout, so grammar masks need no conversion).
+pub type TokenBits = [u32];
+
+/// True when `bits` contains token `i`.
+#[inline]
+pub fn allows(bits: &TokenBits, i: usize) -> bool {
+    bits.get(i / 32).is_some_and(|w| w >> (i % 32) & 1 == 1)
+}
+
+/// A sampled token's log-probability and the most likely alternatives (`top`, descending).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probabilities of `softmax(scores)` (scores: logits, or `log`-mode guidance scores).
+pub fn logprobs_of_scores(scores: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = crate::simd::max_finite(scores);
+    let lse = if max.is_finite() { max + crate::simd::exp_shifted_sum(scores, max).ln() } else { 0.0 };
+    let lp = |x: f32| if x.is_finite() && max.is_finite() { x - lse } else { f32::NEG_INFINITY };
+    logprobs_with(scores, token, top, lp)
+}
+
+/// Log-probabilities of a distribution (non-negative, any total; `prob`-mode guidance).
+pub fn logprobs_of_probs(probs: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let total: f32 = probs.iter().filter(|p| p.is_finite() && **p > 0.0).sum();
+    let ln_total = total.ln();
+    let lp = |p: f32| if p.is_finite() && p > 0.0 { p.ln() - ln_total } else { f32::NEG_INFINITY };
+    logprobs_with(probs, token, top, lp)
+}
+
+/// `lp` maps an entry of `values` to its log-probability (monotonic, so ranking by value ranks
+/// by probability).
+fn logprobs_with(values: &[f32], token: u32, top: usize, lp: impl Fn(f32) -> f32) -> TokenLogprobs {
+    let logprob = values.get(token as usize).map_or(f32::NEG_INFINITY, |&v| lp(v));
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+        let by_value = |a: &(usize, f32), b: &(usize, f32)| key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0));
+        let mut idx: Vec<(usize, f32)> = values.iter().copied().enumerate().collect();
+        let k = top.min(idx.len());
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k, by_value);
+        }
+        idx.truncate(k);
+        idx.sort_unstable_by(by_value);
+        best = idx.into_iter().map(|(i, v)| (i as u32, lp(v))).collect();
+    }
+    TokenLogprobs { token, logprob, top: best }
+}
+
+/// [`argmax`] among the tokens `allowed` contains (visiting only those); `None` when it
+/// contains none with a finite score.
+pub fn argmax_allowed(xs: &[f32], allowed: &TokenBits) -> Option<u32> {
+    let mut best = None;
+    let mut best_v = f32::NEG_INFINITY;
+    for (w, &word) in allowed.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let i = w * 32 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            match xs.get(i) {
+                Some(&v) if v > best_v => {
+                    best_v = v;
+                    best = Some(i as u32);
+                }
+                Some(_) => {}
+                None => return best,
+            }
+        }
+    }
+    best
+}
+
+/// Sets the scores of tokens that `allowed` (a bitset) excludes to −∞.
+pub fn mask_scores(scores: &mut [f32], allowed: &TokenBits) {
+    for (i, s) in scores.iter_mut().enumerate() {
+        if !allows(allowed, i) {
+            *s = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Sets the probabilities of tokens that `allowed` (a bitset) excludes to 0.
+pub fn mask_probs(probs: &mut [f32], allowed: &TokenBits) {
+    for (i, p) in probs.iter_mut().enumerate() {
+        if !allows(allowed, i) {
+            *p = 0.0;
+        }
+    }
+}
+
+/// OpenAI's `logit_bias` on scores: added.
+pub fn bias_scores(scores: &mut [f32], bias: &[(u32, f32)]) {
+    for &(t, b) in bias {
+        if let Some(s) = scores.get_mut(t as usize) {
+            *s += b;
+        }
+    }
+}
+
+/// `logit_bias` on probabilities: `p·e^b` (the same as adding `b` to a logit), renormalised by
+/// the sampler. −100 removes a token, as OpenAI documents.
+pub fn bias_probs(probs: &mut [f32], bias: &[(u32, f32)]) {
+    for &(t, b) in bias {
+        if let Some(p) = probs.get_mut(t as usize) {
+            *p = if b <= -100.0 { 0.0 } else { *p * b.exp() };
+        }
+    }
+}
+
 /// Finds stop strings in streamed text, holding back any tail that could still become one.
 #[derive(Debug, Clone, Default)]
 pub struct StopMatcher {
@@ -355,6 +469,49 @@ mod tests {
         assert_eq!(m.push("x"), StopOutcome::Continue("ENx".into()));
         assert_eq!(m.push("E"), StopOutcome::Continue(String::new()));
         assert_eq!(m.flush(), "E");
+    }
+
+    #[test]
+    fn logprobs_are_those_of_the_distribution() {
+        let scores = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY];
+        let l = logprobs_of_scores(&scores, 2, 2);
+        let z: f32 = scores.iter().map(|s| s.exp()).sum();
+        assert!((l.logprob - (2f32.exp() / z).ln()).abs() < 1e-6, "{l:?}");
+        assert_eq!(l.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+        assert!((l.top[0].1 - (3f32.exp() / z).ln()).abs() < 1e-6);
+        assert_eq!(logprobs_of_scores(&scores, 3, 0).logprob, f32::NEG_INFINITY);
+        let probs = [0.2f32, 0.0, 0.6];
+        let l = logprobs_of_probs(&probs, 0, 5);
+        assert!((l.logprob - 0.25f32.ln()).abs() < 1e-6, "{l:?}");
+        assert_eq!(l.top.len(), 3);
+        assert_eq!(l.top[0].0, 2);
+        assert_eq!(l.top[2].1, f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn masked_argmax_equals_mask_then_argmax() {
+        let xs: Vec<f32> = (0..100).map(|i| ((i * 37) % 23) as f32).collect();
+        for bits in [vec![0u32, 0, 0, 0], vec![0x8000_0001, 0, 0xF0, 0xF], vec![u32::MAX; 4], vec![0, 0, 0, 1 << 3]] {
+            let mut masked = xs.clone();
+            mask_scores(&mut masked, &bits);
+            let want = masked.iter().any(|v| v.is_finite()).then(|| argmax(&masked));
+            assert_eq!(argmax_allowed(&xs, &bits), want, "{bits:x?}");
+        }
+    }
+
+    #[test]
+    fn masks_and_biases() {
+        let mut s = [1.0f32, 2.0, 3.0, 4.0];
+        mask_scores(&mut s, &[0b0101]);
+        assert_eq!(s, [1.0, f32::NEG_INFINITY, 3.0, f32::NEG_INFINITY]);
+        let mut p = [0.1f32, 0.2, 0.3, 0.4];
+        mask_probs(&mut p, &[0b1010]);
+        assert_eq!(p, [0.0, 0.2, 0.0, 0.4]);
+        bias_probs(&mut p, &[(1, -100.0), (3, 0.0)]);
+        assert_eq!(p, [0.0, 0.0, 0.0, 0.4]);
+        let mut s = [0.0f32; 3];
+        bias_scores(&mut s, &[(2, 5.0), (7, 1.0)]);
+        assert_eq!(s, [0.0, 0.0, 5.0]);
     }
 
     proptest! {

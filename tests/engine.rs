@@ -44,7 +44,7 @@ fn collect(mut s: RequestStream) -> (Vec<u32>, String, FinishReason, Usage) {
     let (mut ids, mut text) = (Vec::new(), String::new());
     loop {
         match s.blocking_next().expect("stream ended without Finished") {
-            Event::Token { id, text: t } => {
+            Event::Token { id, text: t, .. } => {
                 if id != u32::MAX {
                     ids.push(id);
                 }

@@ -77,7 +77,7 @@ fn promtool() -> Option<&'static str> {
         std::env::var("LETHE_REQUIRE_PROMTOOL").map_or(true, |v| v != "1"),
         "promtool is required (apt-get install prometheus)"
     );
-    eprintln!("skipping promtool checks: promtool not found");
+    common::announce_skip("promtool not found (apt-get install prometheus)", "LETHE_REQUIRE_PROMTOOL");
     None
 }
 

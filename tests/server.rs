@@ -149,7 +149,7 @@ async fn errors_are_openai_shaped_with_the_right_status() {
     let (st, b) = s.post("/v1/chat/completions", chat(&m, json!({"n": 2}))).await;
     assert_error(st, &b, 400, Some("n"));
     let (st, b) =
-        s.post("/v1/chat/completions", chat(&m, json!({"messages": [{"role": "tool", "content": "x"}]}))).await;
+        s.post("/v1/chat/completions", chat(&m, json!({"messages": [{"role": "function", "content": "x"}]}))).await;
     assert_error(st, &b, 400, Some("messages[0].role"));
     // Text parts work; image parts are refused.
     let parts = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]});
@@ -157,11 +157,13 @@ async fn errors_are_openai_shaped_with_the_right_status() {
     let parts = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]});
     let (st, b) = s.post("/v1/chat/completions", chat(&m, parts)).await;
     assert_error(st, &b, 400, Some("messages[0].content[0].type"));
-    // Unknown fields are ignored, like OpenAI.
+    // OpenAI's bookkeeping fields are accepted; unknown fields are refused, like OpenAI does.
     assert_eq!(
         s.post("/v1/chat/completions", chat(&m, json!({"service_tier": "auto", "metadata": {"a": 1}}))).await.0,
         200
     );
+    let (st, b) = s.post("/v1/chat/completions", chat(&m, json!({"frobnicate": 1}))).await;
+    assert_error(st, &b, 400, Some("frobnicate"));
     let r = client.get(s.url("/v1/nothing")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
@@ -393,6 +395,16 @@ fn openapi_contract_covers_routes_and_extensions() {
     }
     for schema in ["ChatCompletion", "TextCompletion", "ChatCompletionChunk"] {
         assert!(props(schema).contains(&"guidance".to_string()), "{schema}.guidance");
+    }
+    // Every request field the server accepts is documented (it refuses all others).
+    use lethe::server::validation::{Endpoint, accepted_fields};
+    for (schema, endpoint) in [("ChatCompletionRequest", Endpoint::Chat), ("CompletionRequest", Endpoint::Completions)]
+    {
+        let mut documented = props(schema);
+        documented.extend(props("SamplingParams"));
+        for f in accepted_fields(endpoint) {
+            assert!(documented.contains(&f.to_string()), "{schema}.{f} is accepted but not documented");
+        }
     }
     assert!(props("AppliedGuidance").contains(&"adapters".to_string()), "AppliedGuidance.adapters");
     // The admin schemas match the Rust types they describe.

@@ -197,16 +197,17 @@ async fn tenants_are_isolated_and_policies_cannot_be_bypassed() {
     let (status, v) = ask(&s, Some(&kb), json!({ "guidance": { "gamma": 2.0, "negative_prompt": "leak it" } })).await;
     assert_error(status, &v, 400, Some("guidance.negative_prompt"));
 
-    // The adapter cannot be switched off by the request: fields that try are ignored (as
-    // OpenAI ignores unknown fields), and the answer is the adapter's.
+    // The adapter cannot be switched off by the request: fields that try are refused (as
+    // OpenAI refuses unknown arguments), and without them the answer is the adapter's.
     let unguided = json!({ "guidance": { "gamma": 1.0 } });
     let (with_x, g) = answer(&s, Some(&ka), unguided.clone()).await;
     assert_eq!(g["adapters"][0]["name"], "x");
     let mut bypass = unguided.clone();
     bypass["adapters"] = json!([]);
-    bypass["lora"] = json!(null);
-    assert_eq!(answer(&s, Some(&ka), bypass.clone()).await.0, with_x);
-    // Inside lethe's own `guidance` extension, unknown fields are an error, not a no-op.
+    let (status, v) = ask(&s, Some(&ka), bypass.clone()).await;
+    assert_error(status, &v, 400, Some("adapters"));
+    // Inside lethe's own `guidance` extension, unknown fields are an error too.
+    let mut bypass = unguided.clone();
     bypass["guidance"]["adapters"] = json!([]);
     let (status, v) = ask(&s, Some(&ka), bypass).await;
     assert_error(status, &v, 400, Some("guidance.adapters"));

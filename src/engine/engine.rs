@@ -5,12 +5,13 @@
 //! length, vocabulary, queue capacity) and returns a stream of [`Event`]s. Dropping the stream
 //! cancels the request; its rows are freed before the next step.
 
+use super::choose::{Choice, choose};
 use super::request::{Event, FinishReason, Request, Timing, Usage};
 use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig};
 use super::sequence::{Group, RowLogits};
-use crate::guidance::{self, GuidanceMode};
-use crate::model::{BatchEntry, BatchLogits, KvCache, KvDtype, KvSizing, Llama, RaggedBatch, StepLogits};
-use crate::sampling::{StopOutcome, sample_logits};
+use crate::guidance::GuidanceMode;
+use crate::model::{BatchEntry, KvCache, KvDtype, KvSizing, Llama, RaggedBatch, StepLogits};
+use crate::sampling::{StopOutcome, TokenLogprobs};
 use crate::telemetry as t;
 use crate::tokenizer::Tokenizer;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -48,6 +49,9 @@ pub enum EngineError {
     CutByShutdown,
     #[error("inference failed: {0}")]
     Failed(String),
+    /// The request's output grammar admits no further token, or failed on the way.
+    #[error("constrained decoding failed: {0}")]
+    Constraint(String),
 }
 
 /// A request with more rows (a guided pair has two) than the engine may ever run at once.
@@ -145,6 +149,7 @@ impl EngineHandle {
         let max_context = model.config().max_context;
         let vocab = model.config().vocab_size;
         let kv_sizing = kv.sizing();
+        let masks_beside_forward = masks_beside_forward(&model);
         let worker = Worker {
             model,
             tokenizer,
@@ -154,6 +159,7 @@ impl EngineHandle {
             rx,
             scratch: Vec::new(),
             draining: None,
+            masks_beside_forward,
         };
         let thread = std::thread::Builder::new()
             .name("lethe-engine".into())
@@ -181,6 +187,10 @@ impl EngineHandle {
     }
     pub fn max_context(&self) -> usize {
         self.max_context
+    }
+    /// The model's vocabulary size (the length of its logits).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
     }
     pub fn is_alive(&self) -> bool {
         self.stats.alive.load(Ordering::Relaxed)
@@ -281,6 +291,8 @@ struct Worker {
     scratch: Vec<f32>,
     /// Set once shutdown was requested: finish running work until this instant.
     draining: Option<Instant>,
+    /// Grammar masks are computed on a helper thread during the forward (a core is free for it).
+    masks_beside_forward: bool,
 }
 
 impl Worker {
@@ -418,7 +430,7 @@ impl Worker {
                 .collect(),
         );
         let started = Instant::now();
-        let result = self.model.forward_step(&batch, &mut self.kv);
+        let result = self.forward_preparing_constraints(&batch);
         metrics::histogram!(t::STEP_DURATION).record(started.elapsed().as_secs_f64());
         metrics::histogram!(t::BATCH_ROWS).record(plan.len() as f64);
         metrics::histogram!(t::BATCH_TOKENS).record(batch.n_tokens() as f64);
@@ -435,6 +447,41 @@ impl Worker {
             }
         }
         self.sample_ready(&logits);
+    }
+
+    /// The forward, and the allowed next tokens of every constrained request (grammar masks:
+    /// ~0.1–0.2 ms each for a 49k vocabulary). Where a core would otherwise idle — the forward
+    /// runs on a GPU, or the kernel pool leaves a core free — the masks are computed on a helper
+    /// thread while the forward runs, so they do not lengthen the step. When the kernel pool
+    /// already uses every core, a helper only takes turns with it for the same cores, and the
+    /// step cannot end before the helper was scheduled (on a loaded machine, a time slice), so
+    /// the masks are computed first, on this thread (docs/BENCHMARKS.md).
+    fn forward_preparing_constraints(&mut self, batch: &RaggedBatch) -> Result<StepLogits, crate::model::ModelError> {
+        let pending: Vec<&mut Box<dyn super::constraint::TokenConstraint>> =
+            self.sched.running.iter_mut().filter_map(|g| g.constraint.as_mut()).collect();
+        let (model, kv) = (&self.model, &mut self.kv);
+        if pending.is_empty() {
+            return model.forward_step(batch, kv);
+        }
+        if !self.masks_beside_forward {
+            for c in pending {
+                // A panic here leaves that mask uncomputed: `allowed` fails the request.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.prepare()));
+            }
+            return model.forward_step(batch, kv);
+        }
+        std::thread::scope(|s| {
+            let helper = s.spawn(move || {
+                for c in pending {
+                    c.prepare();
+                }
+            });
+            let result = model.forward_step(batch, kv);
+            // A panic in there leaves that mask uncomputed; `allowed` computes it or fails the
+            // request when it samples.
+            let _ = helper.join();
+            result
+        })
     }
 
     /// The ids of the groups in a plan (indices shift as groups finish; ids do not).
@@ -462,31 +509,10 @@ impl Worker {
         }
     }
 
-    /// The next token of group `gi` from host logits.
-    fn choose_on_host(&mut self, gi: usize, logits: &BatchLogits) -> u32 {
-        fn row_logits<'a>(r: &'a super::sequence::Row, batch: &'a BatchLogits) -> &'a [f32] {
-            match r.logits.as_ref().expect("ready") {
-                RowLogits::InBatch(i) => batch.last(*i),
-                RowLogits::Owned(v) => v,
-            }
-        }
-        let g = &mut self.sched.running[gi];
-        match (g.req.is_pair(), g.req.guidance) {
-            (true, Some(guide)) => guidance::sample_guided(
-                row_logits(&g.rows[0], logits),
-                row_logits(&g.rows[1], logits),
-                guide,
-                &g.req.sampling,
-                &mut g.rng,
-                &mut self.scratch,
-            ),
-            _ => sample_logits(row_logits(&g.rows[0], logits), &g.req.sampling, &mut g.rng),
-        }
-    }
-
     /// Chooses the next token of every group whose rows all have logits (on the host or on the
     /// model's device), and streams it.
     fn sample_ready(&mut self, logits: &StepLogits) {
+        let on_device = matches!(logits, StepLogits::Device(_));
         let (mut ready, mut holding) = (Vec::new(), Vec::new());
         for (gi, g) in self.sched.running.iter().enumerate() {
             if g.ready_to_sample() {
@@ -495,8 +521,13 @@ impl Worker {
                 holding.push(gi);
             }
         }
-        // Keep logits of rows that are done while their partner still prefills.
-        for &gi in &holding {
+        // On a device, only plain sampling runs there; a constraint, logit bias or logprobs
+        // need the group's logits on the host.
+        let (device_ready, host_ready): (Vec<usize>, Vec<usize>) =
+            ready.iter().partition(|&&gi| on_device && !self.sched.running[gi].req.needs_host_choice());
+        // Copy out the logits of rows whose partner still prefills, and of host choices.
+        let to_host: Vec<usize> = holding.iter().chain(host_ready.iter().filter(|_| on_device)).copied().collect();
+        for &gi in &to_host {
             for r in &mut self.sched.running[gi].rows {
                 if let Some(RowLogits::InBatch(i)) = r.logits {
                     match logits.last_to_host(i) {
@@ -510,36 +541,89 @@ impl Worker {
                 }
             }
         }
-        let tokens = match logits {
-            StepLogits::Host(l) => ready.iter().map(|&gi| self.choose_on_host(gi, l)).collect(),
-            StepLogits::Device(d) => match super::device_step::choose(d, &mut self.sched.running, &ready) {
-                Ok(t) => t,
+        let mut choices: Vec<(usize, Result<Choice, String>)> = Vec::with_capacity(ready.len());
+        if let (StepLogits::Device(d), false) = (logits, device_ready.is_empty()) {
+            match super::device_step::choose(d, &mut self.sched.running, &device_ready) {
+                Ok(tokens) => choices.extend(
+                    device_ready.iter().zip(tokens).map(|(&gi, token)| (gi, Ok(Choice { token, logprobs: None }))),
+                ),
                 Err(e) => {
                     let ids = self.ids_of(&ready);
                     return self.fail_groups(&ids, &format!("sampling failed: {e}"));
                 }
-            },
-        };
+            }
+        }
+        for gi in host_ready {
+            choices.push((gi, self.choose_on_host(gi, logits)));
+        }
         let mut finished = Vec::new();
-        for (gi, token) in ready.into_iter().zip(tokens) {
+        for (gi, choice) in choices {
             let g = &mut self.sched.running[gi];
+            let choice = match choice {
+                Ok(c) => c,
+                Err(e) => {
+                    finished.push((gi, Err(e)));
+                    continue;
+                }
+            };
+            let token = choice.token;
             for r in &mut g.rows {
                 r.logits = None;
                 r.pending.clear();
                 r.pending.push(token);
                 r.cursor = 0;
             }
-            if let Some(reason) = emit_token(g, &self.tokenizer, token) {
-                finished.push((gi, reason));
+            // A complete grammar ends the generation, and wins over a length limit hit at once.
+            let complete = g.constraint.as_ref().is_some_and(|c| c.is_complete());
+            let ending = match emit_token(g, &self.tokenizer, token, choice.logprobs) {
+                None | Some(Ending::Length) if complete => Some(Ending::Complete),
+                e => e,
+            };
+            if let Some(reason) = ending {
+                finished.push((gi, Ok(reason)));
             }
         }
         // Remove finished groups from the back so indices stay valid.
         finished.sort_by_key(|&(gi, _)| std::cmp::Reverse(gi));
-        for (gi, reason) in finished {
+        for (gi, outcome) in finished {
             let g = self.sched.finish(gi, &mut self.kv);
-            finish(g, reason, &self.tokenizer);
+            match outcome {
+                Ok(reason) => finish(g, reason, &self.tokenizer),
+                Err(e) => {
+                    tracing::warn!(error = %e, "constrained decoding failed");
+                    let _ = g.events.send(Event::Error(EngineError::Constraint(e)));
+                    record_finish(&g, "error");
+                }
+            }
         }
     }
+
+    /// The next token of group `gi` on the host: its rows' logits are in the step's host logits
+    /// or copied out. A constraint is foreign code (a grammar library): its panic fails this
+    /// request only.
+    fn choose_on_host(&mut self, gi: usize, logits: &StepLogits) -> Result<Choice, String> {
+        fn row_logits<'a>(r: &'a super::sequence::Row, step: &'a StepLogits) -> &'a [f32] {
+            match (r.logits.as_ref().expect("ready"), step) {
+                (RowLogits::InBatch(i), StepLogits::Host(batch)) => batch.last(*i),
+                (RowLogits::Owned(v), _) => v,
+                (RowLogits::InBatch(_), StepLogits::Device(_)) => unreachable!("copied to the host first"),
+            }
+        }
+        let g = &mut self.sched.running[gi];
+        let cond = row_logits(&g.rows[0], logits);
+        let uncond = g.rows.get(1).map(|r| row_logits(r, logits));
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            choose(&g.req, g.constraint.as_deref_mut(), &mut g.rng, cond, uncond, &mut self.scratch)
+        }))
+        .unwrap_or_else(|_| Err("the output constraint panicked".into()))
+    }
+}
+
+/// True when a core is free while the forward runs: the model is on a GPU, or the CPU kernel
+/// pool uses fewer threads than there are cores.
+fn masks_beside_forward(model: &Llama) -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    !model.device().is_cpu() || crate::model::kernels::pool::global().n_threads() < cores
 }
 
 /// Why a group stops, in more detail than the client's [`FinishReason`].
@@ -548,10 +632,12 @@ enum Ending {
     Eos,
     StopString,
     Length,
+    /// The output grammar is complete (nothing but end-of-sequence could follow).
+    Complete,
 }
 
 /// Records a sampled token, streams its text, and says whether the request is done.
-fn emit_token(g: &mut Group, tok: &Tokenizer, token: u32) -> Option<Ending> {
+fn emit_token(g: &mut Group, tok: &Tokenizer, token: u32, logprobs: Option<Box<TokenLogprobs>>) -> Option<Ending> {
     let now = Instant::now();
     match g.last_token {
         None => {
@@ -563,7 +649,8 @@ fn emit_token(g: &mut Group, tok: &Tokenizer, token: u32) -> Option<Ending> {
     g.last_token = Some(now);
     g.generated += 1;
     if !g.req.ignore_eos && tok.is_eos(token) {
-        let _ = g.events.send(Event::Token { id: token, text: String::new() });
+        // The end-of-sequence token that ends the generation is no output: no log-probabilities.
+        let _ = g.events.send(Event::Token { id: token, text: String::new(), logprobs: None });
         return Some(Ending::Eos);
     }
     let delta = match g.decoder.push(tok, token) {
@@ -577,7 +664,7 @@ fn emit_token(g: &mut Group, tok: &Tokenizer, token: u32) -> Option<Ending> {
         StopOutcome::Continue(t) => (t, false),
         StopOutcome::Stopped(t) => (t, true),
     };
-    let _ = g.events.send(Event::Token { id: token, text });
+    let _ = g.events.send(Event::Token { id: token, text, logprobs });
     if stopped {
         return Some(Ending::StopString);
     }
@@ -590,7 +677,7 @@ fn finish(mut g: Group, ending: Ending, tok: &Tokenizer) {
         // The stop string ends the text; what was held back belongs to it.
         Ending::StopString => String::new(),
         // Release text held back for an incomplete character or a possible stop string.
-        Ending::Eos | Ending::Length => {
+        Ending::Eos | Ending::Length | Ending::Complete => {
             let rest = g.decoder.flush(tok).ok().flatten().unwrap_or_default();
             let mut out = match g.stop.push(&rest) {
                 StopOutcome::Continue(t) | StopOutcome::Stopped(t) => t,
@@ -600,11 +687,11 @@ fn finish(mut g: Group, ending: Ending, tok: &Tokenizer) {
         }
     };
     let reason = match ending {
-        Ending::Eos | Ending::StopString => FinishReason::Stop,
+        Ending::Eos | Ending::StopString | Ending::Complete => FinishReason::Stop,
         Ending::Length => FinishReason::Length,
     };
     if !tail.is_empty() {
-        let _ = g.events.send(Event::Token { id: u32::MAX, text: tail });
+        let _ = g.events.send(Event::Token { id: u32::MAX, text: tail, logprobs: None });
     }
     let now = Instant::now();
     let usage = Usage {

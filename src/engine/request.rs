@@ -1,8 +1,9 @@
 //! What the engine is asked to do, and the events it sends back.
 
+use super::constraint::ConstraintSpec;
 use crate::guidance::Guidance;
 use crate::model::lora::LoraWeights;
-use crate::sampling::SamplingParams;
+use crate::sampling::{SamplingParams, TokenLogprobs};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,12 @@ pub struct Request {
     pub adapters: Vec<Arc<LoraWeights>>,
     /// Adapter names, for metrics labels.
     pub adapter_names: Vec<String>,
+    /// Restricts which tokens may be sampled (a grammar: JSON schema, tool calls).
+    pub constraint: Option<Arc<dyn ConstraintSpec>>,
+    /// Added to the scores of these tokens before sampling (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Report each sampled token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Request {
@@ -44,6 +51,9 @@ impl Request {
             tenant: "default".into(),
             adapters: Vec::new(),
             adapter_names: Vec::new(),
+            constraint: None,
+            logit_bias: Vec::new(),
+            logprobs: None,
         }
     }
 
@@ -58,6 +68,12 @@ impl Request {
     /// uncond row is not even created.
     pub fn is_pair(&self) -> bool {
         self.uncond_prompt.is_some() && self.guidance.is_some_and(|g| !g.is_identity())
+    }
+
+    /// True when choosing a token needs the logits on the host: an output constraint, a logit
+    /// bias or logprobs (a device samples only the plain mixed distribution).
+    pub fn needs_host_choice(&self) -> bool {
+        self.constraint.is_some() || !self.logit_bias.is_empty() || self.logprobs.is_some()
     }
 
     /// Rows the request occupies while running.
@@ -111,6 +127,10 @@ pub enum Event {
     Token {
         id: u32,
         text: String,
+        /// When the request asked for them: log-probabilities of the distribution the token was
+        /// drawn from (the mixed one for a guided pair), before logit bias, constraint,
+        /// temperature and top-k/p.
+        logprobs: Option<Box<TokenLogprobs>>,
     },
     Finished {
         reason: FinishReason,

@@ -3,6 +3,7 @@
 //! admitted, stepped, cancelled and freed together, and every sampled token is appended to all
 //! of them.
 
+use super::constraint::TokenConstraint;
 use super::request::{Event, Request};
 use crate::model::SeqId;
 use crate::sampling::{Rng, StopMatcher};
@@ -58,12 +59,15 @@ pub struct Group {
     pub last_token: Option<Instant>,
     /// KV bytes set aside for the whole generation at admission.
     pub kv_reserved: usize,
+    /// Which tokens may come next, when the request is constrained (a grammar).
+    pub constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 impl Group {
     pub fn new(id: u64, req: Request, events: UnboundedSender<Event>) -> Self {
         let rng = Rng::for_params(&req.sampling);
         let stop = StopMatcher::new(req.stop.clone());
+        let constraint = req.constraint.as_ref().map(|c| c.start());
         Self {
             id,
             req,
@@ -78,6 +82,7 @@ impl Group {
             first_token: None,
             last_token: None,
             kv_reserved: 0,
+            constraint,
         }
     }
 

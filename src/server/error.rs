@@ -149,6 +149,11 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidRequest(m) => Self::invalid(m, None),
             EngineError::ShuttingDown | EngineError::CutByShutdown => Self::Unavailable,
             EngineError::Failed(m) => Self::Internal(m),
+            EngineError::Constraint(m) => Self::InvalidRequest {
+                message: format!("The output format could not be followed: {m}"),
+                param: None,
+                code: Some("output_constraint_failed"),
+            },
         }
     }
 }

@@ -61,6 +61,18 @@ impl<A: DeserializeOwned, B: DeserializeOwned> FromJsonObject for (A, B) {
     }
 }
 
+impl<A: DeserializeOwned, B: DeserializeOwned> FromJsonObject for (A, B, BodyKeys) {
+    fn from_object(value: serde_json::Value) -> Result<Self, ApiError> {
+        let keys = BodyKeys(value.as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default());
+        Ok((typed(value.clone())?, typed(value)?, keys))
+    }
+}
+
+/// The top-level field names of a JSON body, so a handler can refuse the ones it does not know
+/// (silently ignoring a field a client relies on is worse than an error).
+#[derive(Debug, Clone, Default)]
+pub struct BodyKeys(pub Vec<String>);
+
 impl<S: Send + Sync, T: FromJsonObject> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 

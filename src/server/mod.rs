@@ -1,6 +1,7 @@
 //! The HTTP layer: an axum router over the engine.
 //!
-//! - [`openai`]: OpenAI-compatible routes (wire types, handlers, SSE);
+//! - [`openai`]: OpenAI-compatible routes (wire types, handlers, SSE); [`output`]: content,
+//!   tool calls and log-probabilities as clients read them;
 //! - [`validation`]: request checks and the translation to an engine request;
 //! - [`extract`]: the JSON body extractor (415/413/400 in OpenAI's error shape);
 //! - [`admin`]: the admin API (adapters, tenants, keys); [`auth`]: who is calling;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod extract;
 pub mod openai;
 pub mod ops;
+pub mod output;
 pub mod validation;
 
 use crate::adapters::AdapterRegistry;
@@ -46,6 +48,8 @@ pub struct AppState {
     pub tenants: Arc<Directory>,
     /// Serializes admin changes (apply, persist, acknowledge, one at a time).
     pub admin_lock: tokio::sync::Mutex<()>,
+    /// The grammar compiler for structured outputs and tool calls (built on first use).
+    pub structured: crate::structured::LazyStructured,
 }
 
 impl AppState {
@@ -131,6 +135,7 @@ impl AppState {
             adapters: Arc::new(adapters),
             tenants: Arc::new(tenants),
             admin_lock: tokio::sync::Mutex::new(()),
+            structured: Default::default(),
         }))
     }
 }

@@ -5,7 +5,11 @@
 use super::AppState;
 use super::auth::Tenant;
 use super::error::ApiError;
-use super::extract::JsonBody;
+use super::extract::{BodyKeys, JsonBody};
+use super::output::{
+    ChatLogprobs, DeltaToolCall, LogprobEntry, Message, OutputReader, Piece, TextLogprobs, TokenText, ToolCall,
+    ToolMode,
+};
 use super::validation::{self, Prepared};
 use crate::engine::{Event, FinishReason, RequestStream, Usage};
 use axum::extract::State;
@@ -20,11 +24,24 @@ use std::sync::Arc;
 // Requests
 
 /// `POST /v1/chat/completions` body: the endpoint's own fields plus [`CommonParams`] (parsed
-/// from the same JSON object). Unknown fields are ignored, as OpenAI does.
+/// from the same JSON object). Fields lethe does not know are refused, as OpenAI does
+/// (`validation::check_fields`).
 #[derive(Debug, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<WireMessage>,
+    pub tools: Option<Vec<WireTool>>,
+    pub tool_choice: Option<WireToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
+    pub response_format: Option<WireResponseFormat>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u32>,
+    /// Accepted when false (lethe stores nothing).
+    pub store: Option<bool>,
+    /// Accepted when `auto` or `default` (there is one tier).
+    pub service_tier: Option<String>,
+    /// Accepted when `["text"]`.
+    pub modalities: Option<Vec<String>>,
 }
 
 /// `POST /v1/completions` body: the endpoint's own fields plus [`CommonParams`].
@@ -36,6 +53,8 @@ pub struct CompletionRequest {
     pub echo: bool,
     pub suffix: Option<String>,
     pub best_of: Option<u32>,
+    /// Log-probabilities of the sampled token and this many alternatives (0–5).
+    pub logprobs: Option<u32>,
 }
 
 /// Parameters shared by both endpoints. Parsed separately from the endpoint's own fields (not
@@ -57,8 +76,8 @@ pub struct CommonParams {
     pub user: Option<String>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
-    pub logprobs: Option<serde_json::Value>,
-    pub logit_bias: Option<serde_json::Value>,
+    /// Token id (as a string) → bias added to its score, in [-100, 100].
+    pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
     /// lethe's extension: classifier-free guidance for this request.
     pub guidance: Option<GuidanceRequest>,
     /// Extension (as in vLLM): keep generating past end-of-sequence, for benchmarks.
@@ -92,6 +111,76 @@ pub struct WireMessage {
     pub role: String,
     pub content: Option<MessageContent>,
     pub name: Option<String>,
+    /// An assistant turn's calls.
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    /// A `tool` turn: the call it answers.
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: WireCalledFunction,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireCalledFunction {
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
+}
+
+/// A function the model may call (`tools[]`).
+#[derive(Debug, Deserialize)]
+pub struct WireTool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: WireFunction,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireFunction {
+    pub name: String,
+    pub description: Option<String>,
+    pub parameters: Option<serde_json::Value>,
+    /// Accepted either way: the arguments always follow the schema.
+    pub strict: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum WireToolChoice {
+    /// `none`, `auto` or `required`.
+    Mode(String),
+    Function {
+        #[serde(rename = "type")]
+        kind: String,
+        function: WireFunctionName,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireFunctionName {
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WireResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: WireJsonSchema },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireJsonSchema {
+    pub name: String,
+    pub description: Option<String>,
+    pub schema: Option<serde_json::Value>,
+    /// Accepted either way: lethe always enforces the schema (unsupported features are a 400).
+    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,14 +271,18 @@ struct ChatCompletion {
 struct ChatChoice {
     index: u32,
     message: AssistantMessage,
-    logprobs: Option<()>,
+    logprobs: Option<ChatLogprobs>,
     finish_reason: &'static str,
 }
 
 #[derive(Debug, Serialize)]
 struct AssistantMessage {
     role: &'static str,
-    content: String,
+    /// `null` when the model called tools.
+    content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCall>,
+    refusal: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -208,7 +301,7 @@ struct TextCompletion {
 struct TextChoice {
     text: String,
     index: u32,
-    logprobs: Option<()>,
+    logprobs: Option<TextLogprobs>,
     finish_reason: Option<&'static str>,
 }
 
@@ -231,7 +324,7 @@ struct Chunk<'a, C> {
 struct ChunkChoice {
     index: u32,
     delta: Delta,
-    logprobs: Option<()>,
+    logprobs: Option<ChatLogprobs>,
     finish_reason: Option<&'static str>,
 }
 
@@ -241,6 +334,14 @@ struct Delta {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<DeltaToolCall>>,
+}
+
+/// Log-probabilities of tokens not yet sent, in the shape of the endpoint.
+enum PendingLogprobs {
+    Chat(Vec<LogprobEntry>),
+    Text(TextLogprobs),
 }
 
 #[derive(Debug, Serialize)]
@@ -268,8 +369,9 @@ pub struct ModelCard {
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     Tenant(tenant): Tenant,
-    JsonBody((req, common)): JsonBody<(ChatCompletionRequest, CommonParams)>,
+    JsonBody((req, common, keys)): JsonBody<(ChatCompletionRequest, CommonParams, BodyKeys)>,
 ) -> Result<Response, ApiError> {
+    validation::check_fields(&keys, validation::Endpoint::Chat)?;
     let ctx = validation::TenantContext::of(&state, &tenant)?;
     let prepared = validation::prepare_chat(&state, &ctx, req, common).await?;
     run(state, prepared, Kind::Chat, tenant).await
@@ -278,8 +380,9 @@ pub async fn chat_completions(
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     Tenant(tenant): Tenant,
-    JsonBody((req, common)): JsonBody<(CompletionRequest, CommonParams)>,
+    JsonBody((req, common, keys)): JsonBody<(CompletionRequest, CommonParams, BodyKeys)>,
 ) -> Result<Response, ApiError> {
+    validation::check_fields(&keys, validation::Endpoint::Completions)?;
     let ctx = validation::TenantContext::of(&state, &tenant)?;
     let prepared = validation::prepare_completion(&state, &ctx, req, common).await?;
     run(state, prepared, Kind::Text, tenant).await
@@ -320,6 +423,8 @@ async fn run(state: Arc<AppState>, p: Prepared, kind: Kind, tenant: String) -> R
         include_usage: p.include_usage,
         kind,
         tenant,
+        tool_mode: p.tool_mode,
+        logprobs: p.logprobs.then(|| TokenText { tokenizer: state.tokenizer.clone(), vocab: p.vocab.clone() }),
     };
     if p.stream {
         Ok(Sse::new(sse_events(stream, meta)).keep_alive(KeepAlive::default()).into_response())
@@ -338,6 +443,33 @@ struct Meta {
     include_usage: bool,
     kind: Kind,
     tenant: String,
+    /// How a chat output is read (content or tool calls).
+    tool_mode: ToolMode,
+    /// Set when the request asked for log-probabilities.
+    logprobs: Option<TokenText>,
+}
+
+impl Meta {
+    fn pending_logprobs(&self) -> Option<PendingLogprobs> {
+        self.logprobs.as_ref().map(|_| match self.kind {
+            Kind::Chat => PendingLogprobs::Chat(Vec::new()),
+            Kind::Text => PendingLogprobs::Text(TextLogprobs::default()),
+        })
+    }
+
+    /// Adds a token's log-probabilities. `offset`: bytes of completion text before the token.
+    fn note_logprobs(
+        &self,
+        pending: &mut Option<PendingLogprobs>,
+        lp: Option<&crate::sampling::TokenLogprobs>,
+        offset: usize,
+    ) {
+        let (Some(text), Some(lp), Some(p)) = (&self.logprobs, lp, pending.as_mut()) else { return };
+        match p {
+            PendingLogprobs::Chat(v) => v.push(text.chat_entry(lp)),
+            PendingLogprobs::Text(t) => t.push(text, lp, offset),
+        }
+    }
 }
 
 /// One log line per finished request, inside its request span (so it carries the request id):
@@ -363,40 +495,71 @@ fn log_finished(meta: &Meta, reason: FinishReason, usage: &crate::engine::Usage,
 
 async fn collect(mut stream: RequestStream, meta: Meta) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut logprobs = meta.pending_logprobs();
     loop {
         match stream.next().await {
-            Some(Event::Token { text: t, .. }) => text.push_str(&t),
+            Some(Event::Token { text: t, logprobs: lp, .. }) => {
+                meta.note_logprobs(&mut logprobs, lp.as_deref(), text.len());
+                text.push_str(&t);
+            }
             Some(Event::Finished { reason, usage, timing }) => {
                 log_finished(&meta, reason, &usage, &timing);
-                let finish = reason.as_str();
                 return Ok(match meta.kind {
-                    Kind::Chat => axum::Json(ChatCompletion {
-                        id: meta.id,
-                        object: "chat.completion",
-                        created: meta.created,
-                        model: meta.model,
-                        system_fingerprint: meta.fingerprint,
-                        choices: vec![ChatChoice {
-                            index: 0,
-                            message: AssistantMessage { role: "assistant", content: text },
-                            logprobs: None,
-                            finish_reason: finish,
-                        }],
-                        usage: usage.into(),
-                        guidance: meta.guidance,
-                    })
-                    .into_response(),
-                    Kind::Text => axum::Json(TextCompletion {
-                        id: meta.id,
-                        object: "text_completion",
-                        created: meta.created,
-                        model: meta.model,
-                        system_fingerprint: meta.fingerprint,
-                        choices: vec![TextChoice { text, index: 0, logprobs: None, finish_reason: Some(finish) }],
-                        usage: usage.into(),
-                        guidance: meta.guidance,
-                    })
-                    .into_response(),
+                    Kind::Chat => {
+                        let mut reader = OutputReader::new(meta.tool_mode);
+                        let mut message = Message::default();
+                        message.add(reader.push(&text));
+                        message.add(reader.finish());
+                        let finish = if reader.called_tools() { "tool_calls" } else { reason.as_str() };
+                        let content = match (message.content, reader.is_calls()) {
+                            (Some(c), _) => Some(c),
+                            (None, true) => None,
+                            (None, false) => Some(String::new()),
+                        };
+                        let logprobs = match logprobs {
+                            Some(PendingLogprobs::Chat(content)) => Some(ChatLogprobs { content, refusal: None }),
+                            _ => None,
+                        };
+                        axum::Json(ChatCompletion {
+                            id: meta.id,
+                            object: "chat.completion",
+                            created: meta.created,
+                            model: meta.model,
+                            system_fingerprint: meta.fingerprint,
+                            choices: vec![ChatChoice {
+                                index: 0,
+                                message: AssistantMessage {
+                                    role: "assistant",
+                                    content,
+                                    tool_calls: message.tool_calls,
+                                    refusal: None,
+                                },
+                                logprobs,
+                                finish_reason: finish,
+                            }],
+                            usage: usage.into(),
+                            guidance: meta.guidance,
+                        })
+                        .into_response()
+                    }
+                    Kind::Text => {
+                        let logprobs = match logprobs {
+                            Some(PendingLogprobs::Text(t)) => Some(t),
+                            _ => None,
+                        };
+                        let finish = Some(reason.as_str());
+                        axum::Json(TextCompletion {
+                            id: meta.id,
+                            object: "text_completion",
+                            created: meta.created,
+                            model: meta.model,
+                            system_fingerprint: meta.fingerprint,
+                            choices: vec![TextChoice { text, index: 0, logprobs, finish_reason: finish }],
+                            usage: usage.into(),
+                            guidance: meta.guidance,
+                        })
+                        .into_response()
+                    }
                 });
             }
             Some(Event::Error(e)) => return Err(e.into()),
@@ -405,45 +568,87 @@ async fn collect(mut stream: RequestStream, meta: Meta) -> Result<Response, ApiE
     }
 }
 
-/// The SSE stream: a role chunk (chat), content deltas, a finish chunk, an optional usage chunk
-/// with empty `choices`, then `[DONE]`. Dropping it (client gone) drops the engine stream, which
-/// cancels the request.
+/// The SSE stream: a role chunk (chat), content or tool-call deltas, a finish chunk, an
+/// optional usage chunk with empty `choices`, then `[DONE]`. Dropping it (client gone) drops
+/// the engine stream, which cancels the request.
 fn sse_events(stream: RequestStream, meta: Meta) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    enum Phase {
-        Start,
-        Body,
-        Done,
-    }
-    futures::stream::unfold((stream, meta, Phase::Start), |(mut stream, meta, phase)| async move {
-        match phase {
+    let state = SseState {
+        reader: OutputReader::new(meta.tool_mode),
+        logprobs: meta.pending_logprobs(),
+        sent_bytes: 0,
+        phase: Phase::Start,
+        stream,
+        meta,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        let events = st.next_events().await?;
+        Some((events, st))
+    })
+    .flat_map(|evs| futures::stream::iter(evs.into_iter().map(Ok)))
+}
+
+enum Phase {
+    Start,
+    Body,
+    Done,
+}
+
+struct SseState {
+    stream: RequestStream,
+    meta: Meta,
+    reader: OutputReader,
+    /// Log-probabilities of tokens whose text is still held back.
+    logprobs: Option<PendingLogprobs>,
+    /// Completion text sent so far (completions' `text_offset`).
+    sent_bytes: usize,
+    phase: Phase,
+}
+
+impl SseState {
+    /// The next events to send; `None` once the stream is over.
+    async fn next_events(&mut self) -> Option<Vec<SseEvent>> {
+        match self.phase {
             Phase::Done => None,
             Phase::Start => {
-                let first = match meta.kind {
-                    Kind::Chat => {
-                        Some(chunk(&meta, Delta { role: Some("assistant"), content: Some(String::new()) }, None))
-                    }
-                    Kind::Text => None,
-                };
-                match first {
-                    Some(ev) => Some((vec![ev], (stream, meta, Phase::Body))),
-                    None => Some((vec![], (stream, meta, Phase::Body))),
-                }
+                self.phase = Phase::Body;
+                Some(match self.meta.kind {
+                    Kind::Chat => vec![chunk(
+                        &self.meta,
+                        Delta { role: Some("assistant"), content: Some(String::new()), tool_calls: None },
+                        None,
+                        None,
+                    )],
+                    Kind::Text => vec![],
+                })
             }
             Phase::Body => loop {
-                match stream.next().await {
-                    Some(Event::Token { text, .. }) if text.is_empty() => continue,
-                    Some(Event::Token { text, .. }) => {
-                        let ev = chunk(&meta, Delta { role: None, content: Some(text) }, None);
-                        return Some((vec![ev], (stream, meta, Phase::Body)));
+                match self.stream.next().await {
+                    Some(Event::Token { text, logprobs, .. }) => {
+                        self.meta.note_logprobs(&mut self.logprobs, logprobs.as_deref(), self.sent_bytes);
+                        let piece = match self.meta.kind {
+                            Kind::Chat => self.reader.push(&text),
+                            Kind::Text => Piece { content: Some(text), tool_calls: Vec::new() },
+                        };
+                        if piece.is_empty() {
+                            continue;
+                        }
+                        return Some(vec![self.piece_chunk(piece, None)]);
                     }
                     Some(Event::Finished { reason, usage, timing }) => {
-                        log_finished(&meta, reason, &usage, &timing);
-                        let mut evs = vec![chunk(&meta, Delta::default(), Some(reason))];
-                        if meta.include_usage {
-                            evs.push(usage_chunk(&meta, usage));
+                        log_finished(&self.meta, reason, &usage, &timing);
+                        let mut evs = Vec::new();
+                        let rest = self.reader.finish();
+                        if !rest.is_empty() {
+                            evs.push(self.piece_chunk(rest, None));
+                        }
+                        let finish = if self.reader.called_tools() { "tool_calls" } else { reason.as_str() };
+                        evs.push(self.piece_chunk(Piece::default(), Some(finish)));
+                        if self.meta.include_usage {
+                            evs.push(usage_chunk(&self.meta, usage));
                         }
                         evs.push(SseEvent::default().data("[DONE]"));
-                        return Some((evs, (stream, meta, Phase::Done)));
+                        self.phase = Phase::Done;
+                        return Some(evs);
                     }
                     ended => {
                         // A failure, or the engine dropped the request without a word: either
@@ -453,32 +658,57 @@ fn sse_events(stream: RequestStream, meta: Meta) -> impl Stream<Item = Result<Ss
                             _ => ApiError::Internal("the engine dropped the request".into()),
                         };
                         tracing::error!(error = %err, "generation failed mid-stream");
-                        let evs = vec![
+                        self.phase = Phase::Done;
+                        return Some(vec![
                             SseEvent::default().data(serde_json::to_string(&err.body()).unwrap_or_default()),
                             SseEvent::default().data("[DONE]"),
-                        ];
-                        return Some((evs, (stream, meta, Phase::Done)));
+                        ]);
                     }
                 }
             },
         }
-    })
-    .flat_map(|evs| futures::stream::iter(evs.into_iter().map(Ok)))
+    }
+
+    /// A chunk carrying `piece` and the log-probabilities gathered since the last chunk.
+    fn piece_chunk(&mut self, piece: Piece, finish: Option<&'static str>) -> SseEvent {
+        self.sent_bytes += piece.content.as_ref().map_or(0, String::len);
+        let logprobs = self.logprobs.as_mut().and_then(|p| match p {
+            PendingLogprobs::Chat(v) if !v.is_empty() => {
+                Some(Logprobs::Chat(ChatLogprobs { content: std::mem::take(v), refusal: None }))
+            }
+            PendingLogprobs::Text(t) if !t.is_empty() => Some(Logprobs::Text(std::mem::take(t))),
+            _ => None,
+        });
+        let tool_calls = (!piece.tool_calls.is_empty()).then_some(piece.tool_calls);
+        chunk(&self.meta, Delta { role: None, content: piece.content, tool_calls }, finish, logprobs)
+    }
+}
+
+enum Logprobs {
+    Chat(ChatLogprobs),
+    Text(TextLogprobs),
 }
 
 /// A content or finish chunk. The guidance echo rides on the finish chunk.
-fn chunk(meta: &Meta, delta: Delta, finish: Option<FinishReason>) -> SseEvent {
-    let finish = finish.map(FinishReason::as_str);
+fn chunk(meta: &Meta, delta: Delta, finish: Option<&'static str>, logprobs: Option<Logprobs>) -> SseEvent {
     let usage = meta.include_usage.then_some(None);
     let guidance = finish.is_some().then_some(&meta.guidance);
     match meta.kind {
         Kind::Chat => {
-            let choice = ChunkChoice { index: 0, delta, logprobs: None, finish_reason: finish };
+            let logprobs = match logprobs {
+                Some(Logprobs::Chat(l)) => Some(l),
+                _ => None,
+            };
+            let choice = ChunkChoice { index: 0, delta, logprobs, finish_reason: finish };
             chunk_event(meta, vec![choice], usage, guidance)
         }
         Kind::Text => {
             let text = delta.content.unwrap_or_default();
-            let choice = TextChoice { text, index: 0, logprobs: None, finish_reason: finish };
+            let logprobs = match logprobs {
+                Some(Logprobs::Text(l)) => Some(l),
+                _ => None,
+            };
+            let choice = TextChoice { text, index: 0, logprobs, finish_reason: finish };
             chunk_event(meta, vec![choice], usage, guidance)
         }
     }

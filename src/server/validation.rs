@@ -3,15 +3,20 @@
 
 use super::AppState;
 use super::error::ApiError;
+use super::extract::BodyKeys;
 use super::openai::{
     AppliedAdapter, AppliedGuidance, ChatCompletionRequest, CommonParams, CompletionRequest, GuidanceRequest,
-    MessageContent, PromptInput, StopInput,
+    MessageContent, PromptInput, StopInput, WireResponseFormat, WireTool, WireToolChoice,
 };
+use super::output::ToolMode;
 use crate::adapters::LoadedAdapter;
+use crate::engine::ConstraintSpec;
 use crate::engine::prompt::{self, Placement, PromptRows, SystemMessages};
 use crate::engine::{Conditions, Request, UncondSource};
 use crate::guidance::{Guidance, GuidanceMode};
 use crate::sampling::SamplingParams;
+use crate::structured::tools::{self, Tool, ToolChoice, ToolSet};
+use crate::structured::{OutputPlan, ResponseFormat, Structured, StructuredError};
 use crate::tenants::TenantPolicy;
 use crate::tokenizer::ChatMessage;
 use std::sync::Arc;
@@ -22,6 +27,95 @@ pub struct Prepared {
     pub stream: bool,
     pub include_usage: bool,
     pub applied: AppliedGuidance,
+    /// How to read the output (content or tool calls).
+    pub tool_mode: ToolMode,
+    /// The client asked for log-probabilities.
+    pub logprobs: bool,
+    /// The vocabulary's bytes (log-probabilities report them), when built.
+    pub vocab: Option<Arc<Structured>>,
+}
+
+/// Which endpoint a body was sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+/// Fields both endpoints implement ([`CommonParams`]).
+const COMMON_FIELDS: &[&str] = &[
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "n",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "guidance",
+    "ignore_eos",
+];
+/// Chat's own fields; `metadata`, `prompt_cache_key` and `safety_identifier` are caller
+/// bookkeeping with no effect on the output, accepted as such.
+const CHAT_FIELDS: &[&str] = &[
+    "messages",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "store",
+    "service_tier",
+    "modalities",
+    "metadata",
+    "prompt_cache_key",
+    "safety_identifier",
+];
+const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "suffix", "best_of", "logprobs"];
+/// OpenAI fields lethe does not implement, and what to do instead.
+const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
+    ("functions", "use tools"),
+    ("function_call", "use tool_choice"),
+    ("audio", "lethe generates text only"),
+    ("prediction", "predicted outputs are not implemented"),
+    ("reasoning_effort", "the model is not a reasoning model"),
+    ("verbosity", "the model is not a reasoning model"),
+    ("web_search_options", "lethe has no web search"),
+];
+
+/// The fields an endpoint accepts (the contract documents each).
+pub fn accepted_fields(endpoint: Endpoint) -> Vec<&'static str> {
+    let own = match endpoint {
+        Endpoint::Chat => CHAT_FIELDS,
+        Endpoint::Completions => COMPLETION_FIELDS,
+    };
+    COMMON_FIELDS.iter().chain(own).copied().collect()
+}
+
+/// Refuses every field lethe does not implement, naming it (as OpenAI refuses unknown
+/// arguments): a client must never believe a field took effect when it did not.
+pub fn check_fields(keys: &BodyKeys, endpoint: Endpoint) -> Result<(), ApiError> {
+    let accepted = accepted_fields(endpoint);
+    for k in &keys.0 {
+        if accepted.contains(&k.as_str()) {
+            continue;
+        }
+        let shown: String = k.chars().take(100).collect();
+        let message = match UNSUPPORTED_FIELDS.iter().find(|(f, _)| f == k) {
+            Some((_, instead)) => format!("{shown} is not supported: {instead}."),
+            None => format!("Unrecognized request argument supplied: {shown}"),
+        };
+        return Err(ApiError::invalid(message, Some(shown)));
+    }
+    Ok(())
 }
 
 /// Guidance settled for one request.
@@ -96,11 +190,43 @@ pub async fn prepare_chat(
     common: CommonParams,
 ) -> Result<Prepared, ApiError> {
     check_model(state, tenant, &req.model)?;
-    let mut messages = messages(req.messages)?;
+    let bad = |msg: &str, p: &str| ApiError::invalid(msg.to_string(), Some(p.to_string()));
+    if req.store == Some(true) {
+        return Err(bad("store is not supported: lethe stores no completions.", "store"));
+    }
+    if req.service_tier.as_deref().is_some_and(|t| t != "auto" && t != "default") {
+        return Err(bad("service_tier must be \"auto\" or \"default\".", "service_tier"));
+    }
+    if req.modalities.as_ref().is_some_and(|m| m.iter().any(|x| x != "text")) {
+        return Err(bad("Only the \"text\" modality is supported.", "modalities"));
+    }
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), top) if top.unwrap_or(0) <= 20 => Some(top.unwrap_or(0) as usize),
+        (Some(true), _) => return Err(bad("top_logprobs must be between 0 and 20.", "top_logprobs")),
+        (_, Some(_)) => return Err(bad("top_logprobs needs logprobs set to true.", "top_logprobs")),
+        _ => None,
+    };
+    let plan = OutputPlan {
+        format: response_format(req.response_format)?,
+        tools: tool_set(req.tools, req.tool_choice, req.parallel_tool_calls)?,
+    };
+    let tool_mode = match plan.tools.as_ref().filter(|t| t.calls_possible()).map(|t| &t.choice) {
+        Some(ToolChoice::Auto) => ToolMode::Auto,
+        Some(_) => ToolMode::Forced,
+        None => ToolMode::Off,
+    };
+    let tool_role = state.tokenizer.chat_template().is_some_and(|t| t.supports_tool_role());
+    let mut messages = messages(req.messages, tool_role)?;
+    if let Some(block) = plan.tools.as_ref().and_then(ToolSet::system_prompt) {
+        add_system_text(&mut messages, &block);
+    }
     let mut resolved = resolve_guidance(state, tenant, common.guidance.as_ref())?;
     if resolved.rows.is_some() {
+        // After the tool block is added: tool descriptions are client text too, and must not
+        // be able to carry a trigger into the system message beside the condition.
         messages = apply_system_rule(messages, tenant.policy.system_messages, &mut resolved.applied)?;
     }
+    let (constraint, vocab) = constrain(state, plan, logprobs.is_some()).await?;
     let tok = state.tokenizer.clone();
     let rows_cfg = resolved.rows.clone();
     let placement = resolved.placement;
@@ -110,7 +236,157 @@ pub async fn prepare_chat(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
-    finish(state, tenant, rows, common, resolved)
+    let mut p = finish(state, tenant, rows, common, resolved)?;
+    p.request.constraint = constraint;
+    p.request.logprobs = logprobs;
+    p.logprobs = logprobs.is_some();
+    p.tool_mode = tool_mode;
+    p.vocab = vocab;
+    Ok(p)
+}
+
+/// `response_format` → what the output must be.
+fn response_format(f: Option<WireResponseFormat>) -> Result<ResponseFormat, ApiError> {
+    Ok(match f {
+        None | Some(WireResponseFormat::Text) => ResponseFormat::Text,
+        Some(WireResponseFormat::JsonObject) => ResponseFormat::JsonObject,
+        Some(WireResponseFormat::JsonSchema { json_schema }) => {
+            if !tools::valid_name(&json_schema.name) {
+                return Err(ApiError::invalid(
+                    "response_format.json_schema.name must be 1 to 64 letters, digits, '_' or '-'.",
+                    Some("response_format.json_schema.name".into()),
+                ));
+            }
+            // OpenAI treats a missing schema as "any JSON object".
+            ResponseFormat::JsonSchema(json_schema.schema.unwrap_or_else(|| serde_json::json!({"type": "object"})))
+        }
+    })
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls` → the functions the model may call.
+fn tool_set(
+    tools: Option<Vec<WireTool>>,
+    choice: Option<WireToolChoice>,
+    parallel: Option<bool>,
+) -> Result<Option<ToolSet>, ApiError> {
+    let bad = |msg: String, p: String| ApiError::invalid(msg, Some(p));
+    let Some(wire) = tools.filter(|t| !t.is_empty()) else {
+        return match choice {
+            None => Ok(None),
+            Some(WireToolChoice::Mode(m)) if m == "none" || m == "auto" => Ok(None),
+            Some(_) => {
+                Err(bad("tool_choice asks for a function call, but there are no tools.".into(), "tool_choice".into()))
+            }
+        };
+    };
+    if wire.len() > 128 {
+        return Err(bad(format!("At most 128 tools are supported, got {}.", wire.len()), "tools".into()));
+    }
+    let mut list: Vec<Tool> = Vec::new();
+    for (i, t) in wire.into_iter().enumerate() {
+        if t.kind != "function" {
+            return Err(bad(
+                format!("Tools of type {:?} are not supported; only \"function\".", t.kind),
+                format!("tools[{i}].type"),
+            ));
+        }
+        let f = t.function;
+        if !tools::valid_name(&f.name) {
+            return Err(bad(
+                "Function names must be 1 to 64 letters, digits, '_' or '-'.".into(),
+                format!("tools[{i}].function.name"),
+            ));
+        }
+        if list.iter().any(|x| x.name == f.name) {
+            return Err(bad(format!("Two tools are named {:?}.", f.name), format!("tools[{i}].function.name")));
+        }
+        let parameters = f.parameters.unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}));
+        if parameters.get("type").is_some_and(|t| t != "object") {
+            return Err(bad(
+                "Function parameters must be the JSON schema of an object.".into(),
+                format!("tools[{i}].function.parameters"),
+            ));
+        }
+        list.push(Tool { name: f.name, description: f.description, parameters });
+    }
+    let choice = match choice {
+        None => ToolChoice::Auto,
+        Some(WireToolChoice::Mode(m)) => match m.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(bad(
+                    format!("Unknown tool_choice {other:?} (none, auto, required, or a function)."),
+                    "tool_choice".into(),
+                ));
+            }
+        },
+        Some(WireToolChoice::Function { kind, function }) => {
+            if kind != "function" {
+                return Err(bad(format!("tool_choice of type {kind:?} is not supported."), "tool_choice.type".into()));
+            }
+            if !list.iter().any(|t| t.name == function.name) {
+                return Err(bad(
+                    format!("tool_choice names {:?}, which is not among the tools.", function.name),
+                    "tool_choice.function.name".into(),
+                ));
+            }
+            ToolChoice::Named(function.name)
+        }
+    };
+    Ok(Some(ToolSet { tools: list, choice, parallel: parallel.unwrap_or(true) }))
+}
+
+/// Compiles the request's output constraint (off the async threads, within
+/// [`crate::structured::COMPILE_TIMEOUT`]), and gets the vocabulary when log-probabilities need
+/// its bytes.
+async fn constrain(
+    state: &Arc<AppState>,
+    plan: OutputPlan,
+    need_vocab: bool,
+) -> Result<(Option<Arc<dyn ConstraintSpec>>, Option<Arc<Structured>>), ApiError> {
+    let free = plan.is_free();
+    if free && !need_vocab {
+        return Ok((None, None));
+    }
+    let st = state.clone();
+    let param = if plan.tools.as_ref().is_some_and(ToolSet::calls_possible) { "tools" } else { "response_format" };
+    let job = tokio::task::spawn_blocking(move || -> Result<_, StructuredError> {
+        let vocab = st.structured.get(&st.tokenizer, st.engine.vocab_size());
+        if free {
+            return Ok((None, vocab.ok()));
+        }
+        let vocab = vocab.map_err(|e| {
+            StructuredError::new(format!("Structured outputs are not available for this model: {e}"), param)
+        })?;
+        Ok((vocab.compile(&plan)?, Some(vocab)))
+    });
+    match tokio::time::timeout(crate::structured::COMPILE_TIMEOUT, job).await {
+        Err(_) => Err(ApiError::invalid(
+            format!(
+                "The output format took longer than {} s to compile; simplify the schema.",
+                crate::structured::COMPILE_TIMEOUT.as_secs()
+            ),
+            Some(param.into()),
+        )),
+        Ok(Err(e)) => Err(ApiError::Internal(e.to_string())),
+        Ok(Ok(Err(e))) => Err(ApiError::invalid(e.message, Some(e.param))),
+        Ok(Ok(Ok(r))) => Ok(r),
+    }
+}
+
+/// Appends `text` to the system message (one is added at the front if there is none).
+fn add_system_text(messages: &mut Vec<ChatMessage>, text: &str) {
+    match messages.first_mut() {
+        Some(m) if m.role == "system" => {
+            if !m.content.is_empty() {
+                m.content.push_str("\n\n");
+            }
+            m.content.push_str(text);
+        }
+        _ => messages.insert(0, ChatMessage::system(text)),
+    }
 }
 
 pub async fn prepare_completion(
@@ -129,6 +405,9 @@ pub async fn prepare_completion(
     if req.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::invalid("best_of must be 1.", Some("best_of".into())));
     }
+    if req.logprobs.is_some_and(|n| n > 5) {
+        return Err(ApiError::invalid("logprobs must be between 0 and 5.", Some("logprobs".into())));
+    }
     let resolved = resolve_guidance(state, tenant, common.guidance.as_ref())?;
     let rows = match req.prompt {
         PromptInput::Text(t) => text_rows(state, t, &resolved).await?,
@@ -146,7 +425,14 @@ pub async fn prepare_completion(
             PromptRows { cond: ids, uncond: None }
         }
     };
-    finish(state, tenant, rows, common, resolved)
+    let logprobs = req.logprobs.map(|n| n as usize);
+    let (_, vocab) =
+        constrain(state, OutputPlan { format: ResponseFormat::Text, tools: None }, logprobs.is_some()).await?;
+    let mut p = finish(state, tenant, rows, common, resolved)?;
+    p.request.logprobs = logprobs;
+    p.logprobs = logprobs.is_some();
+    p.vocab = vocab;
+    Ok(p)
 }
 
 async fn text_rows(state: &Arc<AppState>, text: String, resolved: &Resolved) -> Result<PromptRows, ApiError> {
@@ -171,59 +457,106 @@ fn check_model(state: &AppState, tenant: &TenantContext, model: &str) -> Result<
 }
 
 /// OpenAI messages → chat template messages. Text only; `developer` is a system message.
-fn messages(wire: Vec<super::openai::WireMessage>) -> Result<Vec<ChatMessage>, ApiError> {
+/// Earlier tool calls become assistant text in the calls format, tool results `tool` turns
+/// (when the template has that role) or user turns (see [`crate::structured::tools`]).
+fn messages(wire: Vec<super::openai::WireMessage>, tool_role: bool) -> Result<Vec<ChatMessage>, ApiError> {
     if wire.is_empty() {
         return Err(ApiError::invalid("[] is too short - 'messages'", Some("messages".into())));
     }
-    wire.into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let param = format!("messages[{i}]");
-            let role = match m.role.as_str() {
-                "system" | "developer" => "system",
-                "user" => "user",
-                "assistant" => "assistant",
-                other => {
-                    return Err(ApiError::invalid(
-                        format!("Unsupported role {other:?} in {param}: use system, developer, user or assistant."),
-                        Some(format!("{param}.role")),
-                    ));
-                }
-            };
-            let content = match m.content {
-                Some(MessageContent::Text(t)) => t,
-                Some(MessageContent::Parts(parts)) => {
-                    let mut text = String::new();
-                    for (j, p) in parts.into_iter().enumerate() {
-                        match (p.kind.as_str(), p.text) {
-                            ("text", Some(t)) => text.push_str(&t),
-                            ("text", None) => {
-                                return Err(ApiError::invalid(
-                                    format!("Missing text in {param}.content[{j}]."),
-                                    Some(format!("{param}.content[{j}].text")),
-                                ));
-                            }
-                            (kind, _) => {
-                                return Err(ApiError::invalid(
-                                    format!("Content parts of type {kind:?} are not supported; only \"text\"."),
-                                    Some(format!("{param}.content[{j}].type")),
-                                ));
-                            }
+    // Call id → function name, from the assistant turns read so far.
+    let mut calls: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut out = Vec::with_capacity(wire.len());
+    for (i, m) in wire.into_iter().enumerate() {
+        let param = format!("messages[{i}]");
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            "tool" => "tool",
+            other => {
+                return Err(ApiError::invalid(
+                    format!("Unsupported role {other:?} in {param}: use system, developer, user, assistant or tool."),
+                    Some(format!("{param}.role")),
+                ));
+            }
+        };
+        let has_calls = m.tool_calls.as_ref().is_some_and(|c| !c.is_empty());
+        let mut content = match m.content {
+            Some(MessageContent::Text(t)) => t,
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.into_iter().enumerate() {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        ("text", None) => {
+                            return Err(ApiError::invalid(
+                                format!("Missing text in {param}.content[{j}]."),
+                                Some(format!("{param}.content[{j}].text")),
+                            ));
+                        }
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
+                                format!("Content parts of type {kind:?} are not supported; only \"text\"."),
+                                Some(format!("{param}.content[{j}].type")),
+                            ));
                         }
                     }
-                    text
                 }
-                None if role == "assistant" => String::new(),
-                None => {
-                    return Err(ApiError::invalid(
-                        format!("Missing content in {param}."),
-                        Some(format!("{param}.content")),
-                    ));
-                }
+                text
+            }
+            None if role == "assistant" => String::new(),
+            None => {
+                return Err(ApiError::invalid(
+                    format!("Missing content in {param}."),
+                    Some(format!("{param}.content")),
+                ));
+            }
+        };
+        if has_calls && role != "assistant" {
+            return Err(ApiError::invalid(
+                format!("Only assistant messages carry tool_calls ({param} is {role})."),
+                Some(format!("{param}.tool_calls")),
+            ));
+        }
+        if let Some(list) = m.tool_calls.filter(|c| !c.is_empty()) {
+            let named: Vec<(String, String)> =
+                list.iter().map(|c| (c.function.name.clone(), c.function.arguments.clone())).collect();
+            let text = tools::calls_text(&named).map_err(|j| {
+                ApiError::invalid(
+                    format!("{param}.tool_calls[{j}].function.arguments is not valid JSON."),
+                    Some(format!("{param}.tool_calls[{j}].function.arguments")),
+                )
+            })?;
+            for c in list {
+                calls.insert(c.id, c.function.name);
+            }
+            if !content.is_empty() {
+                content.push('\n');
+            }
+            content.push_str(&text);
+        }
+        let message = if role == "tool" {
+            let id = m.tool_call_id.unwrap_or_default();
+            let Some(name) = calls.get(&id) else {
+                return Err(ApiError::invalid(
+                    format!(
+                        "{param} (role tool) must answer a tool call of an earlier assistant message: no call has id {:?}.",
+                        id.chars().take(100).collect::<String>()
+                    ),
+                    Some(format!("{param}.tool_call_id")),
+                ));
             };
-            Ok(ChatMessage::new(role, content))
-        })
-        .collect()
+            if tool_role {
+                ChatMessage::new("tool", content)
+            } else {
+                ChatMessage::user(format!("Function {name} returned:\n{content}"))
+            }
+        } else {
+            ChatMessage::new(role, content)
+        };
+        out.push(message);
+    }
+    Ok(out)
 }
 
 /// Settles guidance from the request, the tenant's policy, its adapters' profiles and the
@@ -333,12 +666,7 @@ fn finish(
     if c.presence_penalty.is_some_and(|p| p != 0.0) || c.frequency_penalty.is_some_and(|p| p != 0.0) {
         return Err(bad("presence_penalty and frequency_penalty are not supported (use 0).", "presence_penalty"));
     }
-    if c.logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != serde_json::json!(false)) {
-        return Err(bad("logprobs are not supported.", "logprobs"));
-    }
-    if c.logit_bias.as_ref().is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty())) {
-        return Err(bad("logit_bias is not supported.", "logit_bias"));
-    }
+    let logit_bias = logit_bias(c.logit_bias.as_ref(), state.engine.vocab_size())?;
     let temperature = c.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(bad("temperature must be between 0 and 2.", "temperature"));
@@ -381,10 +709,46 @@ fn finish(
     request.tenant = tenant.name.clone();
     request.adapters = tenant.adapters.iter().map(|a| a.weights.clone()).collect();
     request.adapter_names = tenant.adapters.iter().map(|a| a.name.clone()).collect();
+    request.logit_bias = logit_bias;
     if let Some(u) = rows.uncond {
         resolved.applied.uncond_prompt_tokens = if resolved.guidance.is_identity() { 0 } else { u.len() };
         request = request.guided(u, resolved.guidance);
     }
     let include_usage = c.stream_options.is_some_and(|o| o.include_usage);
-    Ok(Prepared { request, stream: c.stream, include_usage, applied: resolved.applied })
+    Ok(Prepared {
+        request,
+        stream: c.stream,
+        include_usage,
+        applied: resolved.applied,
+        tool_mode: ToolMode::Off,
+        logprobs: false,
+        vocab: None,
+    })
+}
+
+/// `logit_bias`: token id (a string) → bias in [-100, 100].
+fn logit_bias(
+    bias: Option<&serde_json::Map<String, serde_json::Value>>,
+    vocab: usize,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bad = |m: String| ApiError::invalid(m, Some("logit_bias".into()));
+    let Some(map) = bias else { return Ok(Vec::new()) };
+    if map.len() > 1024 {
+        return Err(bad(format!("logit_bias may hold at most 1024 tokens, got {}.", map.len())));
+    }
+    map.iter()
+        .map(|(k, v)| {
+            let shown: String = k.chars().take(20).collect();
+            let id: u32 = k
+                .parse()
+                .ok()
+                .filter(|&i| (i as usize) < vocab)
+                .ok_or_else(|| bad(format!("logit_bias key {shown:?} is not a token id below {vocab}.")))?;
+            let b = v
+                .as_f64()
+                .filter(|b| (-100.0..=100.0).contains(b))
+                .ok_or_else(|| bad(format!("logit_bias for token {id} must be a number in [-100, 100].")))?;
+            Ok((id, b as f32))
+        })
+        .collect()
 }

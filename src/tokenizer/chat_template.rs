@@ -47,6 +47,8 @@ pub struct ChatTemplate {
     eos_token: String,
     /// The system prompt the template adds when a conversation has none (computed once).
     default_system: std::sync::OnceLock<Option<String>>,
+    /// The template renders messages of role `tool` (function results) itself.
+    tool_role: bool,
 }
 
 /// Instructions one rendering may execute (minijinja "fuel"): ample for conversations of
@@ -72,6 +74,7 @@ impl ChatTemplate {
             let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             format_date(secs, &fmt)
         });
+        let tool_role = source.contains("'tool'") || source.contains("\"tool\"");
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TokenizerError::Template(format!("invalid chat template: {e}")))?;
         Ok(Self {
@@ -79,7 +82,14 @@ impl ChatTemplate {
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
             default_system: std::sync::OnceLock::new(),
+            tool_role,
         })
+    }
+
+    /// True when the template knows the `tool` role (function results); other templates get
+    /// tool results as user turns.
+    pub fn supports_tool_role(&self) -> bool {
+        self.tool_role
     }
 
     /// The system prompt this template inserts on its own when a conversation has no system

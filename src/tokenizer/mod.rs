@@ -1,6 +1,7 @@
 //! Text ⇄ tokens: a `tokenizers::Tokenizer` (from `tokenizer.json` or the GGUF vocabulary), the
 //! chat template, special token ids, and incremental detokenization for streaming.
 
+pub mod bytes;
 pub mod chat_template;
 pub mod gguf_vocab;
 

@@ -60,6 +60,79 @@ applied = guided.model_extra["guidance"]
 assert applied["gamma"] == 3.0 and applied["mode"] == "prob" and applied["uncond"] == "negative_condition", applied
 print(f"guided: {guided.choices[0].message.content!r} {applied}")
 
+# Structured outputs: the SDK's parse helper (a pydantic model as a strict json_schema).
+from pydantic import BaseModel, Field
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=20)
+    age: int = Field(ge=0, le=120)
+
+
+parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+parsed = parse(
+    model=model,
+    messages=[{"role": "user", "content": "Alice is 30. Extract the person."}],
+    response_format=Person,
+    max_tokens=120,
+    temperature=0,
+)
+assert isinstance(parsed.choices[0].message.parsed, Person), parsed
+print(f"parse: {parsed.choices[0].message.parsed!r}")
+obj = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Describe a cat as JSON."}],
+    response_format={"type": "json_object"},
+    max_tokens=200,
+    temperature=0,
+)
+if obj.choices[0].finish_reason == "stop":
+    assert isinstance(json.loads(obj.choices[0].message.content), dict), obj
+print(f"json_object: {obj.choices[0].message.content!r}")
+
+# Tool calls, streamed as OpenAI streams them (the SDK's stream helper accumulates them).
+weather = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]},
+    },
+}
+called = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Weather in Paris?"}],
+    tools=[weather],
+    tool_choice="required",
+    max_tokens=60,
+    temperature=0,
+)
+assert called.choices[0].finish_reason == "tool_calls" and called.choices[0].message.tool_calls, called
+tc = called.choices[0].message.tool_calls[0]
+assert tc.function.name == "get_weather" and "city" in json.loads(tc.function.arguments), tc
+deltas = [
+    d
+    for c in client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[weather],
+        tool_choice="required",
+        max_tokens=60,
+        temperature=0,
+        stream=True,
+    )
+    if c.choices
+    for d in (c.choices[0].delta.tool_calls or [])
+]
+assert deltas[0].id and deltas[0].function.name == "get_weather", deltas[0]
+assert "".join(d.function.arguments or "" for d in deltas if d.index == 0) == tc.function.arguments
+print(f"tools: {tc.function.name}({tc.function.arguments})")
+
+# Log-probabilities.
+lp = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+entries = lp.choices[0].logprobs.content
+assert entries and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries), entries
+print(f"logprobs: {[(e.token, round(e.logprob, 3)) for e in entries]}")
+
 # Errors surface as the SDK's own exception classes.
 try:
     client.chat.completions.create(model=model, messages=messages, extra_body={"guidance": {"gamma": -1}})
@@ -76,6 +149,11 @@ try:
     raise AssertionError("context overflow was accepted")
 except openai.BadRequestError as e:
     assert e.code == "context_length_exceeded", e
+try:
+    client.chat.completions.create(model=model, messages=messages, extra_body={"frobnicate": 1})
+    raise AssertionError("an unknown field was accepted")
+except openai.BadRequestError as e:
+    assert e.param == "frobnicate", e
 
 # Tenant keys: issue one through the admin API; from then on the SDK needs it.
 admin_key = os.environ["LETHE_ADMIN_KEY"]

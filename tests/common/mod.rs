@@ -19,8 +19,9 @@ pub fn load_options() -> LoadOptions {
 
 /// The default model (SmolLM2-135M-Instruct GGUF) if it has been fetched.
 ///
-/// Without it, tests that need it are skipped with a message, unless `LETHE_REQUIRE_MODEL=1`
-/// (set in CI), which turns a missing model into a failure so the suite never passes vacuously.
+/// Without it, tests that need it skip their checks and say so on the terminal
+/// ([`announce_skip`]), unless `LETHE_REQUIRE_MODEL=1` (set in CI), which turns a missing
+/// model into a failure so the suite never passes vacuously.
 #[allow(dead_code)]
 pub fn default_model() -> Option<PathBuf> {
     let p = std::env::var("LETHE_MODEL")
@@ -32,7 +33,7 @@ pub fn default_model() -> Option<PathBuf> {
     if std::env::var("LETHE_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
         panic!("{} is missing; run scripts/fetch-model.sh", p.display());
     }
-    eprintln!("skipping: {} not found (run scripts/fetch-model.sh)", p.display());
+    announce_skip(&format!("{} not found (run scripts/fetch-model.sh)", p.display()), "LETHE_REQUIRE_MODEL");
     None
 }
 
@@ -53,6 +54,18 @@ pub fn python_with(modules: &[&str]) -> Option<PathBuf> {
     if std::env::var("LETHE_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
         panic!("{msg}");
     }
-    eprintln!("\n*** SKIPPED: {msg} ***\n");
+    announce_skip(&msg, "LETHE_REQUIRE_PYTHON");
     None
+}
+
+/// Says loudly that a test skipped its checks. libtest captures `eprintln!` of passing tests,
+/// so this writes to the process's stderr directly: plain `cargo test` shows it, and a skip
+/// never passes for a pass. (`require`=1, which CI sets, turns the skip into a failure.)
+#[allow(dead_code)]
+pub fn announce_skip(why: &str, require: &str) {
+    use std::io::Write;
+    let test = std::thread::current().name().unwrap_or("a test").to_string();
+    let message = format!("\n*** SKIPPED, NOT PASSED: {test}: {why}. With {require}=1 (as in CI) this fails. ***\n");
+    // One write, so the line is not interleaved with libtest's own output.
+    let _ = std::io::stderr().lock().write_all(message.as_bytes());
 }
