@@ -15,6 +15,7 @@
 pub mod adapters;
 pub mod bench;
 pub mod config;
+pub mod durable;
 pub mod engine;
 pub mod fixtures;
 pub mod guidance;

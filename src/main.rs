@@ -241,6 +241,7 @@ fn serve(args: lethe::config::ServeArgs) -> Result<()> {
     let addr = std::net::SocketAddr::new(config.host, config.port);
     let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
     let metrics_port = config.metrics_port;
+    let admin_addr = config.admin_addr;
     let state = lethe::server::AppState::load(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
@@ -254,8 +255,16 @@ fn serve(args: lethe::config::ServeArgs) -> Result<()> {
             let app = lethe::server::metrics_router(state.clone());
             tokio::spawn(async move { axum::serve(ml, app).await });
         }
+        let admin = match admin_addr {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding {a}"))?;
+                tracing::info!("admin API and metrics on http://{}", l.local_addr()?);
+                Some(l)
+            }
+            None => None,
+        };
         tracing::info!(model = %state.model_id, fingerprint = %state.fingerprint, "serving on http://{addr} (Ctrl-C to stop)");
-        lethe::server::serve(listener, state, lethe::server::shutdown_signal(), grace).await?;
+        lethe::server::serve_split(listener, admin, state, lethe::server::shutdown_signal(), grace).await?;
         anyhow::Ok(())
     })
 }

@@ -483,13 +483,15 @@ async fn start_up_refuses_saved_policies_the_configuration_cannot_enforce() {
     };
     let load = |a: ServeArgs| lethe::server::AppState::load(lethe::config::ServeConfig::resolve(&a).unwrap());
     let first = load(args(None)).unwrap();
+    let intent = first.control.intent("test", "tenant.put", "tenant/strict".into(), None);
     first
-        .tenants
-        .update(|st| {
+        .control
+        .commit(intent, Vec::new(), |st| {
             st.tenants.entry("strict".into()).or_default().policy =
                 serde_json::from_value(json!({ "gamma_min": 2.0, "gamma": 2.5 })).unwrap();
             Ok::<_, lethe::tenants::StoreError>(())
         })
+        .await
         .unwrap();
     first.engine.shutdown(Duration::from_secs(1));
     drop(first);

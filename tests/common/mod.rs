@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 
 pub mod http;
+pub mod pg;
+pub mod proc;
 
 use std::path::PathBuf;
 
