@@ -45,6 +45,7 @@ CREATE TABLE lethe_adapter_generations (
     first_loaded_at bigint NOT NULL,
     loaded_by text NOT NULL,
     last_current_at bigint NOT NULL,
+    last_current_revision bigint NOT NULL,
     seq bigserial NOT NULL,
     PRIMARY KEY (name, generation)
 );

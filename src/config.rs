@@ -500,7 +500,10 @@ mod tests {
         let key = |r: anyhow::Result<Option<Secret>>| r.unwrap().map(|s| s.expose().to_string());
         let var = Some("key-from-the-variable");
         // Documented precedence: flag > environment > config file.
-        assert_eq!(key(admin_key(Some(flag.clone()), Some(conf.clone()), env(var, None))).unwrap(), "key-from-the-flag-file");
+        assert_eq!(
+            key(admin_key(Some(flag.clone()), Some(conf.clone()), env(var, None))).unwrap(),
+            "key-from-the-flag-file"
+        );
         assert_eq!(key(admin_key(None, Some(conf.clone()), env(var, None))).unwrap(), "key-from-the-variable");
         assert_eq!(key(admin_key(None, Some(conf.clone()), env(None, Some(&envf)))).unwrap(), "key-from-the-env-file");
         assert_eq!(key(admin_key(None, Some(conf.clone()), env(None, None))).unwrap(), "key-from-the-config-file");

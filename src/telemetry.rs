@@ -89,7 +89,11 @@ const CATALOG: &[(&str, Kind, &str)] = &[
         Kind::Histogram(LATENCY_PROPAGATION),
         "Time from an admin change's commit to this replica serving it.",
     ),
-    (ADAPTERS_UNAVAILABLE, Kind::Gauge, "Adapters named by the state that cannot be loaded here (their tenants get 503)."),
+    (
+        ADAPTERS_UNAVAILABLE,
+        Kind::Gauge,
+        "Adapters named by the state that cannot be loaded here (their tenants get 503).",
+    ),
     (HTTP_REQUESTS, Kind::Counter, "HTTP requests by route, method and status."),
     (
         HTTP_REQUEST_DURATION,
@@ -117,7 +121,8 @@ const LATENCY_REQUEST: &[f64] =
 const LATENCY_QUEUE: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 const LATENCY_STEP: &[f64] = &[0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0];
 const LATENCY_LOAD: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-const LATENCY_PROPAGATION: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_PROPAGATION: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const GAMMA: &[f64] = &[0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0];
 const COUNTS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
 

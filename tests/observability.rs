@@ -266,7 +266,8 @@ async fn metrics_follow_real_traffic_and_cover_dashboards_and_alerts() {
                     "le",
                     "version",
                     "model",
-                    "weights"
+                    "weights",
+                    "result"
                 ]
                 .contains(&k.as_str()),
                 "{name}: unexpected label {k}={v}"

@@ -141,7 +141,9 @@ impl Generations {
             Ok(()) => Ok(path),
             // Another replica kept the same generation at the same moment: same content.
             Err(_) if path.is_dir() => Ok(path),
-            Err(e) => Err(AdapterError::Invalid(format!("cannot keep generation {generation} in {}: {e}", path.display()))),
+            Err(e) => {
+                Err(AdapterError::Invalid(format!("cannot keep generation {generation} in {}: {e}", path.display())))
+            }
         }
     }
 
@@ -210,7 +212,8 @@ impl DirHandle {
         let not_found = || AdapterError::NotFound(dir.display().to_string());
         let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| not_found())?;
         // SAFETY: `c` is a valid NUL-terminated path; the returned descriptor is owned below.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+        let fd =
+            unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
         if fd < 0 {
             return Err(not_found());
         }
@@ -249,7 +252,9 @@ impl DirHandle {
         use std::os::fd::{AsRawFd, FromRawFd};
         let c = std::ffi::CString::new(name).expect("file names have no NUL");
         // SAFETY: a valid directory descriptor and a NUL-terminated relative name.
-        let fd = unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+        let fd = unsafe {
+            libc::openat(self.fd.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        };
         if fd < 0 {
             let e = std::io::Error::last_os_error();
             return match e.raw_os_error() {

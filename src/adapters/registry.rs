@@ -166,7 +166,11 @@ impl AdapterRegistry {
         self.fits(&entries, adapter)
     }
 
-    fn fits(&self, entries: &BTreeMap<String, Arc<LoadedAdapter>>, adapter: &LoadedAdapter) -> Result<(), AdapterError> {
+    fn fits(
+        &self,
+        entries: &BTreeMap<String, Arc<LoadedAdapter>>,
+        adapter: &LoadedAdapter,
+    ) -> Result<(), AdapterError> {
         let name = &adapter.name;
         let count = entries.len() + usize::from(!entries.contains_key(name));
         if count > self.limits.max_adapters {

@@ -199,11 +199,7 @@ struct GenerationView {
     kept: bool,
 }
 
-pub async fn adapter_history(
-    _: Admin,
-    State(s): State<Arc<AppState>>,
-    PathParams(name): PathParams<String>,
-) -> Resp {
+pub async fn adapter_history(_: Admin, State(s): State<Arc<AppState>>, PathParams(name): PathParams<String>) -> Resp {
     let st = s.tenants.snapshot();
     let Some(history) = st.history.get(&name) else {
         return Err(ApiError::NotFound(format!("no adapter named {name:?} was ever loaded")));
@@ -267,8 +263,12 @@ async fn apply_rollback(s: Arc<AppState>, admin: Admin, name: String, req: Rollb
         other => other.into(),
     })?;
     let intent = s.control.intent(&admin.actor, "adapter.rollback", format!("adapter/{name}"), admin.request_id);
-    let record =
-        AdapterRecord { generation: target.generation.clone(), path: target.path.clone(), updated_at: unix_secs(), updated_by: admin.actor.clone() };
+    let record = AdapterRecord {
+        generation: target.generation.clone(),
+        path: target.path.clone(),
+        updated_at: unix_secs(),
+        updated_by: admin.actor.clone(),
+    };
     let (n, expected, profile) = (name.clone(), req.expected_generation.clone(), target.profile.clone());
     let previous = s
         .control
@@ -472,8 +472,7 @@ pub async fn disable_adapter(
     PathParams((tenant, name)): PathParams<(String, String)>,
 ) -> Resp {
     let _guard = s.admin_lock.lock().await;
-    let intent =
-        s.control.intent(&admin.actor, "tenant.disable_adapter", format!("tenant/{tenant}"), admin.request_id);
+    let intent = s.control.intent(&admin.actor, "tenant.disable_adapter", format!("tenant/{tenant}"), admin.request_id);
     let (t, n) = (tenant.clone(), name.clone());
     let policy = s
         .control

@@ -132,7 +132,12 @@ impl ControlPlane {
 
     /// Reads and packs generation `record.generation` of `name`: from its kept copy when there
     /// is one, else from the recorded path; either way the content must hash to the generation.
-    pub fn load_generation(&self, name: &str, generation: &str, path: &str) -> Result<Arc<LoadedAdapter>, AdapterError> {
+    pub fn load_generation(
+        &self,
+        name: &str,
+        generation: &str,
+        path: &str,
+    ) -> Result<Arc<LoadedAdapter>, AdapterError> {
         let (files, dir) = match &self.generations {
             Some(g) if g.contains(generation) => (g.read(generation)?, g.path(generation)),
             _ => {

@@ -99,11 +99,8 @@ impl AppState {
         // The control plane: the state store, then the adapters its state names.
         let store = open_store(&config)?;
         tracing::info!(store = %store.describe(), "state store");
-        let tenants = Arc::new(Directory::open(
-            store,
-            config.admin_key.as_ref().map(|k| k.expose()),
-            config.require_api_key,
-        )?);
+        let tenants =
+            Arc::new(Directory::open(store, config.admin_key.as_ref().map(|k| k.expose()), config.require_api_key)?);
         if !tenants.is_persistent() {
             tracing::warn!("no --state-dir: adapters, tenant policies and keys will not survive a restart");
         }
@@ -202,9 +199,7 @@ pub fn router_for(state: Arc<AppState>, routes: Routes) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models));
-    let probes = Router::new()
-        .route("/health", get(ops::health))
-        .route("/ready", get(ops::ready));
+    let probes = Router::new().route("/health", get(ops::health)).route("/ready", get(ops::ready));
     let admin_routes = Router::new()
         .route("/metrics", get(ops::metrics))
         .route("/admin/adapters", get(admin::list_adapters).post(admin::load_adapter))

@@ -49,7 +49,11 @@ pub struct Directory {
 
 impl Directory {
     /// Reads the store's current state. Blocking (works from any thread, inside a runtime or not).
-    pub fn open(store: Arc<dyn StateStore>, admin_key: Option<&str>, require_api_key: bool) -> Result<Self, StoreError> {
+    pub fn open(
+        store: Arc<dyn StateStore>,
+        admin_key: Option<&str>,
+        require_api_key: bool,
+    ) -> Result<Self, StoreError> {
         let mut state = futures::executor::block_on(store.load())?;
         state.keyed |= state.has_keys();
         let d = Self {

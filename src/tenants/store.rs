@@ -70,10 +70,15 @@ impl State {
     }
 
     /// Records that `record` became the current generation of `name` (load, replace, rollback).
+    /// Called inside a commit, whose revision will be this state's plus one.
     pub fn make_current(&mut self, name: &str, record: AdapterRecord, profile: Option<Value>) {
+        let revision = self.revision + 1;
         let history = self.history.entry(name.to_string()).or_default();
         match history.iter_mut().find(|g| g.generation == record.generation) {
-            Some(g) => g.last_current_at = record.updated_at,
+            Some(g) => {
+                g.last_current_at = record.updated_at;
+                g.last_current_revision = revision;
+            }
             None => history.push(GenerationRecord {
                 generation: record.generation.clone(),
                 path: record.path.clone(),
@@ -81,6 +86,7 @@ impl State {
                 first_loaded_at: record.updated_at,
                 loaded_by: record.updated_by.clone(),
                 last_current_at: record.updated_at,
+                last_current_revision: revision,
             }),
         }
         self.adapters.insert(name.to_string(), record);
@@ -93,7 +99,7 @@ impl State {
             self.adapters.values().map(|a| a.generation.clone()).collect();
         for history in self.history.values() {
             let mut by_recency: Vec<&GenerationRecord> = history.iter().collect();
-            by_recency.sort_by(|a, b| b.last_current_at.cmp(&a.last_current_at));
+            by_recency.sort_by(|a, b| b.last_current_revision.cmp(&a.last_current_revision));
             out.extend(by_recency.into_iter().take(keep).map(|g| g.generation.clone()));
         }
         out
@@ -172,6 +178,9 @@ pub struct GenerationRecord {
     pub first_loaded_at: u64,
     pub loaded_by: String,
     pub last_current_at: u64,
+    /// The revision at which it last became current (orders generations by recency).
+    #[serde(default)]
+    pub last_current_revision: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -309,12 +318,13 @@ mod tests {
             updated_at: t,
             updated_by: "ops".into(),
         };
-        for (g, t) in [("a1", 1), ("b2", 2), ("c3", 3), ("a1", 4)] {
+        for (g, t) in [("a1", 1), ("b2", 1), ("c3", 1), ("a1", 1)] {
             s.make_current("pii", rec(g, t), None);
+            s.revision += 1;
         }
         let h = &s.history["pii"];
         assert_eq!(h.iter().map(|g| g.generation.as_str()).collect::<Vec<_>>(), ["a1", "b2", "c3"]);
-        assert_eq!((h[0].first_loaded_at, h[0].last_current_at), (1, 4));
+        assert_eq!((h[0].last_current_revision, h[1].last_current_revision, h[2].last_current_revision), (4, 2, 3));
         assert_eq!(s.adapters["pii"].generation, "a1");
         let keep = s.generations_to_keep(2);
         assert!(keep.contains("a1") && keep.contains("c3") && !keep.contains("b2"), "{keep:?}");

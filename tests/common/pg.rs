@@ -140,7 +140,10 @@ impl Postgres {
             self.dir.path().display()
         );
         let log = self.dir.path().join("server.log");
-        self.run("pg_ctl", &["-D", self.data().to_str().unwrap(), "-o", &opts, "-l", log.to_str().unwrap(), "-w", "start"]);
+        self.run(
+            "pg_ctl",
+            &["-D", self.data().to_str().unwrap(), "-o", &opts, "-l", log.to_str().unwrap(), "-w", "start"],
+        );
     }
 
     /// Stops the server (fast: connections are closed, as when a database goes away).
@@ -154,9 +157,36 @@ impl Postgres {
 
     /// Runs SQL with psql; returns its unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> String {
+        self.try_psql(sql).unwrap_or_else(|e| panic!("psql {sql:?}: {e}"))
+    }
+
+    /// As [`Self::psql`], returning the server's error instead of panicking.
+    pub fn try_psql(&self, sql: &str) -> Result<String, String> {
         let port = self.port.to_string();
-        let out = self.run("psql", &["-h", "127.0.0.1", "-p", &port, "-U", USER, "-d", "postgres", "-At", "-c", sql]);
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        let out = self
+            .command("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                USER,
+                "-d",
+                "postgres",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -166,6 +196,9 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let _ = self.command("pg_ctl").args(["-D", self.data().to_str().unwrap(), "-m", "immediate", "-w", "stop"]).output();
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", self.data().to_str().unwrap(), "-m", "immediate", "-w", "stop"])
+            .output();
     }
 }

@@ -208,11 +208,13 @@ mod tests {
         .unwrap();
         assert_eq!(s1.revision, 1);
         // A change that refuses itself writes nothing.
-        assert!(commit(&store, |s| {
-            s.tenants.clear();
-            false
-        })
-        .is_none());
+        assert!(
+            commit(&store, |s| {
+                s.tenants.clear();
+                false
+            })
+            .is_none()
+        );
         drop(store);
         let store = FileStore::open(dir.path()).unwrap();
         assert_eq!(futures::executor::block_on(store.load()).unwrap(), s1);

@@ -84,10 +84,7 @@ impl PgStore {
 
     /// Runs `f` on the connection (connecting again if it was lost), alone and with a deadline;
     /// a connection that failed is dropped, so the next call reconnects.
-    async fn with_client<T>(
-        &self,
-        f: impl AsyncFnOnce(&mut Client) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    async fn with_client<T>(&self, f: impl AsyncFnOnce(&mut Client) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let mut slot = self.client.lock().await;
         if slot.as_ref().is_none_or(Client::is_closed) {
             *slot = Some(self.connect().await?);
@@ -371,15 +368,12 @@ async fn read_state(c: &impl GenericClient, lock: bool) -> Result<State, StoreEr
         )
         .await
         .map_err(db_err)?;
-    let mut state = State {
-        version: VERSION,
-        revision: meta.get::<_, i64>(0) as u64,
-        keyed: meta.get(1),
-        ..State::default()
-    };
+    let mut state =
+        State { version: VERSION, revision: meta.get::<_, i64>(0) as u64, keyed: meta.get(1), ..State::default() };
     let bad = |what: &str, e: serde_json::Error| StoreError::Database(format!("{what} in the database: {e}"));
     for r in c.query("SELECT name, policy::text FROM lethe_tenants", &[]).await.map_err(db_err)? {
-        let policy = serde_json::from_str(r.get::<_, &str>(1)).map_err(|e| bad("a tenant policy lethe cannot read", e))?;
+        let policy =
+            serde_json::from_str(r.get::<_, &str>(1)).map_err(|e| bad("a tenant policy lethe cannot read", e))?;
         state.tenants.insert(r.get(0), TenantRecord { policy, keys: Vec::new() });
     }
     for r in c.query("SELECT tenant, id, hash, created FROM lethe_api_keys ORDER BY seq", &[]).await.map_err(db_err)? {
@@ -402,8 +396,8 @@ async fn read_state(c: &impl GenericClient, lock: bool) -> Result<State, StoreEr
     }
     for r in c
         .query(
-            "SELECT name, generation, path, profile::text, first_loaded_at, loaded_by, last_current_at \
-             FROM lethe_adapter_generations ORDER BY seq",
+            "SELECT name, generation, path, profile::text, first_loaded_at, loaded_by, last_current_at, \
+             last_current_revision FROM lethe_adapter_generations ORDER BY seq",
             &[],
         )
         .await
@@ -420,6 +414,7 @@ async fn read_state(c: &impl GenericClient, lock: bool) -> Result<State, StoreEr
             first_loaded_at: r.get::<_, i64>(4) as u64,
             loaded_by: r.get(5),
             last_current_at: r.get::<_, i64>(6) as u64,
+            last_current_revision: r.get::<_, i64>(7) as u64,
         });
     }
     Ok(state)
@@ -518,9 +513,10 @@ async fn write_changes(c: &Transaction<'_>, current: &State, next: &State) -> Re
             let profile = g.profile.as_ref().map(|p| p.to_string());
             c.execute(
                 "INSERT INTO lethe_adapter_generations \
-                 (name, generation, path, profile, first_loaded_at, loaded_by, last_current_at) \
-                 VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7) \
-                 ON CONFLICT (name, generation) DO UPDATE SET last_current_at = EXCLUDED.last_current_at",
+                 (name, generation, path, profile, first_loaded_at, loaded_by, last_current_at, last_current_revision) \
+                 VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7, $8) \
+                 ON CONFLICT (name, generation) DO UPDATE SET last_current_at = EXCLUDED.last_current_at, \
+                 last_current_revision = EXCLUDED.last_current_revision",
                 &[
                     name,
                     &g.generation,
@@ -529,6 +525,7 @@ async fn write_changes(c: &Transaction<'_>, current: &State, next: &State) -> Re
                     &(g.first_loaded_at as i64),
                     &g.loaded_by,
                     &(g.last_current_at as i64),
+                    &(g.last_current_revision as i64),
                 ],
             )
             .await?;
