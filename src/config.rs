@@ -74,8 +74,8 @@ pub struct ServeArgs {
     /// the state lives in memory only.
     #[arg(long, env = "LETHE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// A PostgreSQL database shared by replicas (`postgres://user:password@host:port/db`),
-    /// instead of --state-dir.
+    /// A PostgreSQL database shared by replicas (`postgres://user:password@host:port/db`);
+    /// replaces --state-dir (which is then not used).
     #[arg(long, env = "LETHE_STATE_STORE")]
     pub state_store: Option<StoreUrl>,
     /// Where every adapter generation's files are kept, content-addressed, for rollback and for
@@ -282,6 +282,11 @@ impl ServeConfig {
             },
         };
         let mut cfg = cfg;
+        if cfg.state_store.is_some() && cfg.state_dir.is_some() {
+            // The images set LETHE_STATE_DIR for one machine; a shared store replaces it.
+            tracing::warn!("--state-store is set: the state lives there, and --state-dir is not used");
+            cfg.state_dir = None;
+        }
         cfg.generations_dir = cfg.generations_dir.clone().or_else(|| cfg.default_generations_dir());
         cfg.validate()?;
         Ok(cfg)
@@ -309,10 +314,6 @@ impl ServeConfig {
             "guidance.gamma must be in [0, max_gamma]"
         );
         if self.state_store.is_some() {
-            anyhow::ensure!(
-                self.state_dir.is_none(),
-                "--state-store and --state-dir both given: the state lives in one place (PostgreSQL for replicas)"
-            );
             anyhow::ensure!(
                 self.generations_dir.is_some(),
                 "--state-store needs a directory shared by the replicas for adapter generations: \

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the OpenAI-compatible HTTP API (default model: SmolLM2-135M-Instruct).
-    Serve(lethe::config::ServeArgs),
+    Serve(Box<lethe::config::ServeArgs>),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(GenerateArgs),
     /// Measure speed.
@@ -228,7 +228,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     lethe::telemetry::init_logging(cli.log_format);
     match cli.command {
-        Command::Serve(a) => serve(a),
+        Command::Serve(a) => serve(*a),
         Command::Generate(a) => generate(a),
         Command::Bench(BenchCommand::Decode(a)) => bench_decode(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
@@ -248,6 +248,8 @@ fn serve(args: lethe::config::ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         // The bound address (port 0 picks a free one), so scripts can find the server.
         let addr = listener.local_addr()?;
+        // The admin listener already serves /metrics: a metrics port on the same port is it.
+        let metrics_port = metrics_port.filter(|p| admin_addr.is_none_or(|a| a.port() != *p));
         if let Some(port) = metrics_port {
             let maddr = std::net::SocketAddr::new(addr.ip(), port);
             let ml = tokio::net::TcpListener::bind(maddr).await.with_context(|| format!("binding {maddr}"))?;

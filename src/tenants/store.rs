@@ -99,7 +99,7 @@ impl State {
             self.adapters.values().map(|a| a.generation.clone()).collect();
         for history in self.history.values() {
             let mut by_recency: Vec<&GenerationRecord> = history.iter().collect();
-            by_recency.sort_by(|a, b| b.last_current_revision.cmp(&a.last_current_revision));
+            by_recency.sort_by_key(|g| std::cmp::Reverse(g.last_current_revision));
             out.extend(by_recency.into_iter().take(keep).map(|g| g.generation.clone()));
         }
         out

@@ -27,7 +27,7 @@ use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, IsolationLevel
 /// The NOTIFY channel commits announce themselves on (payload `revision:unix_ms`).
 const CHANNEL: &str = "lethe_state";
 /// Serializes migrations between replicas starting at once (any constant; "lethe" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6c65_7468_65;
+const MIGRATION_LOCK: i64 = 0x006c_6574_6865;
 /// Longest wait for one store operation before it counts as unreachable.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
