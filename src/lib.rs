@@ -13,6 +13,7 @@
 //! - [`server`]: the OpenAI-compatible HTTP/SSE layer and the admin API; [`config`]: its settings.
 
 pub mod adapters;
+pub mod admin_client;
 pub mod bench;
 pub mod config;
 pub mod durable;

@@ -31,6 +31,8 @@ enum Command {
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Administer a running server (adapters, tenants, keys, audit log) through its admin API.
+    Admin(lethe::admin_client::AdminArgs),
 }
 
 #[derive(Subcommand)]
@@ -233,6 +235,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Decode(a)) => bench_decode(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
         Command::Bench(BenchCommand::Adapters(a)) => bench_adapters(a),
+        Command::Admin(a) => lethe::admin_client::run(a),
     }
 }
 

@@ -458,7 +458,12 @@ fn deploy_files_parse_and_hold_together() {
         .map(|d| (d["metadata"]["name"].as_str().unwrap().to_string(), d))
         .collect();
     let ports_of = |svc: &serde_yaml::Value| -> Vec<String> {
-        svc["spec"]["ports"].as_sequence().unwrap().iter().map(|p| p["targetPort"].as_str().unwrap().to_string()).collect()
+        svc["spec"]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| p["targetPort"].as_str().unwrap().to_string())
+            .collect()
     };
     assert_eq!(ports_of(&services["lethe"]), ["http"], "the public Service exposes only the OpenAI listener");
     assert_eq!(ports_of(&services["lethe-internal"]), ["admin"]);
@@ -468,7 +473,10 @@ fn deploy_files_parse_and_hold_together() {
     let admin_addr = env["LETHE_ADMIN_ADDR"]["value"].as_str().unwrap();
     assert_eq!(admin_addr.rsplit(':').next().unwrap().parse::<u64>().unwrap(), container_port("admin"));
     assert_eq!(env["LETHE_PORT"]["value"].as_str().unwrap().parse::<u64>().unwrap(), container_port("http"));
-    assert_eq!(kinds["ServiceMonitor"]["spec"]["selector"]["matchLabels"], services["lethe-internal"]["metadata"]["labels"]);
+    assert_eq!(
+        kinds["ServiceMonitor"]["spec"]["selector"]["matchLabels"],
+        services["lethe-internal"]["metadata"]["labels"]
+    );
     // The ConfigMap's lethe.toml is a valid lethe configuration.
     let tmp = TempDir::new("k8scfg").unwrap();
     let toml_path = tmp.path().join("lethe.toml");
@@ -684,7 +692,10 @@ fn replicated_deployment_holds_together() {
     let db_secret = get("Secret", url_ref["name"].as_str().unwrap());
     let url = db_secret["stringData"][url_ref["key"].as_str().unwrap()].as_str().unwrap();
     let pg_password = get("Secret", "lethe-postgres")["stringData"]["password"].as_str().unwrap();
-    assert!(url.starts_with("postgres://lethe:") && url.contains(&format!(":{pg_password}@lethe-postgres:5432/")), "{url}");
+    assert!(
+        url.starts_with("postgres://lethe:") && url.contains(&format!(":{pg_password}@lethe-postgres:5432/")),
+        "{url}"
+    );
     url.parse::<lethe::config::StoreUrl>().expect("a URL lethe accepts");
     let pg = get("StatefulSet", "lethe-postgres");
     assert_eq!(pg["spec"]["serviceName"], "lethe-postgres");

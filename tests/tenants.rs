@@ -810,3 +810,53 @@ async fn the_admin_api_and_metrics_can_have_their_own_listener() {
     let _ = tx.send(());
     task.await.unwrap().unwrap();
 }
+
+/// `lethe admin` drives the admin API: tenants, adapters, keys, history, audit; errors exit
+/// non-zero with the server's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_drives_the_admin_api() {
+    let (s, _) = start(|_| {}).await;
+    let base = s.base.clone();
+    let cli = move |args: &[&str]| {
+        let (base, args) = (base.clone(), args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_lethe"))
+                    .args(["admin", "--url", &base, "--actor", "ops-bob"])
+                    .args(&args)
+                    .env("LETHE_ADMIN_KEY", ADMIN)
+                    .env_remove("LETHE_ADMIN_KEY_FILE")
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let json = |o: &std::process::Output| -> Value {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let v = json(&cli(&["adapters", "load", "x", "x"]).await);
+    let g1 = v["adapter"]["generation"].as_str().unwrap().to_string();
+    json(&cli(&["tenants", "put", "acme", "--policy", r#"{"adapters": ["x"], "gamma": 2.0}"#]).await);
+    let key = json(&cli(&["keys", "create", "acme"]).await)["api_key"].as_str().unwrap().to_string();
+    let (_, g) = answer(&s, Some(&key), json!({})).await;
+    assert_eq!((g["gamma"].as_f64(), g["adapters"][0]["generation"].as_str()), (Some(2.0), Some(g1.as_str())));
+    json(&cli(&["adapters", "load", "x", "x2", "--replace"]).await);
+    json(&cli(&["adapters", "rollback", "x", &g1]).await);
+    let h = json(&cli(&["adapters", "history", "x"]).await);
+    assert_eq!(h["current"], g1.as_str());
+    let audit = json(&cli(&["audit", "--limit", "10"]).await);
+    assert!(audit["data"].as_array().unwrap().iter().all(|e| e["actor"] == "ops-bob"), "{audit}");
+    assert_eq!(audit["data"].as_array().unwrap().len(), 5);
+    // A refused change: non-zero exit, the server's message on stderr.
+    let o = cli(&["adapters", "unload", "x"]).await;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("enabled for tenants"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    s.shutdown().await;
+}
