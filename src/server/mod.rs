@@ -199,7 +199,10 @@ pub fn router_for(state: Arc<AppState>, routes: Routes) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models));
-    let probes = Router::new().route("/health", get(ops::health)).route("/ready", get(ops::ready));
+    let probes = Router::new()
+        // Probes answer on every listener.
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready));
     let admin_routes = Router::new()
         .route("/metrics", get(ops::metrics))
         .route("/admin/adapters", get(admin::list_adapters).post(admin::load_adapter))
