@@ -449,7 +449,9 @@ async fn propagation_delay_across_three_replicas() {
             let want = want.clone();
             async move {
                 until(BOUND, "the change reaches the replica", async || {
-                    ok_admin(&base, "GET", "/admin/tenants/p", None).await["policy"]["gamma_max"] == want
+                    // 404 until the tenant itself has arrived.
+                    let (status, v) = admin(&base, "GET", "/admin/tenants/p", None).await;
+                    status == 200 && v["policy"]["gamma_max"] == want
                 })
                 .await;
                 acked.elapsed()

@@ -129,13 +129,23 @@ impl Generations {
         self.dir.join(generation)
     }
 
-    /// Keeps `files` as `generation` (a no-op when that generation is already kept: its
-    /// directory is immutable, and [`Self::read`] verifies it whenever it is used).
+    /// Keeps `files` as `generation`. A copy already there is kept if it still is that
+    /// generation; one that was altered is moved aside (`.<generation>.altered-…`) and written
+    /// again, so replicas never find a damaged copy of a generation just committed.
     pub fn keep(&self, generation: &str, files: &AdapterFiles) -> Result<PathBuf, AdapterError> {
         check_generation(generation)?;
         let path = self.path(generation);
         if path.is_dir() {
-            return Ok(path);
+            match self.read(generation) {
+                Ok(_) => return Ok(path),
+                Err(e) => {
+                    let aside = self.dir.join(format!(".{generation}.altered-{}", crate::durable::unique_suffix()));
+                    tracing::warn!(generation, error = %e, aside = %aside.display(), "kept generation was altered: replacing it");
+                    std::fs::rename(&path, &aside).map_err(|e| {
+                        AdapterError::Invalid(format!("cannot move the altered copy of {generation} aside: {e}"))
+                    })?;
+                }
+            }
         }
         match files.write_new(&path) {
             Ok(()) => Ok(path),
@@ -321,6 +331,14 @@ mod tests {
         let e = g.read(&id).unwrap_err();
         assert!(matches!(e, AdapterError::HashMismatch { .. }), "{e}");
         assert!(e.to_string().contains(&id), "{e}");
+        // Keeping it again repairs it (the altered copy is moved aside, not served).
+        g.keep(&id, &f).unwrap();
+        assert_eq!(g.read(&id).unwrap().weights, f.weights);
+        let aside: Vec<_> = std::fs::read_dir(g.dir()).unwrap().filter_map(|e| e.ok()).collect();
+        assert_eq!(aside.len(), 2, "the generation and the altered copy beside it");
+        for e in aside.iter().filter(|e| e.file_name().to_string_lossy().contains("altered")) {
+            std::fs::remove_dir_all(e.path()).unwrap();
+        }
         g.remove(&id).unwrap();
         assert!(matches!(g.read(&id), Err(AdapterError::NotFound(_))));
         assert!(g.read("../etc").is_err() && g.remove("..").is_err());

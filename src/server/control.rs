@@ -173,15 +173,18 @@ impl ControlPlane {
                 self.unavailable.write().expect("unavailable lock").remove(name);
                 continue;
             }
-            let started = std::time::Instant::now();
             let loaded = match preloaded.iter().find(|a| &a.name == name && a.generation == record.generation) {
                 Some(a) => Ok(a.clone()),
-                None => self.load_generation(name, &record.generation, &record.path),
+                None => {
+                    let started = std::time::Instant::now();
+                    let a = self.load_generation(name, &record.generation, &record.path);
+                    metrics::histogram!(t::ADAPTER_LOAD_SECONDS).record(started.elapsed().as_secs_f64());
+                    a
+                }
             };
             match loaded.and_then(|a| self.adapters.install(a.clone()).map(|_| a)) {
                 Ok(a) => {
                     self.unavailable.write().expect("unavailable lock").remove(name);
-                    metrics::histogram!(t::ADAPTER_LOAD_SECONDS).record(started.elapsed().as_secs_f64());
                     metrics::counter!(t::ADAPTER_LOADS, "adapter" => name.clone()).increment(1);
                     tracing::info!(adapter = %name, generation = %a.generation, revision = state.revision, "adapter generation applied");
                 }
