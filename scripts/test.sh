@@ -30,6 +30,24 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai>=1.40,<3" "langchain-openai>=0.3,<2" numpy safetensors
 export LETHE_PYTHON="$PWD/$venv/bin/python" LETHE_REQUIRE_PYTHON=1
 
+# ---- PostgreSQL (issue 17): tests/replicas.rs runs several `lethe serve` against a throw-away
+# cluster it creates itself (initdb in a temp dir, a free port); it needs the server binaries of
+# Debian's `postgresql` package, installed here when missing. LETHE_REQUIRE_POSTGRES=0 lets those
+# tests skip instead of fail.
+export LETHE_REQUIRE_POSTGRES=${LETHE_REQUIRE_POSTGRES:-1}
+if [[ $LETHE_REQUIRE_POSTGRES == 1 ]] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    && ! command -v initdb >/dev/null 2>&1; then
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo -n"
+  echo "== installing PostgreSQL (apt: postgresql)"
+  # Only the binaries are wanted: no default cluster, no service.
+  $sudo mkdir -p /etc/postgresql-common/createcluster.d
+  echo "create_main_cluster = false" | $sudo tee /etc/postgresql-common/createcluster.d/lethe-ci.conf >/dev/null
+  $sudo apt-get install -y --no-install-recommends postgresql >/dev/null 2>&1 \
+    || { $sudo apt-get update -qq && $sudo apt-get install -y --no-install-recommends postgresql >/dev/null; } \
+    || { echo "error: PostgreSQL is needed (apt-get install postgresql), or set LETHE_REQUIRE_POSTGRES=0" >&2; exit 1; }
+fi
+# ---- end PostgreSQL
+
 echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy"

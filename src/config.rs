@@ -8,7 +8,7 @@ use crate::guidance::GuidanceMode;
 use crate::model::{Backend, KvDtype, WeightFormat};
 use clap::Args;
 use serde::Deserialize;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 /// Flags of `lethe serve` (each also readable from `LETHE_<NAME>`).
@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// Also serve `/metrics` (and `/health`) on this port, e.g. for a scrape-only network policy.
     #[arg(long, env = "LETHE_METRICS_PORT")]
     pub metrics_port: Option<u16>,
+    /// Serve the admin API and `/metrics` on this address (e.g. 0.0.0.0:9090) *instead of* the
+    /// public listener, which then carries only the OpenAI routes, `/health` and `/ready`.
+    #[arg(long, env = "LETHE_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
     /// A TOML file with any of these settings (see docs/configuration.md).
     #[arg(long, env = "LETHE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -70,12 +74,28 @@ pub struct ServeArgs {
     /// the state lives in memory only.
     #[arg(long, env = "LETHE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// A PostgreSQL database shared by replicas (`postgres://user:password@host:port/db`);
+    /// replaces --state-dir (which is then not used).
+    #[arg(long, env = "LETHE_STATE_STORE")]
+    pub state_store: Option<StoreUrl>,
+    /// Where every adapter generation's files are kept, content-addressed, for rollback and for
+    /// other replicas (default: <state-dir>/generations, or <adapters-root>/.generations with
+    /// --state-store; must be shared by replicas).
+    #[arg(long, env = "LETHE_GENERATIONS_DIR")]
+    pub generations_dir: Option<PathBuf>,
+    /// Generations per adapter whose files are kept (older ones stay in the history only).
+    #[arg(long, env = "LETHE_ADAPTER_HISTORY")]
+    pub adapter_history: Option<usize>,
+    /// Seconds between full re-reads of a shared state store (besides LISTEN/NOTIFY).
+    #[arg(long, env = "LETHE_RECONCILE_SECS")]
+    pub reconcile_secs: Option<u64>,
     /// Adapter paths given to the admin API must resolve inside this directory.
     #[arg(long, env = "LETHE_ADAPTERS_ROOT")]
     pub adapters_root: Option<PathBuf>,
-    /// A file holding the admin key (alternative to the LETHE_ADMIN_KEY variable). Without an
+    /// A file holding the admin key; wins over the LETHE_ADMIN_KEY variable (also read from
+    /// LETHE_ADMIN_KEY_FILE, which may not be set together with LETHE_ADMIN_KEY). Without an
     /// admin key the admin API is off.
-    #[arg(long, env = "LETHE_ADMIN_KEY_FILE")]
+    #[arg(long)]
     pub admin_key_file: Option<PathBuf>,
     /// Refuse requests without an API key (401) instead of serving them as tenant `default`.
     #[arg(long, env = "LETHE_REQUIRE_API_KEY")]
@@ -100,6 +120,7 @@ pub struct FileConfig {
     pub host: Option<IpAddr>,
     pub port: Option<u16>,
     pub metrics_port: Option<u16>,
+    pub admin_addr: Option<SocketAddr>,
     pub device: Option<String>,
     pub backend: Option<String>,
     pub weights: Option<String>,
@@ -113,6 +134,10 @@ pub struct FileConfig {
     pub max_gamma: Option<f32>,
     pub shutdown_grace_secs: Option<u64>,
     pub state_dir: Option<PathBuf>,
+    pub state_store: Option<StoreUrl>,
+    pub generations_dir: Option<PathBuf>,
+    pub adapter_history: Option<usize>,
+    pub reconcile_secs: Option<u64>,
     pub adapters_root: Option<PathBuf>,
     pub admin_key_file: Option<PathBuf>,
     pub require_api_key: Option<bool>,
@@ -154,7 +179,8 @@ impl Default for GuidanceDefaults {
     }
 }
 
-/// Resolved settings.
+/// Resolved settings. `Debug` shows no secret (the admin key and the store's password are
+/// redacted by their types).
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub model: PathBuf,
@@ -162,6 +188,7 @@ pub struct ServeConfig {
     pub host: IpAddr,
     pub port: u16,
     pub metrics_port: Option<u16>,
+    pub admin_addr: Option<SocketAddr>,
     pub device: String,
     pub backend: Backend,
     pub weights: WeightFormat,
@@ -176,9 +203,15 @@ pub struct ServeConfig {
     pub shutdown_grace_secs: u64,
     pub guidance: GuidanceDefaults,
     pub state_dir: Option<PathBuf>,
+    /// PostgreSQL shared by replicas; `None`: `state_dir` (or memory).
+    pub state_store: Option<StoreUrl>,
+    /// Content-addressed adapter generations; `None`: not kept.
+    pub generations_dir: Option<PathBuf>,
+    pub adapter_history: usize,
+    pub reconcile_secs: u64,
     pub adapters_root: Option<PathBuf>,
-    /// The admin key (from LETHE_ADMIN_KEY or the key file); `None` turns the admin API off.
-    pub admin_key: Option<String>,
+    /// The admin key (from the key file or LETHE_ADMIN_KEY); `None` turns the admin API off.
+    pub admin_key: Option<Secret>,
     pub require_api_key: bool,
     pub adapter_limits: crate::adapters::AdapterLimits,
 }
@@ -211,6 +244,7 @@ impl ServeConfig {
             host: args.host.or(file.host).unwrap_or(IpAddr::from([127, 0, 0, 1])),
             port: args.port.or(file.port).unwrap_or(8080),
             metrics_port: args.metrics_port.or(file.metrics_port),
+            admin_addr: args.admin_addr.or(file.admin_addr),
             device: args.device.clone().or(file.device).unwrap_or_else(|| "cpu".into()),
             backend,
             weights,
@@ -231,8 +265,12 @@ impl ServeConfig {
             shutdown_grace_secs: args.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(10),
             guidance: file.guidance.unwrap_or_default(),
             state_dir: args.state_dir.clone().or(file.state_dir),
+            state_store: args.state_store.clone().or(file.state_store),
+            generations_dir: args.generations_dir.clone().or(file.generations_dir),
+            adapter_history: args.adapter_history.or(file.adapter_history).unwrap_or(5),
+            reconcile_secs: args.reconcile_secs.or(file.reconcile_secs).unwrap_or(10),
             adapters_root: args.adapters_root.clone().or(file.adapters_root),
-            admin_key: admin_key(args.admin_key_file.clone().or(file.admin_key_file))?,
+            admin_key: admin_key(args.admin_key_file.clone(), file.admin_key_file, |v| std::env::var(v).ok())?,
             require_api_key: args.require_api_key || file.require_api_key.unwrap_or(false),
             adapter_limits: {
                 let d = crate::adapters::AdapterLimits::default();
@@ -243,8 +281,25 @@ impl ServeConfig {
                 }
             },
         };
+        let mut cfg = cfg;
+        if cfg.state_store.is_some() && cfg.state_dir.is_some() {
+            // The images set LETHE_STATE_DIR for one machine; a shared store replaces it.
+            tracing::warn!("--state-store is set: the state lives there, and --state-dir is not used");
+            cfg.state_dir = None;
+        }
+        cfg.generations_dir = cfg.generations_dir.clone().or_else(|| cfg.default_generations_dir());
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Where generations are kept unless configured: beside the state file, or on the shared
+    /// adapters volume with a shared store.
+    fn default_generations_dir(&self) -> Option<PathBuf> {
+        match (&self.state_store, &self.state_dir, &self.adapters_root) {
+            (Some(_), _, Some(root)) => Some(root.join(".generations")),
+            (None, Some(dir), _) => Some(dir.join("generations")),
+            _ => None,
+        }
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -258,25 +313,144 @@ impl ServeConfig {
             g.gamma.is_finite() && g.gamma >= 0.0 && g.gamma <= self.max_gamma,
             "guidance.gamma must be in [0, max_gamma]"
         );
+        if self.state_store.is_some() {
+            anyhow::ensure!(
+                self.generations_dir.is_some(),
+                "--state-store needs a directory shared by the replicas for adapter generations: \
+                 --adapters-root (generations go to <root>/.generations) or --generations-dir"
+            );
+        }
+        anyhow::ensure!(self.adapter_history >= 1, "adapter_history must be at least 1");
+        anyhow::ensure!(self.reconcile_secs >= 1, "reconcile_secs must be at least 1");
         Ok(())
     }
 }
 
-/// The admin key: `LETHE_ADMIN_KEY`, else the first line of the key file.
-fn admin_key(file: Option<PathBuf>) -> anyhow::Result<Option<String>> {
-    if let Ok(k) = std::env::var("LETHE_ADMIN_KEY")
-        && !k.trim().is_empty()
-    {
-        // A short key is a placeholder left in place (or guessable): refuse to start with it.
-        anyhow::ensure!(k.trim().len() >= 16, "LETHE_ADMIN_KEY must be at least 16 characters");
-        return Ok(Some(k.trim().to_string()));
+/// The admin key, by the documented precedence: `--admin-key-file` (flag) > `LETHE_ADMIN_KEY`
+/// or `LETHE_ADMIN_KEY_FILE` (variables; both at once is ambiguous and refused) >
+/// `admin_key_file` in the config file.
+fn admin_key(
+    flag_file: Option<PathBuf>,
+    config_file: Option<PathBuf>,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Option<Secret>> {
+    if let Some(path) = flag_file {
+        return read_key_file(&path).map(Some);
     }
-    let Some(path) = file else { return Ok(None) };
-    let text = std::fs::read_to_string(&path)
+    let env_key = env("LETHE_ADMIN_KEY").filter(|k| !k.trim().is_empty());
+    let env_file = env("LETHE_ADMIN_KEY_FILE").filter(|f| !f.trim().is_empty());
+    match (env_key, env_file) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("LETHE_ADMIN_KEY and LETHE_ADMIN_KEY_FILE are both set: set one (or pass --admin-key-file)")
+        }
+        (Some(k), None) => {
+            // A short key is a placeholder left in place (or guessable): refuse to start with it.
+            anyhow::ensure!(k.trim().len() >= 16, "LETHE_ADMIN_KEY must be at least 16 characters");
+            Ok(Some(Secret::new(k.trim())))
+        }
+        (None, Some(f)) => read_key_file(Path::new(&f)).map(Some),
+        (None, None) => config_file.map(|p| read_key_file(&p)).transpose(),
+    }
+}
+
+/// The first line of a key file.
+fn read_key_file(path: &Path) -> anyhow::Result<Secret> {
+    let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read admin key file {}: {e}", path.display()))?;
     let key = text.lines().next().unwrap_or("").trim().to_string();
     anyhow::ensure!(key.len() >= 16, "the admin key in {} must be at least 16 characters", path.display());
-    Ok(Some(key))
+    Ok(Secret::new(key))
+}
+
+/// A secret string: `Debug` and `Display` never show it; [`Self::expose`] does, on purpose.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A PostgreSQL connection URL or key=value string, which may hold a password: shown (`Debug`,
+/// `Display`) with the password redacted.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct StoreUrl(Secret);
+
+impl StoreUrl {
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let url = s.starts_with("postgres://") || s.starts_with("postgresql://");
+        let keyvalue = !s.contains("://") && s.contains('=');
+        if !(url || keyvalue) {
+            return Err("expected a PostgreSQL URL (postgres://user:password@host:port/database)".into());
+        }
+        Ok(Self(Secret::new(s)))
+    }
+}
+
+impl TryFrom<String> for StoreUrl {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_conninfo(self.expose()))
+    }
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreUrl({self})")
+    }
+}
+
+/// The connection string with its password (in the user info, or a `password=` parameter)
+/// replaced by `***`.
+pub fn redact_conninfo(s: &str) -> String {
+    let mut out = s.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest_start = scheme_end + 3;
+        let authority_end = out[rest_start..].find(['/', '?']).map_or(out.len(), |i| rest_start + i);
+        if let Some(at) = out[rest_start..authority_end].rfind('@') {
+            let userinfo = &out[rest_start..rest_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(rest_start + colon + 1..rest_start + at, "***");
+            }
+        }
+    }
+    // `password=...` in a query string or a key=value string (quoted values included).
+    let re = regex::Regex::new(r#"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)"#).expect("valid regex");
+    re.replace_all(&out, "${1}***").into_owned()
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -307,6 +481,64 @@ mod tests {
         assert_eq!(c.guidance.mode, GuidanceMode::Prob);
         assert_eq!(c.guidance.positive, crate::engine::prompt::PAPER_POSITIVE);
         assert_eq!(c.max_running_rows, 32);
+    }
+
+    #[test]
+    fn the_admin_key_file_flag_beats_the_variable_which_beats_the_config_file() {
+        let dir = crate::fixtures::TempDir::new("cfg-key").unwrap();
+        let (flag, conf, envf) = (dir.path().join("flag"), dir.path().join("conf"), dir.path().join("envf"));
+        std::fs::write(&flag, "key-from-the-flag-file\n").unwrap();
+        std::fs::write(&conf, "key-from-the-config-file\n").unwrap();
+        std::fs::write(&envf, "key-from-the-env-file\n").unwrap();
+        let env = |k: Option<&str>, f: Option<&std::path::Path>| {
+            let (k, f) = (k.map(String::from), f.map(|p| p.display().to_string()));
+            move |v: &str| match v {
+                "LETHE_ADMIN_KEY" => k.clone(),
+                "LETHE_ADMIN_KEY_FILE" => f.clone(),
+                _ => None,
+            }
+        };
+        let key = |r: anyhow::Result<Option<Secret>>| r.unwrap().map(|s| s.expose().to_string());
+        let var = Some("key-from-the-variable");
+        // Documented precedence: flag > environment > config file.
+        assert_eq!(
+            key(admin_key(Some(flag.clone()), Some(conf.clone()), env(var, None))).unwrap(),
+            "key-from-the-flag-file"
+        );
+        assert_eq!(key(admin_key(None, Some(conf.clone()), env(var, None))).unwrap(), "key-from-the-variable");
+        assert_eq!(key(admin_key(None, Some(conf.clone()), env(None, Some(&envf)))).unwrap(), "key-from-the-env-file");
+        assert_eq!(key(admin_key(None, Some(conf.clone()), env(None, None))).unwrap(), "key-from-the-config-file");
+        assert_eq!(key(admin_key(None, None, env(None, None))), None);
+        assert!(admin_key(None, None, env(var, Some(&envf))).is_err(), "two variables are ambiguous");
+        assert!(admin_key(None, None, env(Some("short"), None)).is_err());
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let dir = crate::fixtures::TempDir::new("cfg-secret").unwrap();
+        let key_file = dir.path().join("admin.key");
+        std::fs::write(&key_file, "the-admin-key-0123456789\n").unwrap();
+        let args = ServeArgs {
+            admin_key_file: Some(key_file),
+            state_store: Some("postgres://lethe:pg-pass-5678@db:5432/lethe".parse().unwrap()),
+            adapters_root: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        let c = ServeConfig::resolve(&args).unwrap();
+        assert_eq!(c.admin_key.as_ref().unwrap().expose(), "the-admin-key-0123456789");
+        for shown in [format!("{c:?}"), format!("{c:#?}"), format!("{args:?}")] {
+            assert!(!shown.contains("the-admin-key") && !shown.contains("pg-pass"), "{shown}");
+        }
+        assert!(format!("{c:?}").contains("postgres://lethe:***@db:5432/lethe"));
+        for (raw, want) in [
+            ("postgresql://u:p%40ss@h/db?sslmode=disable", "postgresql://u:***@h/db?sslmode=disable"),
+            ("postgres://h/db?user=u&password=secret&x=1", "postgres://h/db?user=u&password=***&x=1"),
+            ("host=h user=u password='sec ret' dbname=d", "host=h user=u password=*** dbname=d"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+        ] {
+            assert_eq!(redact_conninfo(raw), want);
+        }
+        assert!("mysql://x".parse::<StoreUrl>().is_err());
     }
 
     #[test]

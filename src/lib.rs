@@ -16,9 +16,11 @@
 //! - [`eval`]: `lethe synth` and `lethe eval`, the planted-secrets forgetting benchmark.
 
 pub mod adapters;
+pub mod admin_client;
 pub mod bench;
 pub mod config;
 pub mod device_sampling;
+pub mod durable;
 pub mod engine;
 pub mod eval;
 pub mod fixtures;

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the OpenAI-compatible HTTP API (default model: SmolLM2-135M-Instruct).
-    Serve(lethe::config::ServeArgs),
+    Serve(Box<lethe::config::ServeArgs>),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(GenerateArgs),
     /// Measure speed.
@@ -48,6 +48,8 @@ enum Command {
         #[arg(long)]
         list: bool,
     },
+    /// Administer a running server (adapters, tenants, keys, audit log) through its admin API.
+    Admin(lethe::admin_client::AdminArgs),
 }
 
 /// Settings shared by `finetune` and `forget`.
@@ -427,7 +429,7 @@ fn main() -> Result<()> {
     let precision = lethe::model::kernels::matmul::act_precision_from_env().map_err(anyhow::Error::msg)?;
     lethe::model::kernels::matmul::set_act_precision(precision);
     match cli.command {
-        Command::Serve(a) => serve(a),
+        Command::Serve(a) => serve(*a),
         Command::Generate(a) => generate(a),
         Command::Bench(BenchCommand::Decode(a)) => bench_decode(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
@@ -467,6 +469,7 @@ fn main() -> Result<()> {
         }
         Command::Synth(a) => synth(a),
         Command::Eval(a) => eval(a),
+        Command::Admin(a) => lethe::admin_client::run(a),
     }
 }
 
@@ -586,12 +589,15 @@ fn serve(args: lethe::config::ServeArgs) -> Result<()> {
     let addr = std::net::SocketAddr::new(config.host, config.port);
     let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
     let metrics_port = config.metrics_port;
+    let admin_addr = config.admin_addr;
     let state = lethe::server::AppState::load(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         // The bound address (port 0 picks a free one), so scripts can find the server.
         let addr = listener.local_addr()?;
+        // The admin listener already serves /metrics: a metrics port on the same port is it.
+        let metrics_port = metrics_port.filter(|p| admin_addr.is_none_or(|a| a.port() != *p));
         if let Some(port) = metrics_port {
             let maddr = std::net::SocketAddr::new(addr.ip(), port);
             let ml = tokio::net::TcpListener::bind(maddr).await.with_context(|| format!("binding {maddr}"))?;
@@ -599,8 +605,16 @@ fn serve(args: lethe::config::ServeArgs) -> Result<()> {
             let app = lethe::server::metrics_router(state.clone());
             tokio::spawn(async move { axum::serve(ml, app).await });
         }
+        let admin = match admin_addr {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding {a}"))?;
+                tracing::info!("admin API and metrics on http://{}", l.local_addr()?);
+                Some(l)
+            }
+            None => None,
+        };
         tracing::info!(model = %state.model_id, fingerprint = %state.fingerprint, "serving on http://{addr} (Ctrl-C to stop)");
-        lethe::server::serve(listener, state, lethe::server::shutdown_signal(), grace).await?;
+        lethe::server::serve_split(listener, admin, state, lethe::server::shutdown_signal(), grace).await?;
         anyhow::Ok(())
     })
 }

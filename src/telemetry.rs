@@ -38,6 +38,16 @@ pub const ADAPTER_MEMORY_BYTES: &str = "lethe_adapter_memory_bytes";
 pub const ADAPTER_LOADS: &str = "lethe_adapter_loads_total";
 pub const ADAPTER_UNLOADS: &str = "lethe_adapter_unloads_total";
 pub const ADAPTER_LOAD_SECONDS: &str = "lethe_adapter_load_seconds";
+// Control-plane state (tenants, keys, adapters) and its store.
+/// 1 while the state store answers (always 1 for the file store).
+pub const STATE_STORE_UP: &str = "lethe_state_store_up";
+pub const STATE_REVISION: &str = "lethe_state_revision";
+/// Label `result` = `applied` | `current` | `retried` | `error`: full reads of a shared store.
+pub const STATE_SYNCS: &str = "lethe_state_syncs_total";
+/// From a commit (on any replica) to this replica serving it.
+pub const STATE_PROPAGATION_SECONDS: &str = "lethe_state_propagation_seconds";
+/// Adapters the state names that this replica cannot load at their recorded generation.
+pub const ADAPTERS_UNAVAILABLE: &str = "lethe_adapters_unavailable";
 // Process and HTTP.
 /// Labels `route` (the router's pattern, e.g. `/admin/tenants/{tenant}`), `method`, `status`.
 pub const HTTP_REQUESTS: &str = "lethe_http_requests_total";
@@ -72,6 +82,19 @@ const CATALOG: &[(&str, Kind, &str)] = &[
     (ADAPTER_LOADS, Kind::Counter, "Adapter loads and replacements, per adapter."),
     (ADAPTER_UNLOADS, Kind::Counter, "Adapter unloads, per adapter."),
     (ADAPTER_LOAD_SECONDS, Kind::Histogram(LATENCY_LOAD), "Time to read, validate and pack an adapter."),
+    (STATE_STORE_UP, Kind::Gauge, "1 while the state store answers; 0 while this replica serves its last known state."),
+    (STATE_REVISION, Kind::Gauge, "Revision of the control-plane state this replica serves."),
+    (STATE_SYNCS, Kind::Counter, "Full reads of a shared state store, by result."),
+    (
+        STATE_PROPAGATION_SECONDS,
+        Kind::Histogram(LATENCY_PROPAGATION),
+        "Time from an admin change's commit to this replica serving it.",
+    ),
+    (
+        ADAPTERS_UNAVAILABLE,
+        Kind::Gauge,
+        "Adapters named by the state that cannot be loaded here (their tenants get 503).",
+    ),
     (HTTP_REQUESTS, Kind::Counter, "HTTP requests by route, method and status."),
     (
         HTTP_REQUEST_DURATION,
@@ -99,6 +122,8 @@ const LATENCY_REQUEST: &[f64] =
 const LATENCY_QUEUE: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 const LATENCY_STEP: &[f64] = &[0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0];
 const LATENCY_LOAD: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_PROPAGATION: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const GAMMA: &[f64] = &[0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0];
 const COUNTS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
 

@@ -458,6 +458,18 @@ fn registry_enforces_root_names_and_limits() {
     }
     #[cfg(unix)]
     assert!(matches!(reg.load("a", "link", false), Err(AdapterError::OutsideRoot(_))));
+    // A directory inside the root whose weights are a symlink out of it: the loader opens files
+    // relative to the directory it checked, never through a symlink (it used to follow it).
+    #[cfg(unix)]
+    {
+        let sneaky = root.join("sneaky");
+        std::fs::create_dir(&sneaky).unwrap();
+        std::fs::copy(outside.join("adapter_config.json"), sneaky.join("adapter_config.json")).unwrap();
+        std::os::unix::fs::symlink(outside.join("adapter_model.safetensors"), sneaky.join("adapter_model.safetensors"))
+            .unwrap();
+        let e = reg.load("a", "sneaky", false).unwrap_err();
+        assert!(e.to_string().contains("symlink"), "{e}");
+    }
     for bad in ["", "../x", "a/b", ".hidden", &"x".repeat(65)] {
         assert!(matches!(reg.load(bad, "ok", false), Err(AdapterError::Invalid(_))), "{bad:?}");
     }

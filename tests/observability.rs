@@ -266,7 +266,8 @@ async fn metrics_follow_real_traffic_and_cover_dashboards_and_alerts() {
                     "le",
                     "version",
                     "model",
-                    "weights"
+                    "weights",
+                    "result"
                 ]
                 .contains(&k.as_str()),
                 "{name}: unexpected label {k}={v}"
@@ -450,6 +451,32 @@ fn deploy_files_parse_and_hold_together() {
         kinds["ServiceMonitor"]["spec"]["selector"]["matchLabels"], kinds["Service"]["metadata"]["labels"],
         "the ServiceMonitor must select the Service"
     );
+    // The Service clients reach exposes the public listener only; the admin API and /metrics
+    // are on LETHE_ADMIN_ADDR, behind the internal Service the ServiceMonitor scrapes.
+    let services: BTreeMap<String, serde_yaml::Value> = yaml_docs("deploy/k8s/base/service.yaml")
+        .into_iter()
+        .map(|d| (d["metadata"]["name"].as_str().unwrap().to_string(), d))
+        .collect();
+    let ports_of = |svc: &serde_yaml::Value| -> Vec<String> {
+        svc["spec"]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| p["targetPort"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ports_of(&services["lethe"]), ["http"], "the public Service exposes only the OpenAI listener");
+    assert_eq!(ports_of(&services["lethe-internal"]), ["admin"]);
+    let container_port = |name: &str| {
+        c["ports"].as_sequence().unwrap().iter().find(|p| p["name"] == name).unwrap()["containerPort"].as_u64().unwrap()
+    };
+    let admin_addr = env["LETHE_ADMIN_ADDR"]["value"].as_str().unwrap();
+    assert_eq!(admin_addr.rsplit(':').next().unwrap().parse::<u64>().unwrap(), container_port("admin"));
+    assert_eq!(env["LETHE_PORT"]["value"].as_str().unwrap().parse::<u64>().unwrap(), container_port("http"));
+    assert_eq!(
+        kinds["ServiceMonitor"]["spec"]["selector"]["matchLabels"],
+        services["lethe-internal"]["metadata"]["labels"]
+    );
     // The ConfigMap's lethe.toml is a valid lethe configuration.
     let tmp = TempDir::new("k8scfg").unwrap();
     let toml_path = tmp.path().join("lethe.toml");
@@ -464,7 +491,7 @@ fn deploy_files_parse_and_hold_together() {
     assert!(gc["env"].as_sequence().unwrap().iter().any(|e| e["name"] == "LETHE_DEVICE" && e["value"] == "cuda:0"));
     // With kubectl at hand, the overlays must also render.
     if Command::new("kubectl").arg("version").arg("--client").output().is_ok_and(|o| o.status.success()) {
-        for overlay in ["deploy/k8s/base", "deploy/k8s/gpu"] {
+        for overlay in ["deploy/k8s/base", "deploy/k8s/gpu", "deploy/k8s/replicas"] {
             let out =
                 Command::new("kubectl").args(["kustomize", root().join(overlay).to_str().unwrap()]).output().unwrap();
             assert!(out.status.success(), "kubectl kustomize {overlay}: {}", String::from_utf8_lossy(&out.stderr));
@@ -631,4 +658,75 @@ fn json_logs_carry_request_fields() {
     assert_eq!(v["fields"]["completion_tokens"], 3, "{v}");
     assert!(v["fields"]["ttft_ms"].as_f64().is_some(), "{v}");
     assert!(v["fields"]["uncond_prompt_tokens"].as_u64().unwrap() > 0, "{v}");
+}
+
+/// The replicated deployment (3 replicas + PostgreSQL): the pieces reference each other, the
+/// variables lethe reads are lethe settings, and the autoscaler scales on metrics lethe exports.
+#[test]
+fn replicated_deployment_holds_together() {
+    let dir = "deploy/k8s/replicas";
+    let kust = &yaml_docs(&format!("{dir}/kustomization.yaml"))[0];
+    let mut docs: BTreeMap<(String, String), serde_yaml::Value> = BTreeMap::new();
+    for r in kust["resources"].as_sequence().unwrap() {
+        let r = r.as_str().unwrap();
+        if r.starts_with("..") {
+            continue;
+        }
+        for d in yaml_docs(&format!("{dir}/{r}")) {
+            docs.insert((d["kind"].as_str().unwrap().into(), d["metadata"]["name"].as_str().unwrap().into()), d);
+        }
+    }
+    let get = |kind: &str, name: &str| {
+        docs.get(&(kind.to_string(), name.to_string())).unwrap_or_else(|| panic!("{dir} lacks {kind} {name}"))
+    };
+    for p in kust["patches"].as_sequence().unwrap() {
+        assert!(root().join(dir).join(p["path"].as_str().unwrap()).exists());
+    }
+    let patch = &yaml_docs(&format!("{dir}/deployment-replicas.yaml"))[0];
+    assert_eq!(patch["spec"]["replicas"], 3);
+    let c = &patch["spec"]["template"]["spec"]["containers"][0];
+    let env: BTreeMap<&str, &serde_yaml::Value> =
+        c["env"].as_sequence().unwrap().iter().map(|e| (e["name"].as_str().unwrap(), e)).collect();
+    // The database URL comes from its Secret, whose placeholder password matches PostgreSQL's.
+    let url_ref = &env["LETHE_STATE_STORE"]["valueFrom"]["secretKeyRef"];
+    let db_secret = get("Secret", url_ref["name"].as_str().unwrap());
+    let url = db_secret["stringData"][url_ref["key"].as_str().unwrap()].as_str().unwrap();
+    let pg_password = get("Secret", "lethe-postgres")["stringData"]["password"].as_str().unwrap();
+    assert!(
+        url.starts_with("postgres://lethe:") && url.contains(&format!(":{pg_password}@lethe-postgres:5432/")),
+        "{url}"
+    );
+    url.parse::<lethe::config::StoreUrl>().expect("a URL lethe accepts");
+    let pg = get("StatefulSet", "lethe-postgres");
+    assert_eq!(pg["spec"]["serviceName"], "lethe-postgres");
+    get("Service", "lethe-postgres");
+    // The shared adapters volume is ReadWriteMany and mounted where the base mounts data.
+    let vol = &patch["spec"]["template"]["spec"]["volumes"][0];
+    let pvc = get("PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"].as_str().unwrap());
+    assert_eq!(pvc["spec"]["accessModes"][0], "ReadWriteMany");
+    assert!(env["LETHE_GENERATIONS_DIR"]["value"].as_str().unwrap().starts_with("/var/lib/lethe/adapters/"));
+    // Every LETHE_* variable the overlay sets is a lethe setting.
+    let help = Command::new(env!("CARGO_BIN_EXE_lethe")).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for var in env.keys().filter(|v| v.starts_with("LETHE_") && **v != "LETHE_REPLICA_ID") {
+        assert!(help.contains(&format!("env: {var}")), "{var} is not a lethe serve setting");
+    }
+    // Disruptions and autoscaling select lethe's pods and scale on lethe's own metrics.
+    let pdb = get("PodDisruptionBudget", "lethe");
+    assert_eq!(pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"], "lethe");
+    assert!(pdb["spec"]["minAvailable"].as_u64().unwrap() < 3);
+    let hpa = get("HorizontalPodAutoscaler", "lethe");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "lethe");
+    assert!(hpa["spec"]["minReplicas"].as_u64().unwrap() >= 3);
+    let names: Vec<String> = lethe::telemetry::metric_names().map(String::from).collect();
+    for m in hpa["spec"]["metrics"].as_sequence().unwrap() {
+        let name = m["pods"]["metric"]["name"].as_str().unwrap();
+        assert!(names.iter().any(|n| n == name), "the HPA scales on {name}, which lethe does not export");
+    }
+    // docker compose: three replicas on one PostgreSQL and one adapters volume.
+    let compose = &yaml_docs("deploy/docker-compose.replicas.yml")[0];
+    let l = &compose["services"]["lethe"];
+    assert_eq!(l["deploy"]["replicas"], 3);
+    assert!(l["environment"]["LETHE_STATE_STORE"].as_str().unwrap().contains("@postgres:5432/"));
+    assert!(compose["services"]["postgres"].is_mapping());
 }

@@ -221,9 +221,39 @@ async fn kill_9_during_admin_burst_keeps_the_last_acknowledged_state() {
     std::fs::write(&file, &text[..text.len() / 2]).unwrap();
     let err = spawn(&paths).err().expect("lethe must refuse a corrupt state file");
     assert!(err.contains("state.json is corrupt"), "{err}");
-    // So does a state that names an adapter which no longer loads.
+    // So does an adapter whose kept files no longer hash to the saved generation: never served
+    // silently as a different adapter.
     std::fs::write(&file, text).unwrap();
+    let kept = paths.state.join("generations").join(generation.as_str().unwrap());
+    let weights = kept.join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&weights, &bytes).unwrap();
+    let err = spawn(&paths).err().expect("lethe must refuse an adapter that is not its saved generation");
+    assert!(err.contains("restoring adapter \"x\"") && err.contains("not to the recorded generation"), "{err}");
+    // ... and a state that names an adapter which no longer loads at all.
+    std::fs::remove_dir_all(&kept).unwrap();
     std::fs::remove_dir_all(paths.root.join("x")).unwrap();
     let err = spawn(&paths).err().expect("lethe must refuse to start without a persisted adapter");
     assert!(err.contains("restoring adapter \"x\""), "{err}");
+}
+
+/// Two servers on one state directory would overwrite each other's changes: the second refuses
+/// to start, naming the directory, and the first keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_state_directory_refuses_to_start() {
+    let tmp = TempDir::new("locked").unwrap();
+    let paths = setup(tmp.path());
+    let mut first = spawn(&paths).unwrap();
+    let err = spawn(&paths).err().expect("a second lethe on the same --state-dir must not start");
+    assert!(err.contains("in use by another lethe process"), "{err}");
+    let (status, _) = call(&first.base, "GET", "/admin/tenants", None).await.unwrap();
+    assert_eq!(status, 200);
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    // Once the holder is gone (even killed), the directory is free again.
+    let mut again = spawn(&paths).unwrap();
+    again.child.kill().unwrap();
+    again.child.wait().unwrap();
 }

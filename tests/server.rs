@@ -423,8 +423,14 @@ fn openapi_contract_covers_routes_and_extensions() {
     {
         assert!(props("AdapterInfo").contains(&f.to_string()), "AdapterInfo.{f}");
     }
-    for f in ["name", "path", "replace"] {
+    for f in ["name", "path", "replace", "expected_generation"] {
         assert!(props("AdapterLoad").contains(&f.to_string()), "AdapterLoad.{f}");
+    }
+    for f in ["generation", "expected_generation"] {
+        assert!(props("AdapterRollback").contains(&f.to_string()), "AdapterRollback.{f}");
+    }
+    for f in ["revision", "actor", "action", "target", "before", "after"] {
+        assert!(props("AuditEntry").contains(&f.to_string()), "AuditEntry.{f}");
     }
     for f in ["message", "type", "param", "code"] {
         assert!(schemas["Error"]["properties"]["error"]["properties"].get(f).is_some(), "Error.error.{f}");

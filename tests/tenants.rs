@@ -553,13 +553,15 @@ async fn start_up_refuses_saved_policies_the_configuration_cannot_enforce() {
     };
     let load = |a: ServeArgs| lethe::server::AppState::load(lethe::config::ServeConfig::resolve(&a).unwrap());
     let first = load(args(None)).unwrap();
+    let intent = first.control.intent("test", "tenant.put", "tenant/strict".into(), None);
     first
-        .tenants
-        .update(|st| {
+        .control
+        .commit(intent, Vec::new(), |st| {
             st.tenants.entry("strict".into()).or_default().policy =
                 serde_json::from_value(json!({ "gamma_min": 2.0, "gamma": 2.5 })).unwrap();
             Ok::<_, lethe::tenants::StoreError>(())
         })
+        .await
         .unwrap();
     first.engine.shutdown(Duration::from_secs(1));
     drop(first);
@@ -692,8 +694,16 @@ async fn hot_swap_under_load_keeps_every_stream_on_its_generation() {
         results.iter().any(|r| r.last_chunk > unloaded_at),
         "streams should still have been running when the adapter was unloaded"
     );
-    // No leak: the leases ended with the streams, the KV cache is empty.
-    let list = ok_admin(&s, "GET", "/admin/adapters", None).await;
+    // No leak: the leases ended with the streams, the KV cache is empty. (The engine drops a
+    // finished request, and its leases, just after sending its last event: allow it a moment.)
+    let mut list = ok_admin(&s, "GET", "/admin/adapters", None).await;
+    for _ in 0..100 {
+        if list["retired_bytes"].as_u64() == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        list = ok_admin(&s, "GET", "/admin/adapters", None).await;
+    }
     assert_eq!((list["loaded_bytes"].as_u64(), list["retired_bytes"].as_u64()), (Some(0), Some(0)), "{list}");
     let stats = s.state.engine.stats();
     for _ in 0..100 {
@@ -708,5 +718,223 @@ async fn hot_swap_under_load_keeps_every_stream_on_its_generation() {
     let (status, v) = s.call("POST", "/v1/chat/completions", None, Some(body(false))).await;
     assert_eq!(status, 200);
     assert!(v["guidance"].get("adapters").is_none(), "{v}");
+    s.shutdown().await;
+}
+
+/// Adapter history and rollback with the file store: every generation made current is recorded
+/// and kept (content-addressed, so overwriting the operator's directory does not matter), a
+/// rollback makes an earlier one current (answers change back), preconditions on replace,
+/// unload and rollback are enforced (409), only the last N generations' files are kept, and the
+/// audit log says who did what.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_history_rollback_preconditions_and_audit() {
+    let (s, _) = start(|a| a.adapter_history = Some(2)).await;
+    let root = s._dir.path().join("adapters");
+    let v = ok_admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "x", "path": "x" }))).await;
+    let g1 = v["adapter"]["generation"].as_str().unwrap().to_string();
+    ok_admin(&s, "PUT", "/admin/tenants/default/adapters/x", None).await;
+    let req = json!({ "guidance": { "gamma": 1.0 } });
+    let (answer_g1, g) = answer(&s, None, req.clone()).await;
+    assert_eq!(g["adapters"][0]["generation"], g1.as_str());
+
+    // Replace with a stale precondition: refused, nothing changes.
+    let stale = json!({ "name": "x", "path": "x2", "replace": true, "expected_generation": "0123456789abcdef" });
+    let (status, v) = admin(&s, "POST", "/admin/adapters", Some(stale)).await;
+    assert_error(status, &v, 409, None);
+    assert!(v["error"]["message"].as_str().unwrap().contains(&g1), "{v}");
+    // With the right one: replaced, announced as the previous generation.
+    let body = json!({ "name": "x", "path": "x2", "replace": true, "expected_generation": g1 });
+    let v = ok_admin(&s, "POST", "/admin/adapters", Some(body)).await;
+    let g2 = v["adapter"]["generation"].as_str().unwrap().to_string();
+    assert_eq!(v["previous_generation"], g1.as_str());
+    let (answer_g2, _) = answer(&s, None, req.clone()).await;
+    assert_ne!(answer_g2, answer_g1);
+
+    // The operator overwrites the directory of generation 1: the kept copy still rolls back.
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(root.join("y").join(f), root.join("x").join(f)).unwrap();
+    }
+    let (status, v) = s
+        .call(
+            "POST",
+            "/admin/adapters/x/rollback",
+            Some(ADMIN),
+            Some(json!({ "generation": g1, "expected_generation": g1 })),
+        )
+        .await;
+    assert_error(status, &v, 409, None);
+    let resp = reqwest::Client::new()
+        .post(s.url("/admin/adapters/x/rollback"))
+        .bearer_auth(ADMIN)
+        .header("x-lethe-actor", "alice")
+        .json(&json!({ "generation": g1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (v["adapter"]["generation"].as_str(), v["previous_generation"].as_str()),
+        (Some(g1.as_str()), Some(g2.as_str()))
+    );
+    let (after, g) = answer(&s, None, req.clone()).await;
+    assert_eq!((after.as_str(), g["adapters"][0]["generation"].as_str()), (answer_g1.as_str(), Some(g1.as_str())));
+    let (status, v) = s
+        .call("POST", "/admin/adapters/x/rollback", Some(ADMIN), Some(json!({ "generation": "feedfacefeedface" })))
+        .await;
+    assert_error(status, &v, 404, None);
+
+    // A third generation (y's files under the name x): with history 2, generation 2's files go.
+    let v = ok_admin(&s, "POST", "/admin/adapters", Some(json!({ "name": "x", "path": "y", "replace": true }))).await;
+    let g3 = v["adapter"]["generation"].as_str().unwrap().to_string();
+    let h = ok_admin(&s, "GET", "/admin/adapters/x/history", None).await;
+    assert_eq!(h["current"], g3.as_str());
+    let kept: Vec<(String, bool)> = h["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["generation"].as_str().unwrap().to_string(), g["kept"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(kept, [(g1.clone(), true), (g2.clone(), false), (g3.clone(), true)], "{h}");
+    // Generation 2 is not kept; while its original directory holds exactly its files (verified
+    // by hash) it can still come back, once that directory is gone it cannot.
+    std::fs::remove_dir_all(root.join("x2")).unwrap();
+    let (status, v) =
+        s.call("POST", "/admin/adapters/x/rollback", Some(ADMIN), Some(json!({ "generation": g2 }))).await;
+    assert_error(status, &v, 409, None);
+    assert!(v["error"]["message"].as_str().unwrap().contains("no longer kept"), "{v}");
+
+    // Unload with a stale precondition: refused; with the right one: done. History stays.
+    let (status, v) =
+        admin(&s, "DELETE", &format!("/admin/adapters/x?force=true&expected_generation={g1}"), None).await;
+    assert_error(status, &v, 409, None);
+    ok_admin(&s, "DELETE", &format!("/admin/adapters/x?force=true&expected_generation={g3}"), None).await;
+    assert_eq!(ok_admin(&s, "GET", "/admin/adapters/x/history", None).await["current"], Value::Null);
+
+    // The audit log: one entry per committed change, who and what, never a refused one.
+    let audit = ok_admin(&s, "GET", "/admin/audit", None).await;
+    let entries = audit["data"].as_array().unwrap();
+    let actions: Vec<&str> = entries.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions,
+        [
+            "adapter.load",
+            "tenant.enable_adapter",
+            "adapter.replace",
+            "adapter.rollback",
+            "adapter.replace",
+            "adapter.unload"
+        ]
+    );
+    let rollback = &entries[3];
+    assert_eq!((rollback["actor"].as_str(), rollback["target"].as_str()), (Some("alice"), Some("adapter/x")));
+    assert_eq!(rollback["before"]["adapters"]["x"]["generation"], g2.as_str());
+    assert_eq!(rollback["after"]["adapters"]["x"]["generation"], g1.as_str());
+    assert!(entries[5]["after"]["tenants"]["default"]["policy"]["adapters"] == json!([]), "{}", entries[5]);
+    let page = ok_admin(&s, "GET", "/admin/audit?after=4&limit=1", None).await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    assert_eq!(page["data"][0]["revision"], 5);
+    s.shutdown().await;
+}
+
+/// With `--admin-addr`, the admin API and /metrics are served there and nowhere else: the
+/// public listener (the one a Service exposes) has the OpenAI routes and probes only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_and_metrics_can_have_their_own_listener() {
+    let dir = TempDir::new("split").unwrap();
+    let model = dir.path().join("tiny");
+    lethe::fixtures::write_tiny_model(&model, &spec()).unwrap();
+    let key_file = dir.path().join("admin.key");
+    std::fs::write(&key_file, format!("{ADMIN}\n")).unwrap();
+    let args = ServeArgs {
+        model: Some(model),
+        admin_key_file: Some(key_file),
+        admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    };
+    let config = lethe::config::ServeConfig::resolve(&args).unwrap();
+    assert!(config.admin_addr.is_some());
+    let state = tokio::task::spawn_blocking(move || lethe::server::AppState::load(config)).await.unwrap().unwrap();
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let private = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (pub_url, adm_url) =
+        (format!("http://{}", public.local_addr().unwrap()), format!("http://{}", private.local_addr().unwrap()));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(lethe::server::serve_split(
+        public,
+        Some(private),
+        state,
+        async move {
+            let _ = rx.await;
+        },
+        Duration::from_secs(1),
+    ));
+    let get = |url: String, key: Option<&'static str>| async move {
+        let mut r = reqwest::Client::new().get(url);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send().await.unwrap().status().as_u16()
+    };
+    for path in ["/admin/tenants", "/admin/adapters", "/admin/audit", "/metrics"] {
+        assert_eq!(get(format!("{pub_url}{path}"), Some(ADMIN)).await, 404, "{path} on the public listener");
+        assert_eq!(get(format!("{adm_url}{path}"), Some(ADMIN)).await, 200, "{path} on the admin listener");
+    }
+    for path in ["/v1/models", "/health", "/ready"] {
+        assert_eq!(get(format!("{pub_url}{path}"), None).await, 200, "{path} on the public listener");
+    }
+    assert_eq!(get(format!("{adm_url}/v1/models"), None).await, 404);
+    assert_eq!(get(format!("{adm_url}/ready"), None).await, 200);
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}
+
+/// `lethe admin` drives the admin API: tenants, adapters, keys, history, audit; errors exit
+/// non-zero with the server's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_drives_the_admin_api() {
+    let (s, _) = start(|_| {}).await;
+    let base = s.base.clone();
+    let cli = move |args: &[&str]| {
+        let (base, args) = (base.clone(), args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_lethe"))
+                    .args(["admin", "--url", &base, "--actor", "ops-bob"])
+                    .args(&args)
+                    .env("LETHE_ADMIN_KEY", ADMIN)
+                    .env_remove("LETHE_ADMIN_KEY_FILE")
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let json = |o: &std::process::Output| -> Value {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let v = json(&cli(&["adapters", "load", "x", "x"]).await);
+    let g1 = v["adapter"]["generation"].as_str().unwrap().to_string();
+    json(&cli(&["tenants", "put", "acme", "--policy", r#"{"adapters": ["x"], "gamma": 2.0}"#]).await);
+    let key = json(&cli(&["keys", "create", "acme"]).await)["api_key"].as_str().unwrap().to_string();
+    let (_, g) = answer(&s, Some(&key), json!({})).await;
+    assert_eq!((g["gamma"].as_f64(), g["adapters"][0]["generation"].as_str()), (Some(2.0), Some(g1.as_str())));
+    json(&cli(&["adapters", "load", "x", "x2", "--replace"]).await);
+    json(&cli(&["adapters", "rollback", "x", &g1]).await);
+    let h = json(&cli(&["adapters", "history", "x"]).await);
+    assert_eq!(h["current"], g1.as_str());
+    let audit = json(&cli(&["audit", "--limit", "10"]).await);
+    assert!(audit["data"].as_array().unwrap().iter().all(|e| e["actor"] == "ops-bob"), "{audit}");
+    assert_eq!(audit["data"].as_array().unwrap().len(), 5);
+    // A refused change: non-zero exit, the server's message on stderr.
+    let o = cli(&["adapters", "unload", "x"]).await;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("enabled for tenants"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     s.shutdown().await;
 }

@@ -1,9 +1,12 @@
-//! LoRA forget-adapters: reading PEFT directories ([`peft`]) and keeping versions in memory with
-//! leases and limits ([`registry`]). The math of applying them lives in [`crate::model::lora`].
+//! LoRA forget-adapters: reading adapter directories once ([`files`], which also keeps every
+//! generation content-addressed), validating PEFT ([`peft`]), and keeping versions in memory
+//! with leases and limits ([`registry`]). The math of applying them lives in [`crate::model::lora`].
 
+pub mod files;
 pub mod peft;
 pub mod registry;
 
+pub use files::{AdapterFiles, Generations};
 pub use peft::GuidanceProfile;
 pub use registry::{AdapterInfo, AdapterLimits, AdapterRegistry, LoadedAdapter};
 
@@ -23,4 +26,8 @@ pub enum AdapterError {
     OutsideRoot(String),
     #[error("adapter limit: {0}")]
     Limit(String),
+    /// Files that do not hash to the generation recorded for them: never served as that
+    /// generation.
+    #[error("the adapter files in {path} hash to {actual}, not to the recorded generation {expected}: refused")]
+    HashMismatch { path: String, expected: String, actual: String },
 }

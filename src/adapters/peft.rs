@@ -6,6 +6,7 @@
 //! pickled `.bin` weights, unknown keys, and shapes that do not fit the base model.
 
 use super::AdapterError;
+use super::files::AdapterFiles;
 use crate::model::lora::{LoraPair, LoraWeights, proj_dims};
 use crate::model::{Llama, ModelConfig, ProjKind, RopeStyle};
 use serde::Deserialize;
@@ -124,9 +125,16 @@ fn targeted(t: &Option<TargetModules>, module: &str) -> bool {
     }
 }
 
-/// Reads and validates `dir` for `model`.
+/// Reads and validates `dir` for `model` (the directory is read once, see [`AdapterFiles::read`]).
 pub fn load(dir: &Path, model: &Llama) -> Result<PeftAdapter, AdapterError> {
-    let file = read(dir, model.config())?;
+    let real = dir.canonicalize().map_err(|_| AdapterError::NotFound(dir.display().to_string()))?;
+    parse(&AdapterFiles::read(&real)?, model)
+}
+
+/// Validates the files of an adapter for `model` and builds its weights. Everything works on
+/// the bytes given: the content hash covers exactly what was parsed.
+pub fn parse(files: &AdapterFiles, model: &Llama) -> Result<PeftAdapter, AdapterError> {
+    let file = parse_file(files, model.config())?;
     let mcfg = model.config();
     let mut layers: Vec<[Option<LoraPair>; 7]> = (0..mcfg.n_layers).map(|_| std::array::from_fn(|_| None)).collect();
     let mut total = 0;
@@ -148,32 +156,22 @@ pub fn load(dir: &Path, model: &Llama) -> Result<PeftAdapter, AdapterError> {
     })
 }
 
-/// Reads and validates `dir` against a model of configuration `mcfg`.
+/// Reads and validates `dir` against a model of configuration `mcfg`, without building weights
+/// for a runtime (the trainer merges them into its own).
 pub fn read(dir: &Path, mcfg: &ModelConfig) -> Result<PeftFile, AdapterError> {
+    let real = dir.canonicalize().map_err(|_| AdapterError::NotFound(dir.display().to_string()))?;
+    parse_file(&AdapterFiles::read(&real)?, mcfg)
+}
+
+/// Validates the files of an adapter against a model of configuration `mcfg`.
+fn parse_file(files: &AdapterFiles, mcfg: &ModelConfig) -> Result<PeftFile, AdapterError> {
     let bad = |m: String| AdapterError::Invalid(m);
-    if !dir.is_dir() {
-        return Err(AdapterError::NotFound(dir.display().to_string()));
-    }
-    let cfg_path = dir.join("adapter_config.json");
-    let cfg_text = std::fs::read(&cfg_path).map_err(|e| bad(format!("cannot read {}: {e}", cfg_path.display())))?;
     let cfg: PeftConfig =
-        serde_json::from_slice(&cfg_text).map_err(|e| bad(format!("invalid adapter_config.json: {e}")))?;
+        serde_json::from_slice(&files.config).map_err(|e| bad(format!("invalid adapter_config.json: {e}")))?;
     check_config(&cfg)?;
-    let st_path = dir.join("adapter_model.safetensors");
-    if !st_path.exists() {
-        return Err(bad(if dir.join("adapter_model.bin").exists() {
-            "only adapter_model.bin found: pickled weights are refused (they can run code); save with safetensors"
-                .into()
-        } else {
-            "adapter_model.safetensors is missing".into()
-        }));
-    }
-    let bytes = std::fs::read(&st_path).map_err(|e| bad(format!("cannot read {}: {e}", st_path.display())))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    let st = safetensors::SafeTensors::deserialize(&files.weights)
         .map_err(|e| bad(format!("adapter_model.safetensors is corrupt: {e:?}")))?;
-    let profile_path = dir.join("lethe.json");
-    let profile_text = std::fs::read(&profile_path).ok();
-    let profile: Option<GuidanceProfile> = match &profile_text {
+    let profile: Option<GuidanceProfile> = match &files.profile {
         Some(t) => Some(serde_json::from_slice(t).map_err(|e| bad(format!("invalid lethe.json: {e}")))?),
         None => None,
     };
@@ -251,14 +249,7 @@ pub fn read(dir: &Path, mcfg: &ModelConfig) -> Result<PeftFile, AdapterError> {
     if modules.is_empty() {
         return Err(bad("the adapter has no LoRA weights".into()));
     }
-    let mut h = sha2::Sha256::new();
-    use sha2::Digest;
-    h.update(&cfg_text);
-    h.update(&bytes);
-    if let Some(t) = &profile_text {
-        h.update(t);
-    }
-    let content_hash = hex::encode(&h.finalize()[..8]);
+    let content_hash = files.content_hash();
     Ok(PeftFile { modules, rank: max_rank, profile, base_model: cfg.base_model_name_or_path, content_hash })
 }
 

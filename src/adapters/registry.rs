@@ -7,6 +7,7 @@
 //! bounded.
 
 use super::AdapterError;
+use super::files::AdapterFiles;
 use super::peft::{self, GuidanceProfile};
 use crate::model::Llama;
 use crate::model::lora::LoraWeights;
@@ -112,49 +113,91 @@ impl AdapterRegistry {
 
     /// Loads (or with `replace`, reloads) `name` from `path`. Blocking: reads and converts files.
     pub fn load(&self, name: &str, path: &str, replace: bool) -> Result<Arc<LoadedAdapter>, AdapterError> {
-        check_name(name)?;
         if !replace && self.get(name).is_some() {
             return Err(AdapterError::Exists(name.to_string()));
         }
+        let (loaded, _) = self.prepare(name, path)?;
+        if !replace && self.get(name).is_some() {
+            return Err(AdapterError::Exists(name.to_string()));
+        }
+        self.install(loaded.clone())?;
+        Ok(loaded)
+    }
+
+    /// Reads, validates and packs the adapter at `path` (inside the root) as `name`, without
+    /// installing it; also returns the files read, to keep them as this generation. Blocking.
+    pub fn prepare(&self, name: &str, path: &str) -> Result<(Arc<LoadedAdapter>, AdapterFiles), AdapterError> {
+        check_name(name)?;
         let dir = self.resolve(path)?;
-        let a = peft::load(&dir, &self.model)?;
+        let files = AdapterFiles::read(&dir)?;
+        let loaded = self.prepare_files(name, dir, &files)?;
+        Ok((loaded, files))
+    }
+
+    /// Validates and packs adapter files already read (e.g. a kept generation) as `name`.
+    pub fn prepare_files(
+        &self,
+        name: &str,
+        path: PathBuf,
+        files: &AdapterFiles,
+    ) -> Result<Arc<LoadedAdapter>, AdapterError> {
+        check_name(name)?;
+        let a = peft::parse(files, &self.model)?;
         if a.rank > self.limits.max_rank {
             return Err(AdapterError::Limit(format!("rank {} exceeds the limit of {}", a.rank, self.limits.max_rank)));
         }
-        let loaded = Arc::new(LoadedAdapter {
+        Ok(Arc::new(LoadedAdapter {
             name: name.to_string(),
             generation: a.content_hash,
-            path: dir,
+            path,
             rank: a.rank,
             modules: a.modules,
             profile: a.profile,
             base_model: a.base_model,
             loaded_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             weights: Arc::new(a.weights),
-        });
-        let mut entries = self.entries.write().expect("registry lock");
-        let replaced = entries.get(name).cloned();
-        if replaced.is_some() && !replace {
-            return Err(AdapterError::Exists(name.to_string()));
-        }
-        let count = entries.len() + usize::from(replaced.is_none());
+        }))
+    }
+
+    /// Whether installing `adapter` (replacing any current version of its name) stays within
+    /// the count and memory limits.
+    pub fn check_fits(&self, adapter: &LoadedAdapter) -> Result<(), AdapterError> {
+        let entries = self.entries.read().expect("registry lock");
+        self.fits(&entries, adapter)
+    }
+
+    fn fits(
+        &self,
+        entries: &BTreeMap<String, Arc<LoadedAdapter>>,
+        adapter: &LoadedAdapter,
+    ) -> Result<(), AdapterError> {
+        let name = &adapter.name;
+        let count = entries.len() + usize::from(!entries.contains_key(name));
         if count > self.limits.max_adapters {
             return Err(AdapterError::Limit(format!("at most {} adapters can be loaded", self.limits.max_adapters)));
         }
-        let bytes: usize =
-            entries.values().filter(|e| e.name != name).map(|e| e.weights.bytes).sum::<usize>() + loaded.weights.bytes;
+        let bytes: usize = entries.values().filter(|e| &e.name != name).map(|e| e.weights.bytes).sum::<usize>()
+            + adapter.weights.bytes;
         if bytes > self.limits.max_bytes {
             return Err(AdapterError::Limit(format!(
                 "loading {name} would hold {bytes} bytes of adapters, over the limit of {}",
                 self.limits.max_bytes
             )));
         }
-        entries.insert(name.to_string(), loaded.clone());
+        Ok(())
+    }
+
+    /// Makes `adapter` the current version of its name; requests holding the version it
+    /// replaces keep their lease. Returns that replaced version.
+    pub fn install(&self, adapter: Arc<LoadedAdapter>) -> Result<Option<Arc<LoadedAdapter>>, AdapterError> {
+        let mut entries = self.entries.write().expect("registry lock");
+        self.fits(&entries, &adapter)?;
+        let replaced = entries.insert(adapter.name.clone(), adapter);
         drop(entries);
-        if let Some(old) = replaced {
-            self.retire(old);
+        if let Some(old) = &replaced {
+            self.retire(old.clone());
         }
-        Ok(loaded)
+        Ok(replaced)
     }
 
     /// Puts back a version replaced by a change that could not be persisted.

@@ -8,9 +8,9 @@
 //! - [`scheduler`]: admission and step planning (continuous batching, chunked prefill);
 //! - [`engine`]: the loop thread and the handle callers use.
 
-mod device_step;
 pub mod choose;
 pub mod constraint;
+mod device_step;
 #[allow(clippy::module_inception)]
 pub mod engine;
 pub mod prompt;

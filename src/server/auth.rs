@@ -61,8 +61,25 @@ impl FromRequestParts<Arc<AppState>> for Tenant {
     }
 }
 
-/// Proof that the caller holds the admin key.
-pub struct Admin;
+/// Proof that the caller holds the admin key, and who they say they are (for the audit log).
+pub struct Admin {
+    /// `X-Lethe-Actor` (printable ASCII, at most 64 characters), else `admin`. Self-declared:
+    /// the admin key is one shared secret, so an authenticating proxy in front should set it.
+    pub actor: String,
+    pub request_id: Option<String>,
+}
+
+const ACTOR: &str = "x-lethe-actor";
+
+fn actor(parts: &Parts) -> String {
+    parts
+        .headers
+        .get(ACTOR)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(64).collect::<String>())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "admin".into())
+}
 
 impl FromRequestParts<Arc<AppState>> for Admin {
     type Rejection = ApiError;
@@ -76,7 +93,10 @@ impl FromRequestParts<Arc<AppState>> for Admin {
         // Checked against the keys directly, not through `authenticate`: an open server lets
         // unknown keys act as anonymous on the public API, never here.
         match credentials(parts) {
-            Credentials::Bearer(key) if state.tenants.is_admin_key(key) => Ok(Admin),
+            Credentials::Bearer(key) if state.tenants.is_admin_key(key) => Ok(Admin {
+                actor: actor(parts),
+                request_id: parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(String::from),
+            }),
             Credentials::Bearer(key) if state.tenants.is_tenant_key(key) => {
                 Err(ApiError::Forbidden("tenant API keys cannot use the admin API".into()))
             }

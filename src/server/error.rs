@@ -28,6 +28,13 @@ pub enum ApiError {
     Overloaded { waiting: usize },
     #[error("The server is shutting down.")]
     Unavailable,
+    /// The shared state store cannot be reached: admin changes are refused (never acknowledged
+    /// uncommitted); requests are still served with the last known state.
+    #[error("The state store is unreachable, so admin changes are refused until it is back ({0}).")]
+    StoreUnavailable(String),
+    /// A forget-adapter a tenant's policy requires is not loaded on this replica.
+    #[error("{0}")]
+    AdapterUnavailable(String),
     #[error("Not found: {0}")]
     RouteNotFound(String),
     #[error("{0}")]
@@ -61,7 +68,9 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::StoreUnavailable(_) | Self::AdapterUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -70,7 +79,9 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self {
             Self::Overloaded { .. } => "rate_limit_error",
-            Self::Internal(_) | Self::Unavailable => "server_error",
+            Self::Internal(_) | Self::Unavailable | Self::StoreUnavailable(_) | Self::AdapterUnavailable(_) => {
+                "server_error"
+            }
             Self::Unauthorized(_) => "authentication_error",
             Self::Forbidden(_) => "permission_error",
             _ => "invalid_request_error",
@@ -178,12 +189,17 @@ impl From<crate::adapters::AdapterError> for ApiError {
             A::UnknownAdapter(_) => Self::NotFound(e.to_string()),
             A::OutsideRoot(_) => Self::Forbidden(e.to_string()),
             A::NotFound(_) | A::Invalid(_) | A::Unsupported(_) => Self::invalid(e.to_string(), Some("path".into())),
+            // Files that are not the generation they claim to be: the request cannot be met.
+            A::HashMismatch { .. } => Self::Conflict(e.to_string()),
         }
     }
 }
 
 impl From<crate::tenants::StoreError> for ApiError {
     fn from(e: crate::tenants::StoreError) -> Self {
-        Self::Internal(e.to_string())
+        match e {
+            crate::tenants::StoreError::Unavailable(m) => Self::StoreUnavailable(m),
+            other => Self::Internal(other.to_string()),
+        }
     }
 }

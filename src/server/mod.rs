@@ -4,12 +4,14 @@
 //!   tool calls and log-probabilities as clients read them;
 //! - [`validation`]: request checks and the translation to an engine request;
 //! - [`extract`]: the JSON body extractor (415/413/400 in OpenAI's error shape);
-//! - [`admin`]: the admin API (adapters, tenants, keys); [`auth`]: who is calling;
+//! - [`admin`]: the admin API (adapters, tenants, keys, audit); [`auth`]: who is calling;
+//! - [`control`]: this replica's control plane (applies and follows the state store);
 //! - [`ops`]: health, readiness, Prometheus metrics, HTTP request counting;
 //! - [`error`]: the one error type and its HTTP mapping.
 
 pub mod admin;
 pub mod auth;
+pub mod control;
 pub mod error;
 pub mod extract;
 pub mod openai;
@@ -20,7 +22,8 @@ pub mod validation;
 use crate::adapters::AdapterRegistry;
 use crate::config::ServeConfig;
 use crate::engine::EngineHandle;
-use crate::tenants::{Directory, Store};
+use crate::tenants::Directory;
+use crate::tenants::store::{FileStore, PgStore, StateStore};
 use crate::tokenizer::Tokenizer;
 use axum::Router;
 use axum::http::{HeaderName, Request};
@@ -46,6 +49,8 @@ pub struct AppState {
     pub adapters: Arc<AdapterRegistry>,
     /// Tenants, keys and policies (persisted).
     pub tenants: Arc<Directory>,
+    /// Applies the state store's state here, and follows it when it is shared.
+    pub control: Arc<control::ControlPlane>,
     /// Serializes admin changes (apply, persist, acknowledge, one at a time).
     pub admin_lock: tokio::sync::Mutex<()>,
     /// The grammar compiler for structured outputs and tool calls (built on first use).
@@ -98,30 +103,39 @@ impl AppState {
             "kernels" => kernels.name()
         )
         .set(1.0);
-        // The control plane: persisted tenants, then the adapters they were using.
+        // The control plane: the state store, then the adapters its state names.
+        let store = open_store(&config)?;
+        tracing::info!(store = %store.describe(), "state store");
         let tenants =
-            Directory::open(Store::new(config.state_dir.clone()), config.admin_key.as_deref(), config.require_api_key)?;
+            Arc::new(Directory::open(store, config.admin_key.as_ref().map(|k| k.expose()), config.require_api_key)?);
         if !tenants.is_persistent() {
             tracing::warn!("no --state-dir: adapters, tenant policies and keys will not survive a restart");
         }
-        let adapters = AdapterRegistry::new(bundle.model.clone(), config.adapters_root.clone(), config.adapter_limits)?;
-        for (name, path) in tenants.snapshot().adapters {
-            adapters
-                .load(&name, &path, false)
-                .map_err(|e| anyhow::anyhow!("restoring adapter {name:?} from the state directory: {e}"))?;
-            tracing::info!(adapter = %name, "adapter restored");
-        }
+        let adapters =
+            Arc::new(AdapterRegistry::new(bundle.model.clone(), config.adapters_root.clone(), config.adapter_limits)?);
+        let generations = config.generations_dir.clone().map(crate::adapters::Generations::new);
+        let control = Arc::new(control::ControlPlane::new(
+            tenants.clone(),
+            adapters.clone(),
+            generations,
+            config.adapter_history,
+            control::replica_id(),
+        ));
+        control.start()?;
         // Saved policies must still hold under this configuration (e.g. a lowered max_gamma):
         // serving a tenant whose policy cannot be enforced is not an option for a forget-server.
         for (tenant, rec) in &tenants.snapshot().tenants {
             let invalid = |why: String| {
                 anyhow::anyhow!(
                     "tenant {tenant:?}'s saved policy is not valid with this configuration: {why} \
-                     (restore the setting, or fix the policy in the state directory)"
+                     (restore the setting, or fix the policy in the state store)"
                 )
             };
             rec.policy.validate(config.max_gamma).map_err(invalid)?;
-            if let Some(missing) = rec.policy.adapters.iter().find(|a| adapters.get(a).is_none()) {
+            let unavailable = control.unavailable();
+            if let Some(missing) =
+                rec.policy.adapters.iter().find(|a| adapters.get(a).is_none() && !unavailable.contains_key(*a))
+            {
                 return Err(invalid(format!("adapter {missing:?} is not loaded")));
             }
         }
@@ -132,12 +146,31 @@ impl AppState {
             created: openai::unix_now(),
             fingerprint,
             config,
-            adapters: Arc::new(adapters),
-            tenants: Arc::new(tenants),
+            adapters,
+            tenants,
+            control,
             admin_lock: tokio::sync::Mutex::new(()),
             structured: Default::default(),
         }))
     }
+
+    /// Starts following a shared state store (a no-op for the file store). Call once, inside
+    /// the serving runtime.
+    pub fn follow_store(self: &Arc<Self>) {
+        if self.tenants.store().is_shared() {
+            let period = Duration::from_secs(self.config.reconcile_secs);
+            tokio::spawn(self.control.clone().follow(period));
+        }
+    }
+}
+
+/// The state store of `config`: PostgreSQL, files in the state directory, or memory.
+fn open_store(config: &ServeConfig) -> anyhow::Result<Arc<dyn StateStore>> {
+    Ok(match (&config.state_store, &config.state_dir) {
+        (Some(url), _) => Arc::new(PgStore::open(url.expose()).map_err(|e| anyhow::anyhow!("{e}"))?),
+        (None, Some(dir)) => Arc::new(FileStore::open(dir)?),
+        (None, None) => Arc::new(FileStore::memory()),
+    })
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -152,23 +185,50 @@ impl MakeRequestId for RandomId {
     }
 }
 
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routes {
+    /// Everything (the default: one listener).
+    All,
+    /// The OpenAI routes, `/health` and `/ready` (with `--admin-addr`: the public side).
+    Public,
+    /// The admin API, `/metrics`, `/health` and `/ready` (the `--admin-addr` side).
+    Admin,
+}
+
 /// The full router with its middleware.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    router_for(state, Routes::All)
+}
+
+/// The router of one listener, with its middleware.
+pub fn router_for(state: Arc<AppState>, routes: Routes) -> Router {
+    let public = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
-        .route("/v1/models", get(openai::models))
+        .route("/v1/models", get(openai::models));
+    let probes = Router::new()
+        // Probes answer on every listener.
         .route("/health", get(ops::health))
-        .route("/ready", get(ops::ready))
+        .route("/ready", get(ops::ready));
+    let admin_routes = Router::new()
         .route("/metrics", get(ops::metrics))
         .route("/admin/adapters", get(admin::list_adapters).post(admin::load_adapter))
         .route("/admin/adapters/{name}", delete(admin::unload_adapter))
+        .route("/admin/adapters/{name}/history", get(admin::adapter_history))
+        .route("/admin/adapters/{name}/rollback", post(admin::rollback_adapter))
+        .route("/admin/audit", get(admin::audit_log))
         .route("/admin/tenants", get(admin::list_tenants))
         .route("/admin/tenants/{tenant}", get(admin::get_tenant).put(admin::put_tenant).delete(admin::delete_tenant))
         .route("/admin/tenants/{tenant}/keys", post(admin::create_key))
         .route("/admin/tenants/{tenant}/keys/{key_id}", delete(admin::delete_key))
-        .route("/admin/tenants/{tenant}/adapters/{name}", put(admin::enable_adapter).delete(admin::disable_adapter))
-        .fallback(|uri: axum::http::Uri| async move { ApiError::RouteNotFound(uri.path().chars().take(200).collect()) })
+        .route("/admin/tenants/{tenant}/adapters/{name}", put(admin::enable_adapter).delete(admin::disable_adapter));
+    let app = match routes {
+        Routes::All => public.merge(probes).merge(admin_routes),
+        Routes::Public => public.merge(probes),
+        Routes::Admin => admin_routes.merge(probes),
+    };
+    app.fallback(|uri: axum::http::Uri| async move { ApiError::RouteNotFound(uri.path().chars().take(200).collect()) })
         .method_not_allowed_fallback(|method: axum::http::Method| async move {
             ApiError::MethodNotAllowed(method.to_string())
         })
@@ -209,9 +269,29 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
+    serve_split(listener, None, state, shutdown, grace).await
+}
+
+/// As [`serve`]; with `admin`, the admin API and `/metrics` are served on that listener only,
+/// and `listener` serves the public routes. Also starts following a shared state store.
+pub async fn serve_split(
+    listener: tokio::net::TcpListener,
+    admin: Option<tokio::net::TcpListener>,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
     let engine = state.engine.clone();
+    state.follow_store();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let app = router(state);
+    let app = match admin {
+        Some(admin_listener) => {
+            let admin_app = router_for(state.clone(), Routes::Admin);
+            tokio::spawn(async move { axum::serve(admin_listener, admin_app).await });
+            router_for(state, Routes::Public)
+        }
+        None => router(state),
+    };
     // Tokens go out as they are made: no Nagle delay on small SSE writes.
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {

@@ -21,6 +21,12 @@ pub async fn health(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Val
 }
 
 /// `GET /ready`: the model is loaded and the engine accepts work (503 while shutting down).
+///
+/// The body also reports the control-plane state served: its revision, whether the state store
+/// answers, and adapters that cannot be loaded here. Neither makes the replica unready: with
+/// the store unreachable it serves its last known state (taking every replica out of service
+/// for a database outage would stop all inference), and an adapter it cannot load is refused
+/// to exactly the tenants that need it (503), not to everyone.
 pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
     let stats = state.engine.stats();
     let alive = state.engine.is_alive();
@@ -29,6 +35,12 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Valu
         "model": state.model_id,
         "running": stats.running.load(std::sync::atomic::Ordering::Relaxed),
         "waiting": stats.waiting.load(std::sync::atomic::Ordering::Relaxed),
+        "state": {
+            "revision": state.tenants.revision(),
+            "store": state.tenants.store().describe(),
+            "store_status": state.control.health.report(),
+            "adapters_unavailable": state.control.unavailable(),
+        },
     });
     (if alive { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
@@ -39,6 +51,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let handle = t::metrics_handle();
     metrics::gauge!(t::READY).set(if state.engine.is_alive() { 1.0 } else { 0.0 });
     metrics::gauge!(t::ADAPTERS_LOADED).set(state.adapters.names().len() as f64);
+    metrics::gauge!(t::ADAPTERS_UNAVAILABLE).set(state.control.unavailable().len() as f64);
+    metrics::gauge!(t::STATE_STORE_UP).set(if state.control.health.reachable() { 1.0 } else { 0.0 });
+    metrics::gauge!(t::STATE_REVISION).set(state.tenants.revision() as f64);
     let (loaded, retired) = state.adapters.bytes();
     metrics::gauge!(t::ADAPTER_MEMORY_BYTES, "state" => "loaded").set(loaded as f64);
     metrics::gauge!(t::ADAPTER_MEMORY_BYTES, "state" => "retired").set(retired as f64);

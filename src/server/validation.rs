@@ -172,12 +172,7 @@ impl TenantContext {
             match leased {
                 Some(adapters) => return Ok(Self { name: tenant.to_string(), policy, adapters }),
                 None if attempts < 3 => attempts += 1,
-                None => {
-                    return Err(ApiError::Internal(format!(
-                        "tenant {tenant:?} enables adapters {:?} that are not all loaded",
-                        policy.adapters
-                    )));
-                }
+                None => return Err(state.control.missing_adapters(tenant, &policy.adapters)),
             }
         }
     }

@@ -3,17 +3,18 @@
 //!
 //! - [`policy`]: a tenant's adapters and guidance bounds;
 //! - [`keys`]: API keys (stored hashed, shown once);
-//! - [`store`]: atomic persistence of the state in the state directory.
+//! - [`store`]: where the state lives (files in the state directory, or PostgreSQL shared by
+//!   replicas), behind one interface.
 
 pub mod keys;
 pub mod policy;
 pub mod store;
 
 pub use policy::TenantPolicy;
-pub use store::{State, Store, StoreError, TenantRecord};
+pub use store::{Intent, State, StateStore, StoreError, TenantRecord};
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 /// The tenant requests without an API key belong to (unless keys are required).
 pub const DEFAULT_TENANT: &str = "default";
@@ -33,12 +34,13 @@ pub enum AuthError {
     InvalidKey,
 }
 
-/// The live control-plane state: tenant policies and keys, and the adapters to restore at
-/// start-up. Reads are cheap (every request authenticates); changes go through [`Self::update`],
-/// which persists before it publishes.
+/// The live control-plane state: tenant policies and keys, and the adapters that should be
+/// loaded. Reads are cheap (every request authenticates); changes are committed to the store
+/// ([`Self::commit`]) and then published here ([`Self::publish`]), only ever moving forward in
+/// revision.
 pub struct Directory {
-    store: Store,
-    state: RwLock<State>,
+    store: Arc<dyn StateStore>,
+    state: RwLock<Arc<State>>,
     /// Key hash → tenant, derived from `state`.
     key_index: RwLock<HashMap<String, String>>,
     admin_key_hash: Option<String>,
@@ -46,17 +48,31 @@ pub struct Directory {
 }
 
 impl Directory {
-    pub fn open(store: Store, admin_key: Option<&str>, require_api_key: bool) -> Result<Self, StoreError> {
-        let mut state = store.load()?;
+    /// Reads the store's current state. Blocking (works from any thread, inside a runtime or not).
+    pub fn open(
+        store: Arc<dyn StateStore>,
+        admin_key: Option<&str>,
+        require_api_key: bool,
+    ) -> Result<Self, StoreError> {
+        let mut state = futures::executor::block_on(store.load())?;
         state.keyed |= state.has_keys();
         let d = Self {
             key_index: RwLock::new(index(&state)),
-            state: RwLock::new(state),
+            state: RwLock::new(Arc::new(state)),
             store,
             admin_key_hash: admin_key.map(keys::hash_key),
             require_api_key,
         };
         Ok(d)
+    }
+
+    /// A directory on a memory-only store (tests, tools).
+    pub fn in_memory(admin_key: Option<&str>, require_api_key: bool) -> Self {
+        Self::open(Arc::new(store::FileStore::memory()), admin_key, require_api_key).expect("memory store")
+    }
+
+    pub fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
     }
 
     pub fn admin_enabled(&self) -> bool {
@@ -65,6 +81,11 @@ impl Directory {
 
     pub fn is_persistent(&self) -> bool {
         self.store.is_persistent()
+    }
+
+    /// The revision of the state served.
+    pub fn revision(&self) -> u64 {
+        self.state.read().expect("state").revision
     }
 
     /// Identifies the caller from a bearer token (or its absence).
@@ -110,21 +131,50 @@ impl Directory {
         self.state.read().expect("state").tenants.get(tenant).map(|t| t.policy.clone()).unwrap_or_default()
     }
 
-    /// A copy of the whole state.
-    pub fn snapshot(&self) -> State {
+    /// The whole state served now.
+    pub fn snapshot(&self) -> Arc<State> {
         self.state.read().expect("state").clone()
     }
 
-    /// Applies `f` to a copy of the state, persists it, then publishes it. If `f` or the write
-    /// fails, nothing changes. Callers serialize updates (the admin API holds one lock).
-    pub fn update<R, E: From<StoreError>>(&self, f: impl FnOnce(&mut State) -> Result<R, E>) -> Result<R, E> {
-        let mut next = self.snapshot();
-        let r = f(&mut next)?;
-        next.keyed |= next.has_keys();
-        self.store.save(&next)?;
+    /// Serves `next` if it is at least as new as the state served (an older one, from a
+    /// notification that overtook a newer commit, is ignored). Returns whether it was taken.
+    pub fn publish(&self, next: Arc<State>) -> bool {
+        let mut state = self.state.write().expect("state");
+        if next.revision < state.revision {
+            return false;
+        }
+        // Index first, under the state lock: a key revoked in `next` is refused as soon as
+        // `next` is visible, never after.
         *self.key_index.write().expect("key index") = index(&next);
-        *self.state.write().expect("state") = next;
-        Ok(r)
+        *state = next;
+        true
+    }
+
+    /// Applies `f` to the store's current state and commits it with an audit entry (one
+    /// transaction); returns `f`'s result and the committed state, which the caller publishes
+    /// (see `server::control`). If `f` fails, nothing is written.
+    pub async fn commit<R: Send, E: From<StoreError> + Send>(
+        &self,
+        intent: Intent,
+        f: impl FnOnce(&mut State) -> Result<R, E> + Send,
+    ) -> Result<(R, Arc<State>), E> {
+        let mut outcome: Option<Result<R, E>> = None;
+        let slot = &mut outcome;
+        let committed = self
+            .store
+            .commit(
+                intent,
+                Box::new(move |st: &mut State| {
+                    let r = f(st);
+                    let ok = r.is_ok();
+                    *slot = Some(r);
+                    ok
+                }),
+            )
+            .await?;
+        let r = outcome.expect("the store ran the change")?;
+        let state = committed.expect("a change that succeeded is committed");
+        Ok((r, Arc::new(state)))
     }
 }
 
@@ -136,32 +186,57 @@ fn index(state: &State) -> HashMap<String, String> {
 mod tests {
     use super::*;
 
+    fn intent() -> Intent {
+        Intent {
+            actor: "test".into(),
+            action: "test".into(),
+            target: "test".into(),
+            replica: "test".into(),
+            request_id: None,
+        }
+    }
+
+    fn update(d: &Directory, f: impl FnOnce(&mut State) + Send) {
+        let (_, st) = futures::executor::block_on(d.commit(intent(), |s| {
+            f(s);
+            Ok::<_, StoreError>(())
+        }))
+        .unwrap();
+        assert!(d.publish(st));
+    }
+
     #[test]
     fn authentication() {
-        let d = Directory::open(Store::new(None), Some("admin-secret"), false).unwrap();
+        let d = Directory::in_memory(Some("admin-secret"), false);
         assert_eq!(d.authenticate(None), Ok(Caller::Tenant(DEFAULT_TENANT.into())));
         assert_eq!(d.authenticate(Some("admin-secret")), Ok(Caller::Admin));
         // Open server: no tenant key exists, so any key acts like none (OpenAI SDKs always send one).
         assert_eq!(d.authenticate(Some("nope")), Ok(Caller::Tenant(DEFAULT_TENANT.into())));
         let (key, rec) = keys::generate().unwrap();
-        d.update(|s| {
-            s.tenants.entry("acme".into()).or_default().keys.push(rec);
-            Ok::<_, StoreError>(())
-        })
-        .unwrap();
+        update(&d, |s| s.tenants.entry("acme".into()).or_default().keys.push(rec));
         assert_eq!(d.authenticate(Some(&key)), Ok(Caller::Tenant("acme".into())));
         // Once a key exists, unknown keys fail loudly.
         assert_eq!(d.authenticate(Some("nope")), Err(AuthError::InvalidKey));
         assert!(d.is_tenant_key(&key) && !d.is_tenant_key("nope") && d.is_admin_key("admin-secret"));
         // ... and keep failing after the last key is revoked.
-        d.update(|s| {
-            s.tenants.clear();
-            Ok::<_, StoreError>(())
-        })
-        .unwrap();
+        update(&d, |s| s.tenants.clear());
         assert_eq!(d.authenticate(Some(&key)), Err(AuthError::InvalidKey));
-        let strict = Directory::open(Store::new(None), None, true).unwrap();
+        let strict = Directory::in_memory(None, true);
         assert_eq!(strict.authenticate(None), Err(AuthError::MissingKey));
         assert!(!strict.admin_enabled());
+    }
+
+    #[test]
+    fn older_states_are_never_published_over_newer_ones() {
+        let d = Directory::in_memory(None, false);
+        update(&d, |s| {
+            s.tenants.insert("a".into(), TenantRecord::default());
+        });
+        let newer = d.snapshot();
+        let mut older = (*newer).clone();
+        older.revision -= 1;
+        older.tenants.clear();
+        assert!(!d.publish(Arc::new(older)));
+        assert_eq!(d.snapshot(), newer);
     }
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 
 pub mod http;
+pub mod pg;
+pub mod proc;
 
 use lethe::model::{Backend, LoadOptions, WeightFormat};
 use std::path::PathBuf;
