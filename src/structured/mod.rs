@@ -331,10 +331,7 @@ impl AutoRun {
 
     fn undecided_mask(&mut self) -> Result<Vec<u32>, String> {
         let calls = self.calls.as_mut().expect("undecided").mask().ok().cloned();
-        let answer = match self.answer.as_mut() {
-            Some(a) => Some(a.mask().ok().cloned()),
-            None => None,
-        };
+        let answer = self.answer.as_mut().map(|a| a.mask().ok().cloned());
         let trie = self.env.tok_trie();
         let mut bits = vec![0u32; trie.vocab_size().div_ceil(32)];
         for t in 0..trie.vocab_size() as u32 {
