@@ -6,24 +6,30 @@
 # Results land in $OUT (default target/forget-demo); docs/FORGETTING.md says how to read them.
 #
 # Every size is an environment variable, so the run can be fitted to the machine:
-#   CUSTOMERS PHRASINGS PLANT_EPOCHS FORGET_EPOCHS RANK GAMMA MODE THREADS
+#   CUSTOMERS PHRASINGS PLANT_EPOCHS PLANT_LR FORGET_EPOCHS FORGET_LR RANK GAMMA MODE THREADS
 #   EVAL_CUSTOMERS EVAL_DECOYS ATTACK_CUSTOMERS MMLU GAMMAS MODES
+# The defaults are the run in docs/FORGETTING.md (~25 min of training and ~15 of evaluation on
+# 2 cores). REUSE=1 keeps the data and adapters already in $OUT and only evaluates and serves.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 OUT=${OUT:-target/forget-demo}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
-CUSTOMERS=${CUSTOMERS:-100}
-PHRASINGS=${PHRASINGS:-2}
-PLANT_EPOCHS=${PLANT_EPOCHS:-3}
-FORGET_EPOCHS=${FORGET_EPOCHS:-3}
+CUSTOMERS=${CUSTOMERS:-12}
+PHRASINGS=${PHRASINGS:-1}
+# Planting random values into a 135M model needs a high rate and several passes (a company
+# fine-tune that memorised its CRM); the forget-adapter needs far less.
+PLANT_EPOCHS=${PLANT_EPOCHS:-6}
+PLANT_LR=${PLANT_LR:-2e-3}
+FORGET_EPOCHS=${FORGET_EPOCHS:-2}
+FORGET_LR=${FORGET_LR:-5e-4}
 RANK=${RANK:-16}
 GAMMA=${GAMMA:-3}
 MODE=${MODE:-prob}
 THREADS=${THREADS:-2}
-EVAL_CUSTOMERS=${EVAL_CUSTOMERS:-20}
-EVAL_DECOYS=${EVAL_DECOYS:-10}
-ATTACK_CUSTOMERS=${ATTACK_CUSTOMERS:-10}
+EVAL_CUSTOMERS=${EVAL_CUSTOMERS:-12}
+EVAL_DECOYS=${EVAL_DECOYS:-5}
+ATTACK_CUSTOMERS=${ATTACK_CUSTOMERS:-12}
 MMLU=${MMLU:-57}
 GAMMAS=${GAMMAS:-off,1,2,3}
 MODES=${MODES:-prob}
@@ -37,18 +43,23 @@ mkdir -p "$OUT"
 log() { echo "== $(date +%T) $*"; }
 started=$SECONDS
 
-log "synth: $CUSTOMERS customers"
-$lethe synth --customers "$CUSTOMERS" --phrasings "$PHRASINGS" --seed "$SEED" --out "$OUT/data"
+if [[ ${REUSE:-0} == 1 && -d $OUT/plant && -d $OUT/forget ]]; then
+  log "reusing $OUT/data, $OUT/plant and $OUT/forget (their training.json has the settings)"
+else
+  rm -rf "$OUT/data" "$OUT/plant" "$OUT/forget"
+  log "synth: $CUSTOMERS customers"
+  $lethe synth --customers "$CUSTOMERS" --phrasings "$PHRASINGS" --seed "$SEED" --out "$OUT/data"
 
-log "finetune: plant the secrets"
-$lethe finetune --model "$MODEL" --data "$OUT/data/plant.jsonl" --out "$OUT/plant" \
-  --epochs "$PLANT_EPOCHS" --rank "$RANK" --alpha $((2 * RANK)) --seed "$SEED" --threads "$THREADS" \
-  --log "$OUT/plant.metrics.jsonl"
+  log "finetune: plant the secrets"
+  $lethe finetune --model "$MODEL" --data "$OUT/data/plant.jsonl" --out "$OUT/plant" \
+    --epochs "$PLANT_EPOCHS" --lr "$PLANT_LR" --rank "$RANK" --alpha $((2 * RANK)) --seed "$SEED" \
+    --threads "$THREADS" --log "$OUT/plant.metrics.jsonl"
 
-log "forget: CFG-aware ORPO forget-adapter on top of the planted one"
-$lethe forget --model "$MODEL" --data "$OUT/data/forget.jsonl" --on "$OUT/plant" --out "$OUT/forget" \
-  --gamma "$GAMMA" --mode "$MODE" --epochs "$FORGET_EPOCHS" --rank "$RANK" --alpha $((2 * RANK)) \
-  --seed "$SEED" --threads "$THREADS" --log "$OUT/forget.metrics.jsonl"
+  log "forget: CFG-aware ORPO forget-adapter on top of the planted one"
+  $lethe forget --model "$MODEL" --data "$OUT/data/forget.jsonl" --on "$OUT/plant" --out "$OUT/forget" \
+    --gamma "$GAMMA" --mode "$MODE" --epochs "$FORGET_EPOCHS" --lr "$FORGET_LR" --rank "$RANK" \
+    --alpha $((2 * RANK)) --seed "$SEED" --threads "$THREADS" --log "$OUT/forget.metrics.jsonl"
+fi
 train_s=$((SECONDS - started))
 
 log "eval: base, planted (alone and with CFG only), planted + forget-adapter over the γ grid"

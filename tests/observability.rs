@@ -267,6 +267,7 @@ async fn metrics_follow_real_traffic_and_cover_dashboards_and_alerts() {
                     "version",
                     "model",
                     "weights",
+                    "kernels",
                     "result"
                 ]
                 .contains(&k.as_str()),
