@@ -397,7 +397,11 @@ fn a_panic_in_a_step_fails_its_requests_and_the_engine_keeps_serving() {
         tx.send((l1, l2, after.2)).unwrap();
     });
     let (l1, l2, after) = rx.recv_timeout(Duration::from_secs(60)).expect("the engine hung after a panic in a step");
-    assert!(matches!(&l1, Some(Event::Error(EngineError::Failed(m))) if m.contains("internal error")), "{l1:?}");
+    // The native kernels panic on the corrupt factors (the case this test is about); the candle
+    // path refuses packed factors with an error before any kernel runs. Either way the request
+    // fails, and the engine goes on.
+    let why = if t.bundle.model.is_native() { "internal error" } else { "packed LoRA factors" };
+    assert!(matches!(&l1, Some(Event::Error(EngineError::Failed(m))) if m.contains(why)), "{l1:?}");
     assert!(matches!(&l2, Some(Event::Error(EngineError::Failed(_))) | Some(Event::Finished { .. })), "{l2:?}");
     assert_eq!(after, FinishReason::Length);
     assert!(e.is_alive() && !e.stats().crashed.load(std::sync::atomic::Ordering::SeqCst));
