@@ -2,22 +2,17 @@
 //! after a restart the state equals the last acknowledged change (plus, at most, the one change
 //! that was in flight), and a corrupt state file stops start-up with a clear error.
 
+mod common;
+
+use common::proc::Lethe;
 use lethe::fixtures::{PeftSpec, TempDir, TinySpec, write_peft_adapter, write_tiny_model};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const ADMIN: &str = "restart-test-admin-key-0123456789";
-
-struct Lethe {
-    child: Child,
-    base: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
 
 struct Paths {
     model: PathBuf,
@@ -25,47 +20,11 @@ struct Paths {
     root: PathBuf,
 }
 
-/// Starts `lethe serve` on a free port and waits until it says where it listens.
+/// Starts `lethe serve` on `p` with the admin key (see [`common::proc::spawn`]).
 fn spawn(p: &Paths) -> Result<Lethe, String> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lethe"))
-        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--threads", "1"])
-        .arg("--model")
-        .arg(&p.model)
-        .arg("--state-dir")
-        .arg(&p.state)
-        .arg("--adapters-root")
-        .arg(&p.root)
-        .env("LETHE_ADMIN_KEY", ADMIN)
-        .env("RUST_LOG", "warn,lethe=info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn lethe");
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log2 = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("serving on http://") {
-                let url = line[i + "serving on ".len()..].split_whitespace().next().unwrap_or("").to_string();
-                let _ = tx.send(url);
-            }
-            log2.lock().unwrap().push(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(url) = rx.recv_timeout(Duration::from_millis(100)) {
-            return Ok(Lethe { child, base: url, log });
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            std::thread::sleep(Duration::from_millis(100));
-            return Err(format!("exited with {status}: {}", log.lock().unwrap().join("\n")));
-        }
-        assert!(Instant::now() < deadline, "lethe did not start: {}", log.lock().unwrap().join("\n"));
-    }
+    let path = |flag: &str, dir: &Path| [flag.to_string(), dir.display().to_string()];
+    let args = [path("--model", &p.model), path("--state-dir", &p.state), path("--adapters-root", &p.root)].concat();
+    common::proc::spawn(&args, &[("LETHE_ADMIN_KEY", ADMIN.to_string())])
 }
 
 async fn call(base: &str, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value), reqwest::Error> {
