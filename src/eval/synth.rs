@@ -375,24 +375,10 @@ fn address(rng: &mut Rng, fake_rng: &mut fake::rand::rngs::StdRng) -> Fact {
 }
 
 fn birthday(rng: &mut Rng) -> Fact {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
     let y = 1945 + rng.next_u64() % 60;
     let m = 1 + rng.next_u64() % 12;
     let d = 1 + rng.next_u64() % 28;
-    let month = MONTHS[m as usize - 1];
+    let month = crate::tokenizer::chat_template::MONTH_NAMES[m as usize - 1];
     Fact {
         kind: FactKind::Birthday,
         value: format!("{d} {month} {y}"),

@@ -170,6 +170,22 @@ impl ChatTemplate {
     }
 }
 
+/// English month names, January first (strftime's `%B`; also the synthetic benchmark's dates).
+pub(crate) const MONTH_NAMES: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+
 /// A minimal strftime for the formats chat templates use (`%d %b %Y`, `%Y-%m-%d`, ...).
 fn format_date(unix_secs: u64, fmt: &str) -> String {
     let days = (unix_secs / 86_400) as i64;
@@ -184,20 +200,6 @@ fn format_date(unix_secs: u64, fmt: &str) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    const LONG: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
     let mut out = String::new();
     let mut chars = fmt.chars();
     while let Some(c) = chars.next() {
@@ -210,7 +212,7 @@ fn format_date(unix_secs: u64, fmt: &str) -> String {
             Some('m') => out.push_str(&format!("{m:02}")),
             Some('Y') => out.push_str(&y.to_string()),
             Some('b') => out.push_str(MONTHS[(m - 1) as usize]),
-            Some('B') => out.push_str(LONG[(m - 1) as usize]),
+            Some('B') => out.push_str(MONTH_NAMES[(m - 1) as usize]),
             Some(other) => {
                 out.push('%');
                 out.push(other);
