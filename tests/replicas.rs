@@ -19,9 +19,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const ADMIN: &str = "replicas-test-admin-key-0123456789";
-/// Every change must be effective on every replica within this (target: 1 s on loopback; the
-/// bound is looser because CI runs this beside other work on 2 cores).
-const BOUND: Duration = Duration::from_secs(5);
+/// Every change must be effective on every replica within this. The target is 1 s on loopback
+/// (measured by `propagation_delay_across_three_replicas`, docs/replicas.md); the bound is far
+/// looser because CI runs four servers and PostgreSQL on 2 cores (once, a fresh CI machine took
+/// more than 5 s here; a failure prints every server's log).
+const BOUND: Duration = Duration::from_secs(15);
 
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 

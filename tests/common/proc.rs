@@ -70,6 +70,10 @@ impl Lethe {
 impl Drop for Lethe {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows what its servers said (libtest prints this with the failure).
+        if std::thread::panicking() {
+            eprintln!("---- log of lethe at {} ----\n{}", self.base, self.log_text());
+        }
     }
 }
 
