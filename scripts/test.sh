@@ -67,6 +67,10 @@ LETHE_TEST_BACKEND=candle cargo test --release --test engine -- --skip guidance_
 echo "== the cuda feature compiles (CUDA 13.0 from PyPI wheels; no GPU needed), in the background"
 CARGO_TARGET_DIR=target/cuda-check ./scripts/cuda-check.sh >target/cuda-check.log 2>&1 &
 cuda_check=$!
+# The API docs build without a warning (broken or private links, stray HTML), also beside.
+echo "== cargo doc (warnings are errors), in the background"
+RUSTDOCFLAGS="-D warnings" CARGO_TARGET_DIR=target/doc-check cargo doc --no-deps >target/doc-check.log 2>&1 &
+doc_check=$!
 # --- end of the candle path / cuda steps ----------------------------------------------------
 # ---- CPU kernel sets: the model-level parity tests (ragged batches, LoRA rows, guided pairs)
 # again under every other kernel set this CPU supports (the run above used the best one), then
@@ -83,6 +87,8 @@ done
 echo "== waiting for the cuda check"
 wait $cuda_check || { tail -40 target/cuda-check.log; echo "error: the cuda check failed (target/cuda-check.log)" >&2; exit 1; }
 tail -2 target/cuda-check.log
+echo "== waiting for cargo doc"
+wait $doc_check || { cat target/doc-check.log; echo "error: cargo doc has warnings (target/doc-check.log)" >&2; exit 1; }
 # ----
 
 echo "== the official openai Python SDK against lethe serve"
@@ -103,4 +109,8 @@ echo "== LangChain (langchain-openai) against lethe serve"
 "$venv/bin/python" tests/clients/openai_sdk.py "http://127.0.0.1:$port"
 kill -INT $server
 wait $server
+trap - EXIT
+
+echo "== the README's walkthrough, as written (small sizes)"
+./scripts/readme-test.sh
 echo "== all tests passed"
