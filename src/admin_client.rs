@@ -38,6 +38,7 @@ pub enum AdminCommand {
         /// Entries after this revision.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// Entries at most.
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
@@ -45,10 +46,13 @@ pub enum AdminCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AdapterCommand {
+    /// The loaded adapters and their current generations.
     List,
     /// Load a PEFT directory (a path inside the server's adapters root) as NAME.
     Load {
+        /// The name tenants' policies refer to.
         name: String,
+        /// The PEFT directory, relative to the server's --adapters-root.
         path: String,
         /// Replace the current generation of NAME.
         #[arg(long)]
@@ -57,22 +61,29 @@ pub enum AdapterCommand {
         #[arg(long)]
         expected_generation: Option<String>,
     },
+    /// Unload NAME (refused while a tenant enables it, unless --force).
     Unload {
+        /// The adapter.
         name: String,
         /// Also disable it for the tenants that enable it.
         #[arg(long)]
         force: bool,
+        /// Only if NAME is currently at this generation.
         #[arg(long)]
         expected_generation: Option<String>,
     },
     /// Every generation NAME ever had, and which can be rolled back to.
     History {
+        /// The adapter.
         name: String,
     },
     /// Make an earlier generation of NAME current again, on every replica.
     Rollback {
+        /// The adapter.
         name: String,
+        /// The generation to bring back (see `history`).
         generation: String,
+        /// Only if NAME is currently at this generation.
         #[arg(long)]
         expected_generation: Option<String>,
     },
@@ -80,29 +91,41 @@ pub enum AdapterCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
+    /// Every tenant, its policy and its key ids.
     List,
+    /// One tenant's policy and key ids.
     Get {
+        /// The tenant.
         tenant: String,
     },
     /// Create or replace a tenant's policy (JSON, e.g. '{"adapters": ["pii"], "gamma": 2}').
     Put {
+        /// The tenant.
         tenant: String,
+        /// The policy as JSON (its fields: TenantPolicy in proto/openapi.yaml).
         #[arg(long, conflicts_with = "policy_file")]
         policy: Option<String>,
+        /// A file holding the policy as JSON.
         #[arg(long)]
         policy_file: Option<PathBuf>,
     },
+    /// Delete a tenant (its keys stop working).
     Delete {
+        /// The tenant.
         tenant: String,
     },
     /// Enable an adapter for a tenant.
     Enable {
+        /// The tenant.
         tenant: String,
+        /// A loaded adapter's name.
         adapter: String,
     },
     /// Disable an adapter for a tenant.
     Disable {
+        /// The tenant.
         tenant: String,
+        /// The adapter's name.
         adapter: String,
     },
 }
@@ -111,10 +134,17 @@ pub enum TenantCommand {
 pub enum KeyCommand {
     /// Issue a key (printed once; only its hash is stored).
     Create {
+        /// The tenant the key acts for.
         tenant: String,
+        /// Print only the key, for scripts: `KEY=$(lethe admin keys create acme --key-only)`.
+        #[arg(long)]
+        key_only: bool,
     },
+    /// Revoke a key (by its id, as `tenants get` lists it).
     Revoke {
+        /// The tenant.
         tenant: String,
+        /// The key's id (not the key itself).
         key_id: String,
     },
 }
@@ -164,7 +194,7 @@ fn request(cmd: &AdminCommand) -> anyhow::Result<(&'static str, String, Option<V
         C::Tenants(T::Disable { tenant, adapter }) => {
             ("DELETE", format!("/admin/tenants/{}/adapters/{}", seg(tenant), seg(adapter)), None)
         }
-        C::Keys(K::Create { tenant }) => ("POST", format!("/admin/tenants/{}/keys", seg(tenant)), None),
+        C::Keys(K::Create { tenant, .. }) => ("POST", format!("/admin/tenants/{}/keys", seg(tenant)), None),
         C::Keys(K::Revoke { tenant, key_id }) => {
             ("DELETE", format!("/admin/tenants/{}/keys/{}", seg(tenant), seg(key_id)), None)
         }
@@ -228,7 +258,10 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
         let message = answer["error"]["message"].as_str().map_or_else(|| answer.to_string(), String::from);
         bail!("{method} {path}: {status}: {message}");
     }
-    println!("{}", serde_json::to_string_pretty(&answer)?);
+    match (&args.command, answer["api_key"].as_str()) {
+        (AdminCommand::Keys(KeyCommand::Create { key_only: true, .. }), Some(key)) => println!("{key}"),
+        _ => println!("{}", serde_json::to_string_pretty(&answer)?),
+    }
     Ok(())
 }
 

@@ -79,8 +79,8 @@ pub struct ServeArgs {
     #[arg(long, env = "LETHE_STATE_STORE")]
     pub state_store: Option<StoreUrl>,
     /// Where every adapter generation's files are kept, content-addressed, for rollback and for
-    /// other replicas (default: <state-dir>/generations, or <adapters-root>/.generations with
-    /// --state-store; must be shared by replicas).
+    /// other replicas (default: `generations` in --state-dir, or `.generations` in
+    /// --adapters-root with --state-store; must be shared by replicas).
     #[arg(long, env = "LETHE_GENERATIONS_DIR")]
     pub generations_dir: Option<PathBuf>,
     /// Generations per adapter whose files are kept (older ones stay in the history only).

@@ -47,7 +47,7 @@ impl GuidanceMode {
 /// small enough in magnitude that γ·floor cannot overflow f32 for any sane γ.
 const LOG_FLOOR: f32 = -1.0e9;
 
-/// `log_softmax(x)` into `out`, numerically stable; −∞ (or NaN) inputs give [`LOG_FLOOR`].
+/// `log_softmax(x)` into `out`, numerically stable; −∞ (or NaN) inputs give `LOG_FLOOR`.
 pub fn log_softmax(x: &[f32], out: &mut [f32]) {
     let l = RowLse::of(x);
     for (o, &v) in out.iter_mut().zip(x) {
@@ -70,7 +70,7 @@ pub fn softmax(x: &[f32], out: &mut [f32]) {
 /// (identical in exact arithmetic; at γ = 1 it returns `log_softmax(c)` bit for bit).
 ///
 /// One pass over the vocabulary after the two log-sum-exps: `γ·(c − lse_c) + (1−γ)·(u − lse_u)`,
-/// with impossible tokens at [`LOG_FLOOR`].
+/// with impossible tokens at `LOG_FLOOR`.
 pub fn mix_log(cond: &[f32], uncond: &[f32], gamma: f32, out: &mut [f32]) {
     assert_eq!(cond.len(), uncond.len());
     let (lc, lu) = (RowLse::of(cond), RowLse::of(uncond));

@@ -18,7 +18,8 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log lines as `pretty` text or `json` objects (filter with RUST_LOG, e.g. `lethe=debug`).
-    #[arg(long, global = true, env = "LETHE_LOG_FORMAT", default_value = "pretty")]
+    // Under its own heading: a global option would otherwise sit among each command's own.
+    #[arg(long, global = true, env = "LETHE_LOG_FORMAT", default_value = "pretty", help_heading = "Global options")]
     log_format: lethe::telemetry::LogFormat,
 }
 
@@ -74,6 +75,7 @@ struct TrainArgs {
     /// Held-out data in the same format: its loss is reported after every epoch.
     #[arg(long)]
     eval_data: Option<PathBuf>,
+    /// Passes over the training data.
     #[arg(long, default_value_t = 3)]
     epochs: usize,
     /// Peak learning rate (AdamW); decays with a cosine to --lr-floor × lr.
@@ -95,6 +97,7 @@ struct TrainArgs {
     /// are an error.
     #[arg(long, default_value_t = 512)]
     max_length: usize,
+    /// Seed of the LoRA initialisation, dropout and data order (same seed, same adapter).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Threads (default: one per core).
@@ -218,6 +221,7 @@ struct BenchQualityArgs {
     /// Activation precisions to measure for quantized weights.
     #[arg(long, value_delimiter = ',', default_value = "int8,int16")]
     precisions: Vec<lethe::model::kernels::matmul::ActPrecision>,
+    /// Print one JSON object.
     #[arg(long)]
     json: bool,
 }
@@ -232,10 +236,13 @@ struct BenchAdaptersArgs {
     /// Rows of the multi-row cases.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Prompt length of each sequence (random tokens).
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
+    /// Tokens decoded per sequence (the timed part).
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
+    /// Print one JSON object.
     #[arg(long)]
     json: bool,
 }
@@ -262,12 +269,14 @@ struct BenchServeArgs {
     /// Words in the user message (≈ prompt tokens).
     #[arg(long, default_value_t = 100)]
     prompt_words: usize,
+    /// Tokens generated per request.
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
     /// In-process only: also measure single-request decode speed through the engine directly,
     /// interleaved with single-stream HTTP runs, and report the HTTP/engine ratio.
     #[arg(long, conflicts_with = "url")]
     compare_engine: bool,
+    /// Print one JSON object.
     #[arg(long)]
     json: bool,
 }
@@ -332,15 +341,20 @@ struct GenerateArgs {
     /// A system message (with --chat).
     #[arg(long)]
     system: Option<String>,
+    /// Tokens to generate at most (fewer if the model ends its answer or a --stop matches).
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// 0 = greedy.
+    /// Sampling temperature; 0 = greedy (the most likely token every time).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// Nucleus sampling: sample among the most likely tokens whose probabilities add up to
+    /// this (1 = off).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Sample among the k most likely tokens only (0 = off).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// Seed of the sampler, for reproducible sampled output (default: a random one).
     #[arg(long)]
     seed: Option<u64>,
     /// Stop when this text appears (repeatable).
@@ -377,8 +391,10 @@ struct BenchDecodeArgs {
     /// side by side and reports step-time ratios.
     #[arg(long, default_value = "1", value_delimiter = ',')]
     batch: Vec<usize>,
+    /// Prompt length of each sequence (random tokens).
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
+    /// Tokens decoded per sequence (the timed part).
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
     /// Model level: kernel sets to compare side by side, e.g. `avx512,avx2` (default: the
@@ -674,13 +690,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
             Event::Finished { reason, usage, timing } => {
                 writeln!(out)?;
                 let gen_s = timing.total.saturating_sub(timing.time_to_first_token.unwrap_or_default()).as_secs_f64();
+                // Decode speed counts the tokens after the first (the first one is the prefill's);
+                // with a single token there is no decode to time.
+                let speed = match usage.completion_tokens {
+                    0 | 1 => "no decode".to_string(),
+                    n => format!("{:.1} tok/s", (n - 1) as f64 / gen_s.max(1e-9)),
+                };
                 eprintln!(
-                    "[{} | {} prompt + {} generated tokens | first token {:.0} ms | {:.1} tok/s | {}{}]",
+                    "[{} | {} prompt + {} generated tokens | first token {:.0} ms | {} | {}{}]",
                     reason.as_str(),
                     usage.prompt_tokens,
                     usage.completion_tokens,
                     timing.time_to_first_token.unwrap_or_default().as_secs_f64() * 1e3,
-                    usage.completion_tokens.saturating_sub(1) as f64 / gen_s.max(1e-9),
+                    speed,
                     bundle.model.weights_desc(),
                     if guided { format!(" | guided γ={} {}", a.gamma, a.mode.as_str()) } else { String::new() },
                 );
@@ -1016,8 +1038,10 @@ struct SynthArgs {
     /// Training phrasings per fact in plant.jsonl (1-4).
     #[arg(long, default_value_t = 2)]
     phrasings: usize,
+    /// Seed of the names, values and phrasings (same seed and sizes, same company).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The directory to write (customers.json, plant.jsonl, forget.jsonl, eval/probes.jsonl).
     #[arg(long)]
     out: PathBuf,
 }
@@ -1039,6 +1063,7 @@ struct EvalArgs {
     /// γ values: numbers, `off` (no conditions: plain serving) and `default` (the adapter profile's).
     #[arg(long, default_value = "off,1,2,3,5", value_delimiter = ',')]
     gammas: Vec<lethe::eval::grid::GammaSpec>,
+    /// Guidance mixing modes to measure: log (log-probabilities), prob (the paper's).
     #[arg(long, default_value = "log,prob", value_delimiter = ',')]
     modes: Vec<GuidanceMode>,
     /// negative_condition and/or last_token.
@@ -1068,6 +1093,7 @@ struct EvalArgs {
     /// Answers per probe (with --temperature > 0: sampled leakage).
     #[arg(long, default_value_t = 1)]
     samples: usize,
+    /// Sampling temperature of the answers (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
     /// lm-eval's MMLU prompts (scripts/fetch-mmlu.sh).
@@ -1094,8 +1120,10 @@ struct EvalArgs {
     /// Requests in flight with --url.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Do not draw the PNG plots.
     #[arg(long)]
     no_plots: bool,
+    /// No progress bar.
     #[arg(long)]
     quiet: bool,
 }

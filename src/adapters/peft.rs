@@ -77,7 +77,7 @@ pub struct PeftAdapter {
 
 /// An adapter directory read and validated against a model configuration, its factors as f32
 /// host values with `lora_B`'s rows already in the base model's layout (see
-/// [`hf_rows_to_interleaved`]). Serving packs them into [`LoraWeights`]; training merges frozen
+/// `hf_rows_to_interleaved`). Serving packs them into [`LoraWeights`]; training merges frozen
 /// adapters into its base weights.
 pub struct PeftFile {
     pub modules: Vec<PeftModule>,
@@ -272,7 +272,7 @@ fn hf_rows_to_interleaved(b: &[f32], rank: usize, heads: usize, head_dim: usize)
     out
 }
 
-/// The inverse of [`hf_rows_to_interleaved`]: `lora_B` rows trained against a GGUF base back
+/// The inverse of `hf_rows_to_interleaved`: `lora_B` rows trained against a GGUF base back
 /// into the HF layout that PEFT files use (row `2j + s` of a head becomes `s·d/2 + j`).
 pub fn interleaved_rows_to_hf(b: &[f32], rank: usize, heads: usize, head_dim: usize) -> Vec<f32> {
     let half = head_dim / 2;

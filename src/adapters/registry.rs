@@ -87,7 +87,12 @@ impl AdapterRegistry {
     pub fn new(model: Arc<Llama>, root: Option<PathBuf>, limits: AdapterLimits) -> Result<Self, AdapterError> {
         let root = match root {
             Some(r) => Some(
-                r.canonicalize().map_err(|e| AdapterError::NotFound(format!("adapters root {}: {e}", r.display())))?,
+                r.canonicalize().map_err(|e| {
+                    AdapterError::NotFound(format!(
+                        "--adapters-root {:?} cannot be used ({e}): create the directory, or point it at the one holding your PEFT adapters",
+                        r.display().to_string()
+                    ))
+                })?,
             ),
             None => None,
         };

@@ -24,7 +24,7 @@ pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
     exp_shifted_on(active(), x, shift, out)
 }
 
-/// Σ exp(x[i] − shift) over finite `x[i]`, without storing.
+/// `Σ exp(x[i] − shift)` over finite `x[i]`, without storing.
 pub fn exp_shifted_sum(x: &[f32], shift: f32) -> f32 {
     exp_shifted_sum_on(active(), x, shift)
 }

@@ -3,7 +3,7 @@
 //!
 //! Grammars are compiled by [llguidance](https://github.com/guidance-ai/llguidance) (the engine
 //! behind vLLM's and llama.cpp's structured outputs) against a byte trie of the model's
-//! vocabulary ([`toktrie`]); the engine asks the compiled constraint for the allowed next tokens
+//! vocabulary (`toktrie`); the engine asks the compiled constraint for the allowed next tokens
 //! of every step (see [`crate::engine::constraint`]).
 //!
 //! - [`Structured`]: the vocabulary trie and grammar compiler of one model, built on first use;

@@ -3,7 +3,7 @@
 //! and the one interface behind which it is kept: [`StateStore`].
 //!
 //! Two implementations:
-//! - [`FileStore`] ([`file`]): one JSON file in the state directory (or memory only), for one
+//! - [`FileStore`] ([`file`](mod@file)): one JSON file in the state directory (or memory only), for one
 //!   machine; the embedded default;
 //! - [`PgStore`] ([`postgres`]): PostgreSQL, shared by any number of replicas, which follow it
 //!   through LISTEN/NOTIFY and a periodic full reconcile.

@@ -6,7 +6,7 @@
 //! are rounded through f16 exactly as GGUF's Q8_1 blocks store them, so our integer sums are
 //! llama.cpp's and candle's, and results differ from theirs only by float summation order (the
 //! parity test relies on it). Every instruction set computes the same integer sums (the
-//! [`KernelSet`](super::KernelSet) entries); tests check each against the portable one.
+//! [`KernelSet`] entries); tests check each against the portable one.
 //!
 //! Work is split across the kernel pool by tiles of 16 output rows; each tile is processed for up
 //! to [`MR`] activation rows at once so its weights are read from memory once per step.
@@ -109,7 +109,7 @@ pub(crate) fn q16_index(i: usize) -> usize {
 }
 
 /// One block to 16 bits: `d = amax / 32767`, `q = round(x / d)` (half away from zero), stored in
-/// [`q16_index`] order. Returns (d, Σq). One implementation for every instruction set: the
+/// `q16_index` order. Returns (d, Σq). One implementation for every instruction set: the
 /// integer sums are then the same everywhere.
 pub fn quantize_block16(src: &[f32], dst: &mut [i16]) -> (f32, i32) {
     let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));

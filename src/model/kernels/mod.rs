@@ -3,7 +3,7 @@
 //! spinning thread pool they run on.
 //!
 //! ## One interface, one implementation per instruction set
-//! The drivers ([`matmul`], [`attention`], [`elementwise`]) split work over the pool and call
+//! The drivers ([`matmul`](mod@matmul), [`attention`], [`elementwise`]) split work over the pool and call
 //! the innermost loops through a [`KernelSet`]: a table of functions with one instance per
 //! [`Isa`] (`avx512.rs`, `avx2.rs` for AVX2 with and without AVX-VNNI, `neon.rs` for NEON with
 //! and without `dotprod`, and `portable.rs`, the reference). The set is chosen once per process

@@ -2,7 +2,7 @@
 //!
 //! Both are exposed as a [`WeightSource`] that hands out tensors by their role
 //! ([`WeightName`]), so the model builder does not care about file formats, and as a
-//! [`ModelConfig`]. Anything malformed becomes a [`ModelError`] naming the file and the problem.
+//! [`ModelConfig`](crate::model::ModelConfig). Anything malformed becomes a [`ModelError`] naming the file and the problem.
 
 pub mod gguf;
 pub mod safetensors;
