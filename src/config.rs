@@ -14,14 +14,16 @@ use std::path::{Path, PathBuf};
 /// Flags of `lethe serve` (each also readable from `LETHE_<NAME>`).
 #[derive(Debug, Clone, Default, Args)]
 pub struct ServeArgs {
-    /// Model: a .gguf file or an HF directory (default: the fetched SmolLM2-135M-Instruct).
+    /// Model: a .gguf file or an HF directory (`scripts/fetch-model.sh` fetches the default).
     #[arg(long, env = "LETHE_MODEL")]
     pub model: Option<PathBuf>,
     /// A tokenizer.json to use instead of the model's own.
     #[arg(long, env = "LETHE_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
+    /// Address to listen on (0.0.0.0 for every interface; behind a proxy or in a container).
     #[arg(long, env = "LETHE_HOST")]
     pub host: Option<IpAddr>,
+    /// Port of the OpenAI API (0 picks a free one; the log says which).
     #[arg(long, env = "LETHE_PORT")]
     pub port: Option<u16>,
     /// Also serve `/metrics` (and `/health`) on this port, e.g. for a scrape-only network policy.
@@ -58,7 +60,7 @@ pub struct ServeArgs {
     /// KV cache budget in MiB.
     #[arg(long, env = "LETHE_KV_CACHE_MIB")]
     pub kv_cache_mib: Option<usize>,
-    /// KV cache element type: f16 or f32.
+    /// KV cache element type: f16, q8 (int8 + a scale per token and head) or f32.
     #[arg(long, env = "LETHE_KV_DTYPE")]
     pub kv_dtype: Option<KvDtype>,
     /// max_tokens when a request gives none.
@@ -459,9 +461,88 @@ fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
 }
 
+impl ServeArgs {
+    /// `lethe serve --help` with every setting's default. The flags are `Option`s, so that the
+    /// config file can fill what neither flag nor variable set, and clap shows no default for
+    /// them; the defaults written here are the ones [`ServeConfig::resolve`] applies.
+    pub fn document_defaults(cmd: clap::Command) -> clap::Command {
+        let Ok(defaults) = ServeConfig::resolve(&ServeArgs::default()) else { return cmd };
+        defaults.shown_defaults().into_iter().fold(cmd, |cmd, (id, value)| {
+            cmd.mut_arg(id, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                arg.help(format!("{help} [default: {value}]"))
+            })
+        })
+    }
+}
+
+impl ServeConfig {
+    /// Each flag's resolved value, as `--help` shows it for the defaults (flags without a
+    /// default, e.g. optional paths, are left out).
+    fn shown_defaults(&self) -> Vec<(&'static str, String)> {
+        let lower = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
+        let limits = &self.adapter_limits;
+        vec![
+            ("model", self.model.display().to_string()),
+            ("host", self.host.to_string()),
+            ("port", self.port.to_string()),
+            ("device", self.device.clone()),
+            ("backend", lower(&self.backend)),
+            ("weights", lower(&self.weights)),
+            ("threads", self.threads.map_or_else(|| "one per core".into(), |n| n.to_string())),
+            ("max_running_rows", self.max_running_rows.to_string()),
+            ("max_batch_tokens", self.max_batch_tokens.to_string()),
+            ("max_waiting", self.max_waiting.to_string()),
+            ("kv_cache_mib", self.kv_cache_mib.to_string()),
+            ("kv_dtype", lower(&self.kv_dtype)),
+            ("default_max_tokens", self.default_max_tokens.to_string()),
+            ("max_gamma", self.max_gamma.to_string()),
+            ("shutdown_grace_secs", self.shutdown_grace_secs.to_string()),
+            ("adapter_history", self.adapter_history.to_string()),
+            ("reconcile_secs", self.reconcile_secs.to_string()),
+            ("max_adapters", limits.max_adapters.to_string()),
+            ("max_adapter_rank", limits.max_rank.to_string()),
+            ("max_adapter_mib", (limits.max_bytes >> 20).to_string()),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Settings with no default value to show: optional paths and addresses, and a switch.
+    const NO_DEFAULT: &[&str] = &[
+        "tokenizer",
+        "metrics_port",
+        "admin_addr",
+        "config",
+        "state_dir",
+        "state_store",
+        "generations_dir",
+        "adapters_root",
+        "admin_key_file",
+        "require_api_key",
+    ];
+
+    #[test]
+    fn serve_help_shows_every_default() {
+        use clap::Args;
+        let cmd = ServeArgs::augment_args(clap::Command::new("serve"));
+        let documented = ServeArgs::document_defaults(cmd.clone());
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            let help = documented.get_arguments().find(|a| a.get_id() == id).unwrap().get_help().unwrap().to_string();
+            assert!(!arg.get_help().is_none_or(|h| h.to_string().is_empty()), "--{id} has no help text");
+            if NO_DEFAULT.contains(&id) {
+                assert!(!help.contains("[default:"), "{id}: {help}");
+            } else {
+                assert!(help.contains("[default: "), "--{id} shows no default (add it to shown_defaults): {help}");
+            }
+        }
+        let port = documented.get_arguments().find(|a| a.get_id() == "port").unwrap();
+        assert!(port.get_help().unwrap().to_string().ends_with("[default: 8080]"));
+    }
 
     #[test]
     fn flags_beat_the_file_and_the_file_beats_defaults() {

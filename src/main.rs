@@ -1,7 +1,7 @@
 //! The `lethe` command line: a thin layer over the library.
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use lethe::engine::{Conditions, EngineConfig, EngineHandle, Event, Request, UncondSource, prompt};
 use lethe::guidance::{Guidance, GuidanceMode};
 use lethe::loader::ModelBundle;
@@ -437,7 +437,8 @@ struct BenchDecodeArgs {
 
 fn main() -> Result<()> {
     tune_allocator();
-    let cli = Cli::parse();
+    let command = Cli::command().mut_subcommand("serve", lethe::config::ServeArgs::document_defaults);
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     lethe::telemetry::init_logging(cli.log_format);
     // Which CPU kernels run (LETHE_KERNELS=avx512|avx2-vnni|avx2|neon-dotprod|neon|portable, or
     // the best this CPU has): one the CPU lacks is refused here, before any work.
