@@ -331,13 +331,17 @@ impl EngineHandle {
     pub fn submit(&self, req: Request) -> Result<RequestStream, EngineError> {
         self.validate(&req)?;
         let ticket = self.reserve(&req.tenant, &req.limits)?;
-        self.submit_reserved(req, ticket)
+        self.enqueue(req, ticket)
     }
 
     /// Queues a request whose place was taken with [`Self::reserve`] (the ticket is given back
     /// when the request is admitted, rejected or cancelled).
     pub fn submit_reserved(&self, req: Request, ticket: Ticket) -> Result<RequestStream, EngineError> {
         self.validate(&req)?;
+        self.enqueue(req, ticket)
+    }
+
+    fn enqueue(&self, req: Request, ticket: Ticket) -> Result<RequestStream, EngineError> {
         if !self.is_alive() {
             return Err(EngineError::ShuttingDown);
         }
