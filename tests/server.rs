@@ -499,3 +499,38 @@ async fn a_request_past_the_deadline_is_504_and_cancelled() {
     drop(running);
     s.shutdown().await;
 }
+
+/// Tokenization runs on a fixed pool (`tokenizer_threads`), and a request counts against the
+/// waiting limits before it is tokenized: with the pool's only place held, a request waits for
+/// it already counted, and the tenant's next one is refused (429) instead of queueing more work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_count_against_the_limits_before_tokenization() {
+    let s = Server::start(|a| {
+        a.tokenizer_threads = Some(1);
+        a.tenant_max_waiting = Some(1);
+    })
+    .await;
+    let held = s.state.blocking.clone().acquire_owned().await.unwrap();
+    let first = tokio::spawn({
+        let (url, body) = (s.url("/v1/chat/completions"), chat(&s.model(), json!({"max_tokens": 2})));
+        async move {
+            let r = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+            r.status().as_u16()
+        }
+    });
+    let stats = s.state.engine.stats();
+    for _ in 0..400 {
+        if stats.tenant_waiting("default") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(stats.tenant_waiting("default"), 1, "the first request waits for the pool, counted");
+    let (status, body) = s.post("/v1/chat/completions", chat(&s.model(), json!({"max_tokens": 2}))).await;
+    assert_error(status, &body, 429, None);
+    assert!(body["error"]["message"].as_str().unwrap().contains("limit is 1"), "{body}");
+    drop(held);
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(stats.tenant_waiting("default"), 0);
+    s.shutdown().await;
+}
