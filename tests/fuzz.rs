@@ -47,7 +47,22 @@ fn config(weight: u32) -> Config {
 
 /// Fixtures written once per run, under the target directory.
 fn workdir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fuzz-{}", std::process::id()));
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    // Earlier runs' fixtures, whose processes are gone.
+    if cfg!(target_os = "linux")
+        && let Ok(entries) = std::fs::read_dir(root)
+    {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("fuzz-").and_then(|p| p.parse::<u32>().ok())
+                && pid != std::process::id()
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let dir = root.join(format!("fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
