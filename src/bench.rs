@@ -366,6 +366,7 @@ pub fn engine(
             max_running_rows: max_rows,
             max_batch_tokens: (max_rows * prompt_tokens).max(512),
             max_waiting: max_conc,
+            ..Default::default()
         },
         kv_cache_bytes: 8 << 30,
     };

@@ -57,6 +57,34 @@ pub struct ServeArgs {
     /// Requests allowed to wait; more get HTTP 429.
     #[arg(long, env = "LETHE_MAX_WAITING")]
     pub max_waiting: Option<usize>,
+    /// Requests one tenant may have waiting, unless its policy says otherwise (default: no
+    /// limit of its own).
+    #[arg(long, env = "LETHE_TENANT_MAX_WAITING")]
+    pub tenant_max_waiting: Option<usize>,
+    /// Rows one tenant may run at once, unless its policy says otherwise (default: no limit of
+    /// its own).
+    #[arg(long, env = "LETHE_TENANT_MAX_RUNNING_ROWS")]
+    pub tenant_max_running_rows: Option<usize>,
+    /// Steps a request may prefill before its prompt goes first (aging of shortest-first).
+    #[arg(long, env = "LETHE_MAX_PREFILL_WAIT_STEPS")]
+    pub max_prefill_wait_steps: Option<usize>,
+    /// Requests tokenized at once (a fixed pool; more wait, counted against max_waiting).
+    #[arg(long, env = "LETHE_TOKENIZER_THREADS")]
+    pub tokenizer_threads: Option<usize>,
+    /// Seconds a request may take until its response starts (non-streamed: the whole
+    /// generation); longer is HTTP 504.
+    #[arg(long, env = "LETHE_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
+    /// Seconds a client may take to send a request's headers; also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, env = "LETHE_HEADER_TIMEOUT_SECS")]
+    pub header_timeout_secs: Option<u64>,
+    /// Stop sequences per request.
+    #[arg(long, env = "LETHE_MAX_STOP_SEQUENCES")]
+    pub max_stop_sequences: Option<usize>,
+    /// Characters per stop sequence.
+    #[arg(long, env = "LETHE_MAX_STOP_CHARS")]
+    pub max_stop_chars: Option<usize>,
     /// KV cache budget in MiB.
     #[arg(long, env = "LETHE_KV_CACHE_MIB")]
     pub kv_cache_mib: Option<usize>,
@@ -130,6 +158,14 @@ pub struct FileConfig {
     pub max_running_rows: Option<usize>,
     pub max_batch_tokens: Option<usize>,
     pub max_waiting: Option<usize>,
+    pub tenant_max_waiting: Option<usize>,
+    pub tenant_max_running_rows: Option<usize>,
+    pub max_prefill_wait_steps: Option<usize>,
+    pub tokenizer_threads: Option<usize>,
+    pub request_timeout_secs: Option<u64>,
+    pub header_timeout_secs: Option<u64>,
+    pub max_stop_sequences: Option<usize>,
+    pub max_stop_chars: Option<usize>,
     pub kv_cache_mib: Option<usize>,
     pub kv_dtype: Option<String>,
     pub default_max_tokens: Option<usize>,
@@ -198,6 +234,15 @@ pub struct ServeConfig {
     pub max_running_rows: usize,
     pub max_batch_tokens: usize,
     pub max_waiting: usize,
+    /// Per-tenant defaults of the policy's `max_waiting` and `max_running_rows`.
+    pub tenant_max_waiting: Option<usize>,
+    pub tenant_max_running_rows: Option<usize>,
+    pub max_prefill_wait_steps: usize,
+    pub tokenizer_threads: usize,
+    pub request_timeout_secs: u64,
+    pub header_timeout_secs: u64,
+    pub max_stop_sequences: usize,
+    pub max_stop_chars: usize,
     pub kv_cache_mib: usize,
     pub kv_dtype: KvDtype,
     pub default_max_tokens: usize,
@@ -260,6 +305,20 @@ impl ServeConfig {
                 .or(file.max_batch_tokens)
                 .unwrap_or(crate::engine::SchedulerConfig::default().max_batch_tokens),
             max_waiting: args.max_waiting.or(file.max_waiting).unwrap_or(256),
+            tenant_max_waiting: args.tenant_max_waiting.or(file.tenant_max_waiting),
+            tenant_max_running_rows: args.tenant_max_running_rows.or(file.tenant_max_running_rows),
+            max_prefill_wait_steps: args
+                .max_prefill_wait_steps
+                .or(file.max_prefill_wait_steps)
+                .unwrap_or(crate::engine::SchedulerConfig::default().max_prefill_wait_steps),
+            tokenizer_threads: args
+                .tokenizer_threads
+                .or(file.tokenizer_threads)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            request_timeout_secs: args.request_timeout_secs.or(file.request_timeout_secs).unwrap_or(600),
+            header_timeout_secs: args.header_timeout_secs.or(file.header_timeout_secs).unwrap_or(30),
+            max_stop_sequences: args.max_stop_sequences.or(file.max_stop_sequences).unwrap_or(4),
+            max_stop_chars: args.max_stop_chars.or(file.max_stop_chars).unwrap_or(256),
             kv_cache_mib: args.kv_cache_mib.or(file.kv_cache_mib).unwrap_or(2048),
             kv_dtype,
             default_max_tokens: args.default_max_tokens.or(file.default_max_tokens).unwrap_or(512),
@@ -308,6 +367,16 @@ impl ServeConfig {
         anyhow::ensure!(self.max_running_rows >= 2, "max_running_rows must be at least 2 (a guided pair)");
         anyhow::ensure!(self.max_batch_tokens >= 1, "max_batch_tokens must be at least 1");
         anyhow::ensure!(self.max_waiting >= 1, "max_waiting must be at least 1");
+        if let Some(n) = self.tenant_max_waiting {
+            anyhow::ensure!(n >= 1, "tenant_max_waiting must be at least 1, got {n}");
+        }
+        if let Some(n) = self.tenant_max_running_rows {
+            anyhow::ensure!(n >= 2, "tenant_max_running_rows must be at least 2 (a guided pair), got {n}");
+        }
+        anyhow::ensure!(self.tokenizer_threads >= 1, "tokenizer_threads must be at least 1, got 0");
+        anyhow::ensure!(self.request_timeout_secs >= 1, "request_timeout_secs must be at least 1, got 0");
+        anyhow::ensure!(self.header_timeout_secs >= 1, "header_timeout_secs must be at least 1, got 0");
+        anyhow::ensure!(self.max_stop_chars >= 1, "max_stop_chars must be at least 1, got 0");
         anyhow::ensure!(self.default_max_tokens >= 1, "default_max_tokens must be at least 1");
         anyhow::ensure!(self.max_gamma.is_finite() && self.max_gamma >= 1.0, "max_gamma must be a finite number ≥ 1");
         let g = &self.guidance;
@@ -562,6 +631,7 @@ mod tests {
         assert_eq!(c.guidance.mode, GuidanceMode::Prob);
         assert_eq!(c.guidance.positive, crate::engine::prompt::PAPER_POSITIVE);
         assert_eq!(c.max_running_rows, 32);
+        assert_eq!((c.tenant_max_waiting, c.max_stop_sequences, c.request_timeout_secs), (None, 4, 600));
     }
 
     #[test]
@@ -630,6 +700,9 @@ mod tests {
         let err = ServeConfig::resolve(&ServeArgs { config: Some(path.clone()), ..Default::default() }).unwrap_err();
         assert!(err.to_string().contains("prot"), "{err}");
         std::fs::write(&path, "max_gamma = 0.5\n").unwrap();
-        assert!(ServeConfig::resolve(&ServeArgs { config: Some(path), ..Default::default() }).is_err());
+        assert!(ServeConfig::resolve(&ServeArgs { config: Some(path.clone()), ..Default::default() }).is_err());
+        std::fs::write(&path, "tenant_max_running_rows = 1\n").unwrap();
+        let err = ServeConfig::resolve(&ServeArgs { config: Some(path), ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("got 1"), "{err}");
     }
 }

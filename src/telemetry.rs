@@ -19,6 +19,11 @@ pub const PROMPT_TOKENS: &str = "lethe_prompt_tokens_total";
 pub const GENERATION_TOKENS: &str = "lethe_generation_tokens_total";
 /// Labels `finished_reason` (stop, length, cancelled, error) and `tenant`.
 pub const REQUESTS: &str = "lethe_requests_total";
+// Fair sharing between tenants (label `tenant`).
+pub const TENANT_REQUESTS_WAITING: &str = "lethe_tenant_requests_waiting";
+pub const TENANT_RUNNING_ROWS: &str = "lethe_tenant_running_rows";
+/// Labels `tenant` and `limit` = `tenant` (its own `max_waiting`) | `server` (the server's).
+pub const TENANT_REJECTED: &str = "lethe_tenant_rejected_requests_total";
 // Guidance.
 /// Label `guidance` = `none` | `log` | `prob` (a request whose γ is 1 runs unguided: `none`).
 pub const GUIDED_REQUESTS: &str = "lethe_guided_requests_total";
@@ -69,6 +74,9 @@ const CATALOG: &[(&str, Kind, &str)] = &[
     (PROMPT_TOKENS, Kind::Counter, "Prompt tokens of finished requests (cond row)."),
     (GENERATION_TOKENS, Kind::Counter, "Tokens generated."),
     (REQUESTS, Kind::Counter, "Finished requests by finish reason and tenant."),
+    (TENANT_REQUESTS_WAITING, Kind::Gauge, "Requests of a tenant waiting for admission (tokenizing or queued)."),
+    (TENANT_RUNNING_ROWS, Kind::Gauge, "Rows of a tenant running (a guided request counts two)."),
+    (TENANT_REJECTED, Kind::Counter, "Requests refused with 429, by tenant and by whose waiting limit was full."),
     (GUIDED_REQUESTS, Kind::Counter, "Finished requests by guidance mode (none = unguided)."),
     (GUIDANCE_GAMMA, Kind::Histogram(GAMMA), "Guidance scale of guided requests."),
     (KV_CACHE_USED_BYTES, Kind::Gauge, "KV cache bytes in use."),

@@ -202,7 +202,8 @@ fn uncond_sources_build_the_expected_rows() {
 #[test]
 fn full_queue_is_overloaded() {
     let t = tiny();
-    let e = engine(&t, SchedulerConfig { max_running_rows: 1, max_batch_tokens: 64, max_waiting: 2 });
+    let e =
+        engine(&t, SchedulerConfig { max_running_rows: 1, max_batch_tokens: 64, max_waiting: 2, ..Default::default() });
     let mut long = chat(&t, "go", None);
     long.max_tokens = 400;
     let running = e.submit(long.clone()).unwrap();
@@ -263,7 +264,10 @@ fn context_overflow_is_rejected_up_front() {
 #[test]
 fn fifty_concurrent_mixed_requests_complete_with_correct_usage() {
     let t = tiny();
-    let e = engine(&t, SchedulerConfig { max_running_rows: 24, max_batch_tokens: 96, max_waiting: 64 });
+    let e = engine(
+        &t,
+        SchedulerConfig { max_running_rows: 24, max_batch_tokens: 96, max_waiting: 64, ..Default::default() },
+    );
     let mut expected = Vec::new();
     let streams: Vec<RequestStream> = (0..50)
         .map(|i| {
@@ -299,8 +303,12 @@ fn chunked_prefill_gives_the_same_answer() {
     let mut r = chat(&t, &long, Some((2.0, GuidanceMode::Log)));
     r.max_tokens = 10;
     assert!(r.prompt.len() > 100);
-    let small = engine(&t, SchedulerConfig { max_running_rows: 4, max_batch_tokens: 16, max_waiting: 8 });
-    let big = engine(&t, SchedulerConfig { max_running_rows: 4, max_batch_tokens: 4096, max_waiting: 8 });
+    let small =
+        engine(&t, SchedulerConfig { max_running_rows: 4, max_batch_tokens: 16, max_waiting: 8, ..Default::default() });
+    let big = engine(
+        &t,
+        SchedulerConfig { max_running_rows: 4, max_batch_tokens: 4096, max_waiting: 8, ..Default::default() },
+    );
     let steps_before = small.stats().steps.load(std::sync::atomic::Ordering::Relaxed);
     let a = collect(small.submit(r.clone()).unwrap());
     let steps = small.stats().steps.load(std::sync::atomic::Ordering::Relaxed) - steps_before;

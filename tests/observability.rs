@@ -212,6 +212,11 @@ async fn metrics_follow_real_traffic_and_cover_dashboards_and_alerts() {
     assert_eq!(s.call("POST", "/v1/chat/completions", Some(&kg), Some(body(json!({ "model": "nope" })))).await.0, 404);
     let bad = body(json!({ "guidance": { "gamma": -1 } }));
     assert_eq!(s.call("POST", "/v1/chat/completions", Some(&kg), Some(bad)).await.0, 400);
+    // A tenant past its own waiting limit (its one place is held here) is refused.
+    let limits = lethe::engine::TenantLimits { max_waiting: Some(1), ..Default::default() };
+    let held = s.state.engine.reserve("obs-q", &limits).unwrap();
+    assert!(s.state.engine.reserve("obs-q", &limits).is_err());
+    drop(held);
     admin("DELETE", "/admin/adapters/obs-y", None).await;
 
     // The engine updates its gauges just after it sends a request's last event, so a scrape
@@ -227,6 +232,8 @@ async fn metrics_follow_real_traffic_and_cover_dashboards_and_alerts() {
     let delta = |name: &str, filter: &[(&str, &str)]| sum(&after, name, filter) - sum(&before, name, filter);
     assert_eq!(delta("lethe_requests_total", &[("tenant", "obs-g")]), 5.0);
     assert_eq!(delta("lethe_requests_total", &[("tenant", "obs-t")]), 2.0);
+    assert_eq!(delta("lethe_tenant_rejected_requests_total", &[("tenant", "obs-q"), ("limit", "tenant")]), 1.0);
+    assert_eq!(sum(&after, "lethe_tenant_requests_waiting", &[("tenant", "obs-q")]), 0.0);
     assert_eq!(delta("lethe_requests_total", &[("tenant", "obs-t"), ("finished_reason", "length")]), 2.0);
     assert_eq!(delta("lethe_guided_requests_total", &[("guidance", "log")]), 3.0);
     assert_eq!(delta("lethe_guided_requests_total", &[("guidance", "none")]), 4.0);
@@ -268,7 +275,8 @@ async fn metrics_follow_real_traffic_and_cover_dashboards_and_alerts() {
                     "model",
                     "weights",
                     "kernels",
-                    "result"
+                    "result",
+                    "limit"
                 ]
                 .contains(&k.as_str()),
                 "{name}: unexpected label {k}={v}"

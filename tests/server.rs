@@ -436,3 +436,101 @@ fn openapi_contract_covers_routes_and_extensions() {
         assert!(schemas["Error"]["properties"]["error"]["properties"].get(f).is_some(), "Error.error.{f}");
     }
 }
+
+/// A client that sends half a request's headers, or keeps a connection idle after its request,
+/// is disconnected after `header_timeout_secs` (axum::serve alone waits forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start(|a| a.header_timeout_secs = Some(1)).await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // Half the headers, then nothing.
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "a connection that never finishes its headers is closed");
+    // A complete request, then an idle keep-alive connection.
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "an idle keep-alive connection is closed");
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
+    assert!(started.elapsed() >= Duration::from_millis(900), "kept alive for the timeout first");
+    s.shutdown().await;
+}
+
+/// A request whose response has not started within `request_timeout_secs` gets a 504 in
+/// OpenAI's shape, and its place in the queue is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_deadline_is_504_and_cancelled() {
+    let s = Server::start_with(TinySpec { max_positions: 8192, ..Default::default() }, |a| {
+        a.max_running_rows = Some(2);
+        a.request_timeout_secs = Some(1);
+    })
+    .await;
+    // A long guided stream takes both rows (a started stream is not cut by the deadline).
+    let long =
+        chat(&s.model(), json!({"max_tokens": 8000, "ignore_eos": true, "stream": true, "guidance": {"gamma": 2.0}}));
+    let client = reqwest::Client::new();
+    let running = client.post(s.url("/v1/chat/completions")).json(&long).send().await.unwrap();
+    assert_eq!(running.status(), 200);
+    let mut running = running.bytes_stream();
+    let _ = running.next().await.unwrap().unwrap();
+    // This one waits for rows that do not free up in time.
+    let started = std::time::Instant::now();
+    let (status, body) = s.post("/v1/chat/completions", chat(&s.model(), json!({"max_tokens": 4}))).await;
+    assert_error(status, &body, 504, None);
+    assert_eq!(body["error"]["code"], "timeout", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("1 s"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let stats = s.state.engine.stats();
+    for _ in 0..400 {
+        if stats.waiting.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(stats.waiting.load(Ordering::Relaxed), 0, "the timed-out request left the queue");
+    // The stream that started before the deadline still runs.
+    assert!(running.next().await.is_some_and(|c| c.is_ok()));
+    drop(running);
+    s.shutdown().await;
+}
+
+/// Tokenization runs on a fixed pool (`tokenizer_threads`), and a request counts against the
+/// waiting limits before it is tokenized: with the pool's only place held, a request waits for
+/// it already counted, and the tenant's next one is refused (429) instead of queueing more work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_count_against_the_limits_before_tokenization() {
+    let s = Server::start(|a| {
+        a.tokenizer_threads = Some(1);
+        a.tenant_max_waiting = Some(1);
+    })
+    .await;
+    let held = s.state.blocking.clone().acquire_owned().await.unwrap();
+    let first = tokio::spawn({
+        let (url, body) = (s.url("/v1/chat/completions"), chat(&s.model(), json!({"max_tokens": 2})));
+        async move {
+            let r = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+            r.status().as_u16()
+        }
+    });
+    let stats = s.state.engine.stats();
+    for _ in 0..400 {
+        if stats.tenant_waiting("default") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(stats.tenant_waiting("default"), 1, "the first request waits for the pool, counted");
+    let (status, body) = s.post("/v1/chat/completions", chat(&s.model(), json!({"max_tokens": 2}))).await;
+    assert_error(status, &body, 429, None);
+    assert!(body["error"]["message"].as_str().unwrap().contains("limit is 1"), "{body}");
+    drop(held);
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(stats.tenant_waiting("default"), 0);
+    s.shutdown().await;
+}

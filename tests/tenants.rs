@@ -938,3 +938,104 @@ async fn the_admin_cli_drives_the_admin_api() {
     );
     s.shutdown().await;
 }
+
+/// Fair sharing: tenant A floods 200 requests; past its own waiting limit it gets 429s naming
+/// its limit, while tenant B's single request is admitted within a few engine steps of reaching
+/// the queue (A's row limit leaves room, and admission goes to the tenant running the fewest
+/// rows) and finishes. Before per-tenant limits, the flood filled the one global queue: A got no
+/// 429 at all and B waited behind A's whole backlog (8 requests of 100 tokens, 2 at a time:
+/// some 400 steps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_flood_does_not_starve_another() {
+    // A model large enough that a step takes milliseconds, so that steps measure the engine's
+    // time rather than the test's HTTP round trips.
+    let spec = TinySpec { hidden: 512, intermediate: 1024, layers: 4, heads: 8, kv_heads: 4, ..spec() };
+    let (s, _) = start_spec(spec, |a| {
+        a.max_running_rows = Some(4);
+        a.max_batch_tokens = Some(64);
+    })
+    .await;
+    let (a, b) = ("flood", "quiet");
+    ok_admin(&s, "PUT", &format!("/admin/tenants/{a}"), Some(json!({ "max_waiting": 8, "max_running_rows": 2 }))).await;
+    ok_admin(&s, "PUT", &format!("/admin/tenants/{b}"), Some(json!({}))).await;
+    let (ka, kb) = (new_key(&s, a).await, new_key(&s, b).await);
+    let flood_body = chat(&s.model(), json!({ "max_tokens": 100, "ignore_eos": true }));
+    let client = reqwest::Client::new();
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        let req = client.post(s.url("/v1/chat/completions")).bearer_auth(&ka).json(&flood_body);
+        flood.push(tokio::spawn(async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }));
+    }
+    let stats = s.state.engine.stats();
+    let started = Instant::now();
+    while stats.tenant_waiting(a) < 8 {
+        assert!(started.elapsed() < Duration::from_secs(30), "A's queue never filled");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // B arrives while A's queue is full. A watcher notes the engine's step count when B's
+    // request starts waiting (before tokenization) and when it is admitted.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (state, done) = (s.state.clone(), done.clone());
+        tokio::task::spawn_blocking(move || {
+            let stats = state.engine.stats();
+            let (mut arrived, mut admitted) = (None, None);
+            while !done.load(Ordering::Relaxed) && admitted.is_none() {
+                let waiting = stats.tenant_waiting(b);
+                let step = stats.steps.load(Ordering::Relaxed);
+                match (arrived, waiting) {
+                    (None, 1) => arrived = Some(step),
+                    (Some(_), 0) => admitted = Some(step),
+                    _ => std::thread::sleep(Duration::from_micros(100)),
+                }
+            }
+            (arrived, admitted)
+        })
+    };
+    let (status, body) = ask(&s, Some(&kb), json!({ "max_tokens": 8, "ignore_eos": true })).await;
+    done.store(true, Ordering::Relaxed);
+    assert_eq!(status, 200, "B is served: {body}");
+    assert_eq!(body["usage"]["completion_tokens"], 8);
+    match watcher.await.unwrap() {
+        (Some(arrived), Some(admitted)) => {
+            let waited = admitted - arrived;
+            eprintln!("B waited {waited} steps for admission (from arrival, tokenization included)");
+            // Tokenization and one or two steps; behind A's backlog it would be 400.
+            assert!(waited <= 20, "B waited {waited} steps for admission");
+        }
+        // A window too short to observe cannot have held 400 steps.
+        seen => eprintln!("B's wait was too short to observe: {seen:?}"),
+    }
+    assert!(stats.tenant_waiting(a) > 0, "B overtook A's backlog");
+    let (mut ok, mut refused) = (0, 0);
+    for r in flood {
+        let (status, body) = r.await.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => {
+                refused += 1;
+                assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+                let m = body["error"]["message"].as_str().unwrap();
+                assert!(m.contains("\"flood\"") && m.contains("limit is 8"), "{m}");
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert!(refused >= 100, "A gets 429s past its own limit: {ok} served, {refused} refused");
+    assert!(ok >= 8, "A's requests within its limit are served: {ok} served");
+    let metrics = reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap();
+    let rejected = |t: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("lethe_tenant_rejected_requests_total{")
+                && l.contains(&format!("tenant=\"{t}\""))
+                && l.contains("limit=\"tenant\"")
+        })
+    };
+    assert!(rejected(a), "{metrics}");
+    assert!(!rejected(b), "{metrics}");
+    s.shutdown().await;
+}

@@ -164,7 +164,7 @@ pub fn read(dir: &Path, mcfg: &ModelConfig) -> Result<PeftFile, AdapterError> {
 }
 
 /// Validates the files of an adapter against a model of configuration `mcfg`.
-fn parse_file(files: &AdapterFiles, mcfg: &ModelConfig) -> Result<PeftFile, AdapterError> {
+pub fn parse_file(files: &AdapterFiles, mcfg: &ModelConfig) -> Result<PeftFile, AdapterError> {
     let bad = |m: String| AdapterError::Invalid(m);
     let cfg: PeftConfig =
         serde_json::from_slice(&files.config).map_err(|e| bad(format!("invalid adapter_config.json: {e}")))?;

@@ -14,6 +14,7 @@ use crate::model::{BatchEntry, KvCache, KvDtype, KvSizing, Llama, RaggedBatch, S
 use crate::sampling::{StopOutcome, TokenLogprobs};
 use crate::telemetry as t;
 use crate::tokenizer::Tokenizer;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,9 @@ impl Default for EngineConfig {
 pub enum EngineError {
     #[error("server overloaded: {waiting} requests already waiting")]
     Overloaded { waiting: usize },
+    /// The tenant's own queue is full (its policy's `max_waiting`); other tenants are served.
+    #[error("tenant {tenant:?} has {waiting} requests waiting, its limit is {limit}")]
+    TenantOverloaded { tenant: String, waiting: usize, limit: usize },
     #[error("this request needs {needed} tokens (prompt + max_tokens), beyond the model's context of {max}")]
     ContextOverflow { needed: usize, max: usize },
     #[error("this request would need {needed} bytes of KV cache, more than the server's limit of {limit}")]
@@ -74,6 +78,54 @@ pub struct EngineStats {
     /// The engine thread died of a panic: the process cannot serve any more and should be
     /// restarted (`/health` turns 503, so a liveness probe does it).
     pub crashed: AtomicBool,
+    /// Requests waiting (tokenizing or queued) per tenant; tenants with none are absent.
+    pub waiting_by_tenant: Mutex<HashMap<String, usize>>,
+}
+
+impl EngineStats {
+    /// Requests of `tenant` waiting (tokenizing or queued).
+    pub fn tenant_waiting(&self, tenant: &str) -> usize {
+        self.waiting_by_tenant.lock().unwrap_or_else(|e| e.into_inner()).get(tenant).copied().unwrap_or(0)
+    }
+}
+
+/// A request's place in the waiting queue: taken before any work is done for it (tokenization
+/// included), counted against the server's and its tenant's `max_waiting`, and given back when
+/// dropped (admission, rejection, cancellation).
+pub struct Ticket {
+    stats: Arc<EngineStats>,
+    tenant: String,
+}
+
+impl Ticket {
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").field("tenant", &self.tenant).finish()
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut by = self.stats.waiting_by_tenant.lock().unwrap_or_else(|e| e.into_inner());
+        let left = match by.get_mut(&self.tenant) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if left == 0 {
+            by.remove(&self.tenant);
+        }
+        self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        metrics::gauge!(t::NUM_REQUESTS_WAITING).decrement(1.0);
+        metrics::gauge!(t::TENANT_REQUESTS_WAITING, "tenant" => self.tenant.clone()).set(left as f64);
+    }
 }
 
 /// Marks the engine dead however its thread ends, a panic included (then also `crashed`).
@@ -151,6 +203,7 @@ impl EngineHandle {
         let kv_sizing = kv.sizing();
         let masks_beside_forward = masks_beside_forward(&model);
         let worker = Worker {
+            running_tenants: Vec::new(),
             model,
             tokenizer,
             kv,
@@ -224,8 +277,9 @@ impl EngineHandle {
             }
             rows.push(u);
         }
-        if rows.len() > self.max_running_rows {
-            return Err(too_many_rows(rows.len(), self.max_running_rows));
+        let max_rows = req.limits.max_running_rows.map_or(self.max_running_rows, |t| t.min(self.max_running_rows));
+        if rows.len() > max_rows {
+            return Err(too_many_rows(rows.len(), max_rows));
         }
         let mut kv_need = 0;
         for p in rows {
@@ -245,25 +299,59 @@ impl EngineHandle {
         Ok(())
     }
 
-    /// Queues a request. Fails fast with `Overloaded` when the waiting queue is full.
-    pub fn submit(&self, req: Request) -> Result<RequestStream, EngineError> {
-        self.validate(&req)?;
+    /// Takes a place in the waiting queue for a request of `tenant`, before any work is done for
+    /// it. Fails fast with `TenantOverloaded` when the tenant's own queue is full (`limits`),
+    /// and `Overloaded` when the server's is.
+    pub fn reserve(&self, tenant: &str, limits: &super::request::TenantLimits) -> Result<Ticket, EngineError> {
         if !self.is_alive() {
             return Err(EngineError::ShuttingDown);
+        }
+        let mut by = self.stats.waiting_by_tenant.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = by.get(tenant).copied().unwrap_or(0);
+        if let Some(limit) = limits.max_waiting
+            && mine >= limit
+        {
+            metrics::counter!(t::TENANT_REJECTED, "tenant" => tenant.to_string(), "limit" => "tenant").increment(1);
+            return Err(EngineError::TenantOverloaded { tenant: tenant.to_string(), waiting: mine, limit });
         }
         let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.max_waiting {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            metrics::counter!(t::TENANT_REJECTED, "tenant" => tenant.to_string(), "limit" => "server").increment(1);
             return Err(EngineError::Overloaded { waiting });
         }
+        *by.entry(tenant.to_string()).or_default() += 1;
         metrics::gauge!(t::NUM_REQUESTS_WAITING).increment(1.0);
+        metrics::gauge!(t::TENANT_REQUESTS_WAITING, "tenant" => tenant.to_string()).set((mine + 1) as f64);
+        Ok(Ticket { stats: self.stats.clone(), tenant: tenant.to_string() })
+    }
+
+    /// Queues a request. Fails fast with `Overloaded` (or `TenantOverloaded`) when the waiting
+    /// queue (or its tenant's share of it) is full.
+    pub fn submit(&self, req: Request) -> Result<RequestStream, EngineError> {
+        self.validate(&req)?;
+        let ticket = self.reserve(&req.tenant, &req.limits)?;
+        self.enqueue(req, ticket)
+    }
+
+    /// Queues a request whose place was taken with [`Self::reserve`] (the ticket is given back
+    /// when the request is admitted, rejected or cancelled).
+    pub fn submit_reserved(&self, req: Request, ticket: Ticket) -> Result<RequestStream, EngineError> {
+        self.validate(&req)?;
+        self.enqueue(req, ticket)
+    }
+
+    fn enqueue(&self, req: Request, ticket: Ticket) -> Result<RequestStream, EngineError> {
+        if !self.is_alive() {
+            return Err(EngineError::ShuttingDown);
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (etx, erx) = unbounded_channel();
-        let group = Group::new(id, req, etx);
+        let mut group = Group::new(id, req, etx);
+        group.ticket = Some(ticket);
+        // On failure the group, and with it the ticket, is dropped: the place is given back.
         let sent = self.tx.lock().expect("engine channel lock").send(Command::Submit(Box::new(group)));
         if sent.is_err() {
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            metrics::gauge!(t::NUM_REQUESTS_WAITING).decrement(1.0);
             return Err(EngineError::ShuttingDown);
         }
         Ok(RequestStream { id, rx: erx })
@@ -293,6 +381,8 @@ struct Worker {
     draining: Option<Instant>,
     /// Grammar masks are computed on a helper thread during the forward (a core is free for it).
     masks_beside_forward: bool,
+    /// Tenants whose running-rows gauge was last set above zero.
+    running_tenants: Vec<String>,
 }
 
 impl Worker {
@@ -305,7 +395,6 @@ impl Worker {
             if let Some(deadline) = self.draining {
                 // Admit nothing new; reject whatever still waits.
                 while let Some(g) = self.sched.waiting.pop_front() {
-                    self.leave_waiting();
                     let _ = g.events.send(Event::Error(EngineError::ShuttingDown));
                 }
                 if self.sched.running.is_empty() || Instant::now() >= deadline {
@@ -318,14 +407,11 @@ impl Worker {
                 }
             } else {
                 for (g, e) in self.sched.take_unfittable(&self.kv) {
-                    self.leave_waiting();
                     tracing::warn!(error = %e, "rejected a request that can never be admitted");
                     let _ = g.events.send(Event::Error(e));
                     record_finish(&g, "error");
                 }
-                for _ in 0..self.sched.admit(&mut self.kv) {
-                    self.leave_waiting();
-                }
+                self.sched.admit(&mut self.kv);
             }
             if !self.sched.running.is_empty() {
                 self.step();
@@ -368,18 +454,12 @@ impl Worker {
         }
     }
 
-    fn leave_waiting(&self) {
-        self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-        metrics::gauge!(t::NUM_REQUESTS_WAITING).decrement(1.0);
-    }
-
     /// Frees the rows of requests whose client went away.
     fn drop_cancelled(&mut self) {
         let (gone, waiting): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.sched.waiting).into_iter().partition(|g| g.is_cancelled());
         self.sched.waiting = waiting.into_iter().collect();
         for g in gone {
-            self.leave_waiting();
             record_finish(&g, "cancelled");
         }
         let mut i = 0;
@@ -393,13 +473,23 @@ impl Worker {
         }
     }
 
-    fn publish_stats(&self) {
+    fn publish_stats(&mut self) {
         let s = &self.stats;
         s.running.store(self.sched.running.len(), Ordering::Relaxed);
         s.running_rows.store(self.sched.running_rows(), Ordering::Relaxed);
         s.kv_used_bytes.store(self.kv.used_bytes(), Ordering::Relaxed);
         metrics::gauge!(t::NUM_REQUESTS_RUNNING).set(self.sched.running.len() as f64);
         metrics::gauge!(t::KV_CACHE_USED_BYTES).set(self.kv.used_bytes() as f64);
+        let by = self.sched.rows_by_tenant();
+        for gone in self.running_tenants.iter().filter(|t| !by.contains_key(t.as_str())) {
+            metrics::gauge!(t::TENANT_RUNNING_ROWS, "tenant" => gone.clone()).set(0.0);
+        }
+        for (tenant, rows) in &by {
+            metrics::gauge!(t::TENANT_RUNNING_ROWS, "tenant" => tenant.to_string()).set(*rows as f64);
+        }
+        let now: Vec<String> = by.keys().map(|t| t.to_string()).collect();
+        drop(by);
+        self.running_tenants = now;
     }
 
     /// One forward over every planned row, then sampling for every group that is ready.

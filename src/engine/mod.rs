@@ -19,7 +19,7 @@ pub mod scheduler;
 pub mod sequence;
 
 pub use constraint::{ConstraintSpec, TokenConstraint};
-pub use engine::{EngineConfig, EngineError, EngineHandle, EngineStats, RequestStream};
+pub use engine::{EngineConfig, EngineError, EngineHandle, EngineStats, RequestStream, Ticket};
 pub use prompt::{Conditions, PromptRows, UncondSource};
-pub use request::{Event, FinishReason, Request, Timing, Usage};
+pub use request::{Event, FinishReason, Request, TenantLimits, Timing, Usage};
 pub use scheduler::SchedulerConfig;

@@ -35,6 +35,27 @@ pub struct Request {
     pub logit_bias: Vec<(u32, f32)>,
     /// Report each sampled token's log-probability and this many most likely alternatives.
     pub logprobs: Option<usize>,
+    /// The tenant's share of the engine (its policy's limits and weight).
+    pub limits: TenantLimits,
+}
+
+/// A tenant's share of the engine: limits on its own requests, and its weight in fair
+/// admission. `None`: only the server-wide limit applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// Requests of the tenant waiting (being tokenized or queued) at once; more get 429.
+    pub max_waiting: Option<usize>,
+    /// Rows of the tenant running at once (a guided request takes 2); more wait.
+    pub max_running_rows: Option<usize>,
+    /// Relative share when tenants compete for rows (admission goes to the tenant running the
+    /// fewest rows per unit of weight).
+    pub weight: u32,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        Self { max_waiting: None, max_running_rows: None, weight: 1 }
+    }
 }
 
 impl Request {
@@ -54,6 +75,7 @@ impl Request {
             constraint: None,
             logit_bias: Vec::new(),
             logprobs: None,
+            limits: TenantLimits::default(),
         }
     }
 

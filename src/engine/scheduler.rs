@@ -1,21 +1,28 @@
 //! Admission and step planning: which groups run, and which tokens of theirs go into the next
 //! forward.
 //!
-//! - **Admission** is FIFO: the oldest waiting request is admitted as soon as its rows fit under
-//!   `max_running_rows` and its whole generation (prompt + `max_tokens`, every row) fits in the KV
-//!   budget; nothing overtakes it, so a large request cannot starve. Because memory for the whole
-//!   generation is reserved up front, a running group never needs to be preempted.
+//! - **Admission** is fair between tenants and FIFO within one: the next request considered is
+//!   the oldest waiting request of the tenant that runs the fewest rows per unit of weight (its
+//!   policy's `weight`), among the tenants under their own `max_running_rows`. It is admitted as
+//!   soon as its rows fit under `max_running_rows` and its whole generation (prompt +
+//!   `max_tokens`, every row) fits in the KV budget; nothing overtakes it meanwhile, so a large
+//!   request cannot starve. A tenant that floods the queue therefore delays another tenant's
+//!   request by the few steps it takes for rows to free up, not by its whole backlog. Because
+//!   memory for the whole generation is reserved up front, a running group never needs to be
+//!   preempted.
 //! - **Each step** gives every decoding row its one token, then fills a prompt-token budget
 //!   (`max_batch_tokens`) with chunks of prefilling rows, *shortest remaining prompt first*. A long prompt is therefore prefilled
 //!   over several steps and never stalls the decoders for more than one budget's worth of work
 //!   (chunked prefill), and a short request arriving meanwhile is prefilled in the very next step
 //!   instead of queueing behind the long prompt's chunks. The budget bounds a step's duration,
-//!   hence both inter-token latency and time to first token under load.
+//!   hence both inter-token latency and time to first token under load. *Aging* bounds the wait
+//!   of a long prompt behind a steady stream of short ones: a request still prefilling after
+//!   `max_prefill_wait_steps` steps goes before every younger prompt (oldest first).
 
 use super::engine::{EngineError, too_many_rows};
 use super::sequence::{Group, Row};
 use crate::model::KvCache;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -27,6 +34,10 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Requests allowed to wait for admission; more is an `Overloaded` error.
     pub max_waiting: usize,
+    /// Steps a request may spend prefilling before its prompt goes first, whatever its length
+    /// (aging: shortest-prompt-first would otherwise let a stream of short prompts starve a
+    /// long one).
+    pub max_prefill_wait_steps: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -38,6 +49,7 @@ impl Default for SchedulerConfig {
             // cost in long-prompt prefill speed (docs/BENCHMARKS.md).
             max_batch_tokens: 32,
             max_waiting: 256,
+            max_prefill_wait_steps: 16,
         }
     }
 }
@@ -75,35 +87,74 @@ impl Scheduler {
         g.row_prompts().iter().map(|p| kv.bytes_for_tokens(p.len() + g.req.max_tokens)).sum()
     }
 
-    /// Removes the waiting groups at the head of the queue that can never be admitted (more KV
-    /// cache or rows than the limits): FIFO admission would otherwise hold one at the head
-    /// forever, and everything behind it. Only decidable when nothing runs, since then the
-    /// whole capacity is free, which is also the only time such a head blocks anything for
-    /// good; while requests run this costs nothing. The submit path checks the same limits up
-    /// front; this is the guarantee that a miss there cannot wedge the engine.
+    /// Removes the waiting groups that can never be admitted (more KV cache or rows than the
+    /// limits): admission would otherwise hold one at the head of its tenant's queue forever,
+    /// and everything behind it. Only decidable when nothing runs, since then the whole
+    /// capacity is free, which is also the only time such a group blocks anything for good;
+    /// while requests run this costs nothing. The submit path checks the same limits up front;
+    /// this is the guarantee that a miss there cannot wedge the engine.
     pub fn take_unfittable(&mut self, kv: &KvCache) -> Vec<(Group, EngineError)> {
         let mut out = Vec::new();
         if !self.running.is_empty() {
             return out;
         }
-        while let Some(g) = self.waiting.front() {
-            let (rows, needed, limit) = (g.req.n_rows(), Self::kv_need(kv, g), kv.limit_bytes());
-            let error = if rows > self.cfg.max_running_rows {
-                too_many_rows(rows, self.cfg.max_running_rows)
+        let mut keep = VecDeque::with_capacity(self.waiting.len());
+        for g in std::mem::take(&mut self.waiting) {
+            let (rows, needed, limit) = (g.req.n_rows(), Self::kv_need(kv, &g), kv.limit_bytes());
+            let max_rows =
+                g.req.limits.max_running_rows.map_or(self.cfg.max_running_rows, |t| t.min(self.cfg.max_running_rows));
+            if rows > max_rows {
+                out.push((g, too_many_rows(rows, max_rows)));
             } else if needed > limit {
-                EngineError::TooLarge { needed, limit }
+                out.push((g, EngineError::TooLarge { needed, limit }));
             } else {
-                break;
-            };
-            out.push((self.waiting.pop_front().expect("front exists"), error));
+                keep.push_back(g);
+            }
         }
+        self.waiting = keep;
         out
     }
 
-    /// Moves waiting groups to running, oldest first, while they fit. Returns how many.
+    /// Running rows per tenant.
+    pub fn rows_by_tenant(&self) -> HashMap<&str, usize> {
+        let mut by: HashMap<&str, usize> = HashMap::new();
+        for g in &self.running {
+            *by.entry(g.req.tenant.as_str()).or_default() += g.rows.len();
+        }
+        by
+    }
+
+    /// The waiting group to admit next: the oldest of the tenant running the fewest rows per
+    /// unit of weight (ties: the oldest request), among tenants with room under their own row
+    /// limit. `None` when no tenant may admit anything.
+    fn next_candidate(&self) -> Option<usize> {
+        let running = self.rows_by_tenant();
+        let mut seen: Vec<&str> = Vec::new();
+        let mut best: Option<(f64, u64, usize)> = None;
+        for (i, g) in self.waiting.iter().enumerate() {
+            let tenant = g.req.tenant.as_str();
+            if seen.contains(&tenant) {
+                continue;
+            }
+            seen.push(tenant);
+            let rows = running.get(tenant).copied().unwrap_or(0);
+            if g.req.limits.max_running_rows.is_some_and(|max| rows + g.req.n_rows() > max) {
+                continue;
+            }
+            let load = rows as f64 / f64::from(g.req.limits.weight.max(1));
+            if best.is_none_or(|(l, id, _)| (load, g.id) < (l, id)) {
+                best = Some((load, g.id, i));
+            }
+        }
+        best.map(|(_, _, i)| i)
+    }
+
+    /// Moves waiting groups to running, in fair order ([`Self::next_candidate`]), while they
+    /// fit. Returns how many.
     pub fn admit(&mut self, kv: &mut KvCache) -> usize {
         let mut admitted = 0;
-        while let Some(g) = self.waiting.front() {
+        while let Some(i) = self.next_candidate() {
+            let g = &self.waiting[i];
             let rows = g.req.n_rows();
             let need = Self::kv_need(kv, g);
             let rows_ok = self.running_rows() + rows <= self.cfg.max_running_rows;
@@ -111,7 +162,9 @@ impl Scheduler {
             if !(rows_ok && kv_ok) {
                 break;
             }
-            let mut g = self.waiting.pop_front().expect("front exists");
+            let mut g = self.waiting.remove(i).expect("candidate exists");
+            // Admitted: its place in the queue (and its tenant's) is free again.
+            g.ticket = None;
             let prompts: Vec<Vec<u32>> = g.row_prompts().iter().map(|p| p.to_vec()).collect();
             g.rows = prompts.into_iter().map(|p| Row::new(kv.add_sequence(), p)).collect();
             g.kv_reserved = need;
@@ -133,8 +186,14 @@ impl Scheduler {
         g
     }
 
-    /// The rows and token counts of the next step.
-    pub fn plan(&self) -> Vec<PlannedRow> {
+    /// The rows and token counts of the next step. Counts a step of prefill for every group
+    /// still prefilling (aging).
+    pub fn plan(&mut self) -> Vec<PlannedRow> {
+        for g in &mut self.running {
+            if g.rows.iter().any(|r| r.is_prefilling()) {
+                g.prefill_steps += 1;
+            }
+        }
         let mut plan = Vec::new();
         // Decoders first: one token each.
         for (gi, g) in self.running.iter().enumerate() {
@@ -145,8 +204,10 @@ impl Scheduler {
             }
         }
         let mut budget = self.cfg.max_batch_tokens;
-        // Then prompt chunks, shortest remaining prompt first (ties: oldest request first).
-        let mut prefilling: Vec<(usize, usize, usize, u64)> = self
+        // Then prompt chunks: first the prompts that waited too long (oldest first), then the
+        // shortest remaining prompt first (ties: oldest request first).
+        let max_wait = self.cfg.max_prefill_wait_steps;
+        let mut prefilling: Vec<(bool, usize, usize, usize, u64)> = self
             .running
             .iter()
             .enumerate()
@@ -155,11 +216,12 @@ impl Scheduler {
                     .iter()
                     .enumerate()
                     .filter(|(_, r)| r.is_prefilling())
-                    .map(move |(ri, r)| (gi, ri, r.remaining(), g.id))
+                    .map(move |(ri, r)| (g.prefill_steps <= max_wait, gi, ri, r.remaining(), g.id))
             })
             .collect();
-        prefilling.sort_by_key(|&(_, _, remaining, id)| (remaining, id));
-        for (gi, ri, remaining, _) in prefilling {
+        // Aged prompts (`false` sorts first) by age, the others by length.
+        prefilling.sort_by_key(|&(young, _, _, remaining, id)| (young, if young { remaining } else { 0 }, id));
+        for (_, gi, ri, remaining, _) in prefilling {
             if budget == 0 {
                 break;
             }
@@ -223,5 +285,108 @@ mod tests {
         assert!(matches!(out[0].1, EngineError::TooLarge { .. }), "{:?}", out[0].1);
         assert_eq!(s.waiting.iter().map(|g| g.id).collect::<Vec<_>>(), [2]);
         assert_eq!(s.admit(&mut kv), 1);
+    }
+
+    /// Runs a planned step as the engine would, without a model: every planned row consumes its
+    /// tokens; a row that consumed its whole prompt gets a sampled token (it decodes next).
+    fn fake_step(s: &mut Scheduler) -> Vec<PlannedRow> {
+        let plan = s.plan();
+        for p in &plan {
+            let r = &mut s.running[p.group].rows[p.row];
+            r.cursor += p.n_tokens;
+            if r.remaining() == 0 {
+                r.pending = vec![1];
+                r.cursor = 0;
+            }
+        }
+        plan
+    }
+
+    fn is_prefilling(s: &Scheduler, id: u64) -> bool {
+        s.running.iter().find(|g| g.id == id).is_some_and(|g| g.rows.iter().any(|r| r.is_prefilling()))
+    }
+
+    /// Shortest-prompt-first alone lets a steady stream of short prompts starve a long one; with
+    /// aging, the long prompt goes first once it has waited `max_prefill_wait_steps` steps, and
+    /// its prefill then ends within its own chunks' worth of steps.
+    #[test]
+    fn a_long_prompt_is_prefilled_within_the_aging_bound_while_short_ones_keep_coming() {
+        let (budget, long_len, wait) = (4, 40, 5);
+        let run = |max_prefill_wait_steps: usize| -> Option<usize> {
+            let mut kv = kv(64 << 20);
+            let cfg = SchedulerConfig {
+                max_running_rows: 1000,
+                max_batch_tokens: budget,
+                max_waiting: 1000,
+                max_prefill_wait_steps,
+            };
+            let mut s = Scheduler::new(cfg);
+            let mut keep = Vec::new();
+            let (long, rx) = group(1, long_len, 4);
+            keep.push(rx);
+            s.waiting.push_back(long);
+            assert_eq!(s.admit(&mut kv), 1);
+            for step in 0..200 {
+                // A new short prompt every step, as long as the whole budget.
+                let (short, rx) = group(100 + step as u64, budget + 1, 4);
+                keep.push(rx);
+                s.waiting.push_back(short);
+                s.admit(&mut kv);
+                fake_step(&mut s);
+                if !is_prefilling(&s, 1) {
+                    return Some(step + 1);
+                }
+            }
+            None
+        };
+        assert_eq!(run(usize::MAX), None, "without aging the long prompt starves");
+        let steps = run(wait).expect("with aging the long prompt is prefilled");
+        let bound = wait + 1 + long_len.div_ceil(budget);
+        assert!(steps <= bound, "prefilled after {steps} steps, bound {bound}");
+    }
+
+    fn tenant_group(
+        id: u64,
+        tenant: &str,
+        limits: crate::engine::TenantLimits,
+    ) -> (Group, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut req = Request::new(vec![1; 3], 4);
+        req.tenant = tenant.into();
+        req.limits = limits;
+        (Group::new(id, req, tx), rx)
+    }
+
+    /// One tenant's backlog does not hold back another tenant: rows go to the tenant running the
+    /// fewest (per unit of weight), and a tenant at its own row limit admits nothing more.
+    #[test]
+    fn admission_is_fair_between_tenants_and_honours_their_row_limits() {
+        let mut kv = kv(64 << 20);
+        let mut s = Scheduler::new(SchedulerConfig { max_running_rows: 4, ..Default::default() });
+        let mut keep = Vec::new();
+        let a = crate::engine::TenantLimits { max_running_rows: Some(3), ..Default::default() };
+        for id in 1..=20 {
+            let (g, rx) = tenant_group(id, "a", a);
+            keep.push(rx);
+            s.waiting.push_back(g);
+        }
+        assert_eq!(s.admit(&mut kv), 3, "tenant a stops at its own limit of 3 rows");
+        let (b, rx) = tenant_group(21, "b", Default::default());
+        keep.push(rx);
+        s.waiting.push_back(b);
+        assert_eq!(s.admit(&mut kv), 1);
+        assert!(s.running.iter().any(|g| g.id == 21), "b is admitted ahead of a's backlog");
+        // Rows free up: the next goes to a (b has nothing waiting), within a's limit.
+        let i = s.running.iter().position(|g| g.id == 21).unwrap();
+        s.finish(i, &mut kv);
+        let (b2, rx) = tenant_group(22, "b", Default::default());
+        keep.push(rx);
+        s.waiting.push_back(b2);
+        let i = s.running.iter().position(|g| g.id == 1).unwrap();
+        s.finish(i, &mut kv);
+        // a runs 2, b runs 0: both waiting; b goes first, then a fills its third row.
+        assert_eq!(s.admit(&mut kv), 2);
+        let rows = s.rows_by_tenant();
+        assert_eq!((rows["a"], rows["b"]), (3, 1));
     }
 }

@@ -61,6 +61,11 @@ pub struct Group {
     pub kv_reserved: usize,
     /// Which tokens may come next, when the request is constrained (a grammar).
     pub constraint: Option<Box<dyn TokenConstraint>>,
+    /// The request's place in the waiting queue, counted against the limits until admission
+    /// (released when dropped).
+    pub ticket: Option<super::engine::Ticket>,
+    /// Steps this group has spent prefilling since admission (aging of the prefill order).
+    pub prefill_steps: usize,
 }
 
 impl Group {
@@ -83,6 +88,8 @@ impl Group {
             last_token: None,
             kv_reserved: 0,
             constraint,
+            ticket: None,
+            prefill_steps: 0,
         }
     }
 

@@ -26,6 +26,13 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("The server is overloaded: {waiting} requests are already waiting. Retry shortly.")]
     Overloaded { waiting: usize },
+    #[error(
+        "Too many requests for tenant {tenant:?}: {waiting} are already waiting, its limit is {limit}. Retry shortly."
+    )]
+    TenantOverloaded { tenant: String, waiting: usize, limit: usize },
+    /// The request took longer than the server's `request_timeout_secs`.
+    #[error("The request did not complete within the server's limit of {secs} s.")]
+    Timeout { secs: u64 },
     #[error("The server is shutting down.")]
     Unavailable,
     /// The shared state store cannot be reached: admin changes are refused (never acknowledged
@@ -67,7 +74,8 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } | Self::TenantOverloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable | Self::StoreUnavailable(_) | Self::AdapterUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -78,7 +86,8 @@ impl ApiError {
     /// OpenAI's `type` field.
     fn kind(&self) -> &'static str {
         match self {
-            Self::Overloaded { .. } => "rate_limit_error",
+            Self::Overloaded { .. } | Self::TenantOverloaded { .. } => "rate_limit_error",
+            Self::Timeout { .. } => "timeout_error",
             Self::Internal(_) | Self::Unavailable | Self::StoreUnavailable(_) | Self::AdapterUnavailable(_) => {
                 "server_error"
             }
@@ -93,7 +102,8 @@ impl ApiError {
             Self::InvalidRequest { code, .. } => *code,
             Self::ContextLengthExceeded { .. } => Some("context_length_exceeded"),
             Self::ModelNotFound(_) => Some("model_not_found"),
-            Self::Overloaded { .. } => Some("rate_limit_exceeded"),
+            Self::Overloaded { .. } | Self::TenantOverloaded { .. } => Some("rate_limit_exceeded"),
+            Self::Timeout { .. } => Some("timeout"),
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
             Self::Unauthorized(_) => Some("invalid_api_key"),
             _ => None,
@@ -140,7 +150,7 @@ impl IntoResponse for ApiError {
             tracing::info!(status = status.as_u16(), error = %self, "request rejected");
         }
         let mut resp = (status, axum::Json(self.body())).into_response();
-        if let Self::Overloaded { .. } = self {
+        if let Self::Overloaded { .. } | Self::TenantOverloaded { .. } = self {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
@@ -151,6 +161,9 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Overloaded { waiting } => Self::Overloaded { waiting },
+            EngineError::TenantOverloaded { tenant, waiting, limit } => {
+                Self::TenantOverloaded { tenant, waiting, limit }
+            }
             EngineError::ContextOverflow { needed, max } => Self::ContextLengthExceeded { needed, max },
             EngineError::TooLarge { .. } => Self::InvalidRequest {
                 message: e.to_string(),

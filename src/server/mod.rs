@@ -55,6 +55,9 @@ pub struct AppState {
     pub admin_lock: tokio::sync::Mutex<()>,
     /// The grammar compiler for structured outputs and tool calls (built on first use).
     pub structured: crate::structured::LazyStructured,
+    /// The fixed pool for tokenization and grammar compilation (`tokenizer_threads` jobs at
+    /// once; the rest wait, each already counted against the waiting limits).
+    pub blocking: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -88,6 +91,7 @@ impl AppState {
                     max_running_rows: config.max_running_rows,
                     max_batch_tokens: config.max_batch_tokens,
                     max_waiting: config.max_waiting,
+                    max_prefill_wait_steps: config.max_prefill_wait_steps,
                 },
                 kv_cache_bytes: config.kv_cache_mib << 20,
             },
@@ -145,12 +149,13 @@ impl AppState {
             model_id: bundle.id,
             created: openai::unix_now(),
             fingerprint,
-            config,
             adapters,
             tenants,
             control,
             admin_lock: tokio::sync::Mutex::new(()),
             structured: Default::default(),
+            blocking: Arc::new(tokio::sync::Semaphore::new(config.tokenizer_threads)),
+            config,
         }))
     }
 
@@ -232,6 +237,7 @@ pub fn router_for(state: Arc<AppState>, routes: Routes) -> Router {
         .method_not_allowed_fallback(|method: axum::http::Method| async move {
             ApiError::MethodNotAllowed(method.to_string())
         })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), deadline))
         .layer(axum::middleware::from_fn(ops::track_http))
         .with_state(state)
         .layer(
@@ -249,6 +255,21 @@ pub fn router_for(state: Arc<AppState>, routes: Routes) -> Router {
                 }))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )
+}
+
+/// Ends a request that takes longer than `request_timeout_secs` until its response starts
+/// (504; dropping the handler cancels its generation). A stream, once started, is not cut.
+async fn deadline(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: Request<axum::body::Body>,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let secs = state.config.request_timeout_secs;
+    match tokio::time::timeout(Duration::from_secs(secs), next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::Timeout { secs }.into_response(),
+    }
 }
 
 /// The router of the separate metrics port (`--metrics-port`): scrapes stay off the API port's
@@ -283,21 +304,17 @@ pub async fn serve_split(
 ) -> std::io::Result<()> {
     let engine = state.engine.clone();
     state.follow_store();
+    let header_timeout = Duration::from_secs(state.config.header_timeout_secs);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = match admin {
         Some(admin_listener) => {
             let admin_app = router_for(state.clone(), Routes::Admin);
-            tokio::spawn(async move { axum::serve(admin_listener, admin_app).await });
+            tokio::spawn(serve_app(admin_listener, admin_app, header_timeout, std::future::pending()));
             router_for(state, Routes::Public)
         }
         None => router(state),
     };
-    // Tokens go out as they are made: no Nagle delay on small SSE writes.
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = serve_app(listener, app, header_timeout, async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections; finishing in-flight requests");
         let _ = tx.send(());
@@ -311,6 +328,50 @@ pub async fn serve_split(
     let result = server.await;
     drain.abort();
     result
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits for the
+/// open connections to finish. Unlike `axum::serve`, a client gets `header_timeout` to send a
+/// request's headers, and an idle keep-alive connection is closed after the same time (hyper
+/// starts that timer whenever it waits for the next request): a connection that sends nothing
+/// cannot hold a socket and a task forever. No Nagle delay on small SSE writes.
+pub async fn serve_app(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    // HTTP/1.1, as axum::serve without its http2 feature.
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -373,8 +373,10 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     validation::check_fields(&keys, validation::Endpoint::Chat)?;
     let ctx = validation::TenantContext::of(&state, &tenant)?;
+    // The request counts against the waiting limits before any work is done for it.
+    let ticket = state.engine.reserve(&tenant, &validation::tenant_limits(&state, &ctx))?;
     let prepared = validation::prepare_chat(&state, &ctx, req, common).await?;
-    run(state, prepared, Kind::Chat, tenant).await
+    run(state, prepared, Kind::Chat, tenant, ticket).await
 }
 
 pub async fn completions(
@@ -384,8 +386,9 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     validation::check_fields(&keys, validation::Endpoint::Completions)?;
     let ctx = validation::TenantContext::of(&state, &tenant)?;
+    let ticket = state.engine.reserve(&tenant, &validation::tenant_limits(&state, &ctx))?;
     let prepared = validation::prepare_completion(&state, &ctx, req, common).await?;
-    run(state, prepared, Kind::Text, tenant).await
+    run(state, prepared, Kind::Text, tenant, ticket).await
 }
 
 /// The base model, and the tenant's forget-adapters (applied to every request of the tenant,
@@ -412,8 +415,14 @@ enum Kind {
     Text,
 }
 
-async fn run(state: Arc<AppState>, p: Prepared, kind: Kind, tenant: String) -> Result<Response, ApiError> {
-    let stream = state.engine.submit(p.request)?;
+async fn run(
+    state: Arc<AppState>,
+    p: Prepared,
+    kind: Kind,
+    tenant: String,
+    ticket: crate::engine::Ticket,
+) -> Result<Response, ApiError> {
+    let stream = state.engine.submit_reserved(p.request, ticket)?;
     let meta = Meta {
         id: format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, random_hex(24)),
         created: unix_now(),

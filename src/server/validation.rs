@@ -12,7 +12,7 @@ use super::output::ToolMode;
 use crate::adapters::LoadedAdapter;
 use crate::engine::ConstraintSpec;
 use crate::engine::prompt::{self, Placement, PromptRows, SystemMessages};
-use crate::engine::{Conditions, Request, UncondSource};
+use crate::engine::{Conditions, Request, TenantLimits, UncondSource};
 use crate::guidance::{Guidance, GuidanceMode};
 use crate::sampling::SamplingParams;
 use crate::structured::tools::{self, Tool, ToolChoice, ToolSet};
@@ -225,7 +225,9 @@ pub async fn prepare_chat(
     let tok = state.tokenizer.clone();
     let rows_cfg = resolved.rows.clone();
     let placement = resolved.placement;
+    let permit = blocking_permit(state).await?;
     let rows = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let g = rows_cfg.as_ref().map(|(c, s)| (c, s));
         prompt::chat_rows_placed(&tok, &messages, g, placement)
     })
@@ -347,7 +349,9 @@ async fn constrain(
     }
     let st = state.clone();
     let param = if plan.tools.as_ref().is_some_and(ToolSet::calls_possible) { "tools" } else { "response_format" };
+    let permit = blocking_permit(state).await?;
     let job = tokio::task::spawn_blocking(move || -> Result<_, StructuredError> {
+        let _permit = permit;
         let vocab = st.structured.get(&st.tokenizer, st.engine.vocab_size());
         if free {
             return Ok((None, vocab.ok()));
@@ -433,12 +437,58 @@ pub async fn prepare_completion(
 async fn text_rows(state: &Arc<AppState>, text: String, resolved: &Resolved) -> Result<PromptRows, ApiError> {
     let tok = state.tokenizer.clone();
     let rows_cfg = resolved.rows.clone();
+    let permit = blocking_permit(state).await?;
     Ok(tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let g = rows_cfg.as_ref().map(|(c, s)| (c, s));
         prompt::text_rows(&tok, &text, g)
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??)
+}
+
+/// A place in the fixed pool for blocking work (tokenization, grammar compilation): held by the
+/// blocking job itself, so it is given back when the job ends, not when its caller stops
+/// waiting for it.
+async fn blocking_permit(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    state.blocking.clone().acquire_owned().await.map_err(|_| ApiError::Unavailable)
+}
+
+/// The tenant's share of the engine: its policy's limits, else the server's per-tenant ones.
+pub fn tenant_limits(state: &AppState, tenant: &TenantContext) -> TenantLimits {
+    let p = &tenant.policy;
+    TenantLimits {
+        max_waiting: p.max_waiting.or(state.config.tenant_max_waiting),
+        max_running_rows: p.max_running_rows.or(state.config.tenant_max_running_rows),
+        weight: p.weight.unwrap_or(1),
+    }
+}
+
+/// `stop` → the stop sequences, at most `max_count` of at most `max_chars` characters each
+/// (every token generated is checked against each: their size bounds that work).
+pub fn stop_sequences(stop: Option<StopInput>, max_count: usize, max_chars: usize) -> Result<Vec<String>, ApiError> {
+    let stop = match stop {
+        None => Vec::new(),
+        Some(StopInput::One(s)) => vec![s],
+        Some(StopInput::Many(v)) => v,
+    };
+    if stop.len() > max_count {
+        return Err(ApiError::invalid(
+            format!("At most {max_count} stop sequences are supported, got {}.", stop.len()),
+            Some("stop".into()),
+        ));
+    }
+    for (i, s) in stop.iter().enumerate() {
+        let n = s.chars().count();
+        if n > max_chars {
+            let shown: String = s.chars().take(20).collect();
+            return Err(ApiError::invalid(
+                format!("stop[{i}] is {n} characters long ({shown:?}…); at most {max_chars} are supported."),
+                Some(format!("stop[{i}]")),
+            ));
+        }
+    }
+    Ok(stop)
 }
 
 /// The base model's id, or the name of one of the tenant's adapters (the tenant's adapters apply
@@ -670,14 +720,7 @@ fn finish(
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(bad("top_p must be greater than 0 and at most 1.", "top_p"));
     }
-    let stop = match c.stop {
-        None => Vec::new(),
-        Some(StopInput::One(s)) => vec![s],
-        Some(StopInput::Many(v)) => v,
-    };
-    if stop.len() > 4 {
-        return Err(bad("At most 4 stop sequences are supported.", "stop"));
-    }
+    let stop = stop_sequences(c.stop, state.config.max_stop_sequences, state.config.max_stop_chars)?;
     if rows.cond.is_empty() {
         return Err(bad("The prompt is empty.", "prompt"));
     }
@@ -702,6 +745,7 @@ fn finish(
     request.stop = stop;
     request.ignore_eos = c.ignore_eos;
     request.tenant = tenant.name.clone();
+    request.limits = tenant_limits(state, tenant);
     request.adapters = tenant.adapters.iter().map(|a| a.weights.clone()).collect();
     request.adapter_names = tenant.adapters.iter().map(|a| a.name.clone()).collect();
     request.logit_bias = logit_bias;
@@ -746,4 +790,39 @@ fn logit_bias(
             Ok((id, b as f32))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn many(v: &[&str]) -> Option<StopInput> {
+        Some(StopInput::Many(v.iter().map(|s| s.to_string()).collect()))
+    }
+
+    /// Stop sequences are bounded in count and length; the error is OpenAI's 400, naming the
+    /// parameter and the offending value.
+    #[test]
+    fn stop_sequences_are_bounded() {
+        assert_eq!(stop_sequences(None, 4, 8).unwrap(), Vec::<String>::new());
+        assert_eq!(stop_sequences(Some(StopInput::One("\n\n".into())), 4, 8).unwrap(), ["\n\n"]);
+        assert_eq!(stop_sequences(many(&["a", "bb"]), 2, 2).unwrap(), ["a", "bb"]);
+
+        let e = stop_sequences(many(&["a", "b", "c"]), 2, 8).unwrap_err();
+        let body = e.body();
+        assert_eq!(e.status(), 400);
+        assert_eq!(body.error.kind, "invalid_request_error");
+        assert_eq!(body.error.param.as_deref(), Some("stop"));
+        assert!(body.error.message.contains("At most 2") && body.error.message.contains("got 3"), "{e}");
+
+        // Characters, not bytes: "é" is one.
+        assert!(stop_sequences(many(&["éé"]), 4, 2).is_ok());
+        let long = "x".repeat(300);
+        let e = stop_sequences(many(&["ok", &long]), 4, 256).unwrap_err();
+        let body = e.body();
+        assert_eq!(e.status(), 400);
+        assert_eq!(body.error.param.as_deref(), Some("stop[1]"));
+        assert!(body.error.message.contains("300 characters") && body.error.message.contains("at most 256"), "{e}");
+        assert!(body.error.message.len() < 200, "the message quotes a prefix only: {e}");
+    }
 }

@@ -42,6 +42,18 @@ pub struct TenantPolicy {
     /// What happens to a client's system messages when the prompt carries conditions.
     #[serde(default)]
     pub system_messages: SystemMessages,
+    /// Requests of the tenant waiting at once (tokenizing or queued); more get 429 while other
+    /// tenants are still served. `None`: the server's `tenant_max_waiting`.
+    #[serde(default)]
+    pub max_waiting: Option<usize>,
+    /// Rows of the tenant running at once (a guided request takes 2); more wait. `None`: the
+    /// server's `tenant_max_running_rows`.
+    #[serde(default)]
+    pub max_running_rows: Option<usize>,
+    /// Share in fair admission relative to other tenants (default 1): rows go to the tenant
+    /// running the fewest rows per unit of weight.
+    #[serde(default)]
+    pub weight: Option<u32>,
 }
 
 fn one() -> f32 {
@@ -59,6 +71,9 @@ impl Default for TenantPolicy {
             allow_negative_prompt: false,
             allow_last_token: false,
             system_messages: SystemMessages::default(),
+            max_waiting: None,
+            max_running_rows: None,
+            weight: None,
         }
     }
 }
@@ -89,6 +104,21 @@ impl TenantPolicy {
             && !(self.gamma_min <= g && g <= max)
         {
             return Err(format!("gamma {g} is outside [gamma_min, gamma_max] = [{}, {max}]", self.gamma_min));
+        }
+        if let Some(n) = self.max_waiting
+            && n == 0
+        {
+            return Err("max_waiting must be at least 1, got 0".into());
+        }
+        if let Some(n) = self.max_running_rows
+            && n < 2
+        {
+            return Err(format!("max_running_rows must be at least 2 (a guided pair), got {n}"));
+        }
+        if let Some(w) = self.weight
+            && !(1..=1000).contains(&w)
+        {
+            return Err(format!("weight must be within [1, 1000], got {w}"));
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = self.adapters.iter().find(|a| !seen.insert(*a)) {
@@ -131,5 +161,20 @@ mod tests {
         assert!(TenantPolicy { gamma_max: Some(30.0), ..p.clone() }.validate(20.0).is_err());
         assert!(TenantPolicy { adapters: vec!["a".into(), "a".into()], ..Default::default() }.validate(20.0).is_err());
         assert!(serde_json::from_str::<TenantPolicy>(r#"{"gama": 2}"#).is_err());
+    }
+
+    #[test]
+    fn sharing_limits_are_optional_and_checked() {
+        // A policy saved before the limits existed still reads, with no limits.
+        let old: TenantPolicy = serde_json::from_str(r#"{"adapters": [], "gamma_min": 1}"#).unwrap();
+        assert_eq!((old.max_waiting, old.max_running_rows, old.weight), (None, None, None));
+        let p: TenantPolicy =
+            serde_json::from_str(r#"{"max_waiting": 8, "max_running_rows": 4, "weight": 3}"#).unwrap();
+        assert!(p.validate(20.0).is_ok());
+        let e = TenantPolicy { max_running_rows: Some(1), ..Default::default() }.validate(20.0).unwrap_err();
+        assert!(e.contains("got 1"), "{e}");
+        assert!(TenantPolicy { max_waiting: Some(0), ..Default::default() }.validate(20.0).is_err());
+        let e = TenantPolicy { weight: Some(0), ..Default::default() }.validate(20.0).unwrap_err();
+        assert!(e.contains("got 0"), "{e}");
     }
 }
