@@ -57,12 +57,10 @@ pub struct ServeArgs {
     /// Requests allowed to wait; more get HTTP 429.
     #[arg(long, env = "LETHE_MAX_WAITING")]
     pub max_waiting: Option<usize>,
-    /// Requests one tenant may have waiting, unless its policy says otherwise (default: no
-    /// limit of its own).
+    /// Requests one tenant may have waiting, unless its policy says otherwise.
     #[arg(long, env = "LETHE_TENANT_MAX_WAITING")]
     pub tenant_max_waiting: Option<usize>,
-    /// Rows one tenant may run at once, unless its policy says otherwise (default: no limit of
-    /// its own).
+    /// Rows one tenant may run at once, unless its policy says otherwise.
     #[arg(long, env = "LETHE_TENANT_MAX_RUNNING_ROWS")]
     pub tenant_max_running_rows: Option<usize>,
     /// Steps a request may prefill before its prompt goes first (aging of shortest-first).
@@ -572,6 +570,20 @@ impl ServeConfig {
             ("max_adapters", limits.max_adapters.to_string()),
             ("max_adapter_rank", limits.max_rank.to_string()),
             ("max_adapter_mib", (limits.max_bytes >> 20).to_string()),
+            (
+                "tenant_max_waiting",
+                self.tenant_max_waiting.map_or_else(|| "no limit of its own".into(), |n| n.to_string()),
+            ),
+            (
+                "tenant_max_running_rows",
+                self.tenant_max_running_rows.map_or_else(|| "no limit of its own".into(), |n| n.to_string()),
+            ),
+            ("max_prefill_wait_steps", self.max_prefill_wait_steps.to_string()),
+            ("tokenizer_threads", "one per core".into()),
+            ("request_timeout_secs", self.request_timeout_secs.to_string()),
+            ("header_timeout_secs", self.header_timeout_secs.to_string()),
+            ("max_stop_sequences", self.max_stop_sequences.to_string()),
+            ("max_stop_chars", self.max_stop_chars.to_string()),
         ]
     }
 }
