@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// KV cache element type: f16 or f32.
     #[arg(long, env = "LETHE_KV_DTYPE")]
     pub kv_dtype: Option<KvDtype>,
+    /// Automatic prefix caching (share the KV blocks of identical prompt prefixes between
+    /// requests): true (default) or false.
+    #[arg(long, env = "LETHE_PREFIX_CACHE")]
+    pub prefix_cache: Option<bool>,
     /// max_tokens when a request gives none.
     #[arg(long, env = "LETHE_DEFAULT_MAX_TOKENS")]
     pub default_max_tokens: Option<usize>,
@@ -130,6 +134,7 @@ pub struct FileConfig {
     pub max_waiting: Option<usize>,
     pub kv_cache_mib: Option<usize>,
     pub kv_dtype: Option<String>,
+    pub prefix_cache: Option<bool>,
     pub default_max_tokens: Option<usize>,
     pub max_gamma: Option<f32>,
     pub shutdown_grace_secs: Option<u64>,
@@ -198,6 +203,7 @@ pub struct ServeConfig {
     pub max_waiting: usize,
     pub kv_cache_mib: usize,
     pub kv_dtype: KvDtype,
+    pub prefix_cache: bool,
     pub default_max_tokens: usize,
     pub max_gamma: f32,
     pub shutdown_grace_secs: u64,
@@ -260,6 +266,7 @@ impl ServeConfig {
             max_waiting: args.max_waiting.or(file.max_waiting).unwrap_or(256),
             kv_cache_mib: args.kv_cache_mib.or(file.kv_cache_mib).unwrap_or(2048),
             kv_dtype,
+            prefix_cache: args.prefix_cache.or(file.prefix_cache).unwrap_or(true),
             default_max_tokens: args.default_max_tokens.or(file.default_max_tokens).unwrap_or(512),
             max_gamma: args.max_gamma.or(file.max_gamma).unwrap_or(20.0),
             shutdown_grace_secs: args.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(10),

@@ -90,6 +90,7 @@ impl AppState {
                     max_waiting: config.max_waiting,
                 },
                 kv_cache_bytes: config.kv_cache_mib << 20,
+                prefix_cache: config.prefix_cache,
             },
             config.kv_dtype,
         );

@@ -704,6 +704,7 @@ fn finish(
     request.tenant = tenant.name.clone();
     request.adapters = tenant.adapters.iter().map(|a| a.weights.clone()).collect();
     request.adapter_names = tenant.adapters.iter().map(|a| a.name.clone()).collect();
+    request.adapter_generations = tenant.adapters.iter().map(|a| a.generation.clone()).collect();
     request.logit_bias = logit_bias;
     if let Some(u) = rows.uncond {
         resolved.applied.uncond_prompt_tokens = if resolved.guidance.is_identity() { 0 } else { u.len() };
