@@ -441,11 +441,11 @@ impl KvCache {
                 SeqStore::Tensors(b) => BlockData::Tensor(b.remove(0)),
             };
             e.shared.push(key);
-            if self.cached.contains_key(&key) {
+            if let std::collections::hash_map::Entry::Vacant(v) = self.cached.entry(key) {
+                v.insert(CachedBlock { data, refs: 1, tick: 0 });
+            } else {
                 self.free_block(data);
                 self.retain(&key);
-            } else {
-                self.cached.insert(key, CachedBlock { data, refs: 1, tick: 0 });
             }
         }
     }
