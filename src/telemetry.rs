@@ -80,7 +80,11 @@ const CATALOG: &[(&str, Kind, &str)] = &[
     (REQUESTS, Kind::Counter, "Finished requests by finish reason and tenant."),
     (GUIDED_REQUESTS, Kind::Counter, "Finished requests by guidance mode (none = unguided)."),
     (GUIDANCE_GAMMA, Kind::Histogram(GAMMA), "Guidance scale of guided requests."),
-    (KV_CACHE_USED_BYTES, Kind::Gauge, "KV cache bytes in use."),
+    (
+        KV_CACHE_USED_BYTES,
+        Kind::Gauge,
+        "KV cache bytes held by running requests (evictable prefix-cache blocks excluded).",
+    ),
     (KV_CACHE_LIMIT_BYTES, Kind::Gauge, "KV cache budget in bytes."),
     (BATCH_ROWS, Kind::Histogram(COUNTS), "Rows (sequences) per forward step."),
     (BATCH_TOKENS, Kind::Histogram(COUNTS), "Tokens per forward step (decode rows plus prefill chunk)."),
@@ -94,7 +98,7 @@ const CATALOG: &[(&str, Kind, &str)] = &[
     ),
     (PREFIX_CACHE_BLOCKS, Kind::Gauge, "KV blocks in the prefix cache, referenced or not."),
     (PREFIX_CACHE_REFERENCED_BLOCKS, Kind::Gauge, "Prefix-cache blocks held by running rows (not evictable)."),
-    (PREFIX_CACHE_BYTES, Kind::Gauge, "Bytes of the prefix cache's blocks (part of lethe_kv_cache_used_bytes)."),
+    (PREFIX_CACHE_BYTES, Kind::Gauge, "Bytes of the prefix cache's blocks, referenced or not."),
     (
         PREFIX_CACHE_EVICTABLE_BYTES,
         Kind::Gauge,

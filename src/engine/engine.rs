@@ -70,6 +70,8 @@ pub struct EngineStats {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
     pub running_rows: AtomicUsize,
+    /// KV bytes held by running rows (unreferenced prefix-cache blocks excluded: they are
+    /// evicted as soon as memory is needed).
     pub kv_used_bytes: AtomicUsize,
     pub kv_limit_bytes: AtomicUsize,
     pub steps: AtomicU64,
@@ -405,10 +407,12 @@ impl Worker {
         let s = &self.stats;
         s.running.store(self.sched.running.len(), Ordering::Relaxed);
         s.running_rows.store(self.sched.running_rows(), Ordering::Relaxed);
-        s.kv_used_bytes.store(self.kv.used_bytes(), Ordering::Relaxed);
-        metrics::gauge!(t::NUM_REQUESTS_RUNNING).set(self.sched.running.len() as f64);
-        metrics::gauge!(t::KV_CACHE_USED_BYTES).set(self.kv.used_bytes() as f64);
+        // Memory held by requests: cached blocks no row references are free for the taking.
         let p = self.kv.prefix_stats();
+        let used = self.kv.used_bytes() - p.evictable_bytes;
+        s.kv_used_bytes.store(used, Ordering::Relaxed);
+        metrics::gauge!(t::NUM_REQUESTS_RUNNING).set(self.sched.running.len() as f64);
+        metrics::gauge!(t::KV_CACHE_USED_BYTES).set(used as f64);
         s.prefix_hit_tokens.store(p.hit_tokens, Ordering::Relaxed);
         metrics::counter!(t::PREFIX_CACHE_QUERIES).absolute(p.query_tokens);
         metrics::counter!(t::PREFIX_CACHE_HIT_TOKENS).absolute(p.hit_tokens);
