@@ -360,3 +360,49 @@ fn guided_pairs_and_concurrent_requests_share_prefixes() {
     on.shutdown(std::time::Duration::from_secs(5));
     off.shutdown(std::time::Duration::from_secs(5));
 }
+
+/// A sequence cancelled mid-prefill shares only the blocks whose every position was written
+/// by a completed step; its partly written block is never registered.
+#[test]
+fn a_cancelled_writer_shares_only_completed_blocks() {
+    let m = &tiny().bundle.model;
+    let mut kv = m.new_kv_cache(64 << 20);
+    let seed = kv.prefix_seed("t", &[]);
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 9 + 4) % 300).collect();
+    let (a, _) = kv.add_sequence_cached(seed, &prompt, 41);
+    // 20 of 40 tokens: block 0 complete, block 1 holds 4 positions.
+    m.forward(&RaggedBatch::new(vec![BatchEntry::last(a, prompt[..20].to_vec())]), &mut kv).unwrap();
+    kv.remove_sequence(a);
+    assert_eq!(kv.prefix_stats().blocks, 1);
+    let (b, cached) = kv.add_sequence_cached(seed, &prompt, 41);
+    assert_eq!(cached, 16, "only the completed block");
+    let logits = m.forward(&RaggedBatch::new(vec![BatchEntry::last(b, prompt[16..].to_vec())]), &mut kv).unwrap();
+    assert!(max_diff(logits.last(0), &uncached_last_logits(m, &prompt)) <= tolerance(m));
+}
+
+/// Unreferenced blocks are evicted least recently used first, and only when a step needs the
+/// memory.
+#[test]
+fn eviction_is_least_recently_used_and_on_demand() {
+    let m = &tiny().bundle.model;
+    let block = m.new_kv_cache(0).bytes_for_tokens(1);
+    let mut kv = m.new_kv_cache(6 * block);
+    let seed = kv.prefix_seed("t", &[]);
+    let run = |kv: &mut KvCache, p: &[u32]| {
+        let (s, cached) = kv.add_sequence_cached(seed, p, p.len());
+        m.forward(&RaggedBatch::new(vec![BatchEntry::last(s, p[cached..].to_vec())]), kv).unwrap();
+        kv.remove_sequence(s);
+        cached
+    };
+    let (a, b): (Vec<u32>, Vec<u32>) = ((0..33).map(|i| i % 300).collect(), (100..133).collect());
+    assert_eq!(run(&mut kv, &a), 0);
+    assert_eq!(run(&mut kv, &b), 0);
+    assert_eq!(kv.prefix_stats().blocks, 4, "2 full blocks each, kept while memory allows");
+    assert_eq!(run(&mut kv, &a), 32, "a is now the most recently used");
+    // 4 blocks of a fresh prompt need 2 of the 4 cached (6 in all): b's go.
+    let c: Vec<u32> = (200..264).collect();
+    assert_eq!(run(&mut kv, &c), 0);
+    assert_eq!(kv.prefix_stats().evicted_blocks, 2);
+    assert_eq!(kv.cached_blocks_of(seed.unwrap(), &a).len(), 2);
+    assert!(kv.cached_blocks_of(seed.unwrap(), &b).is_empty());
+}
