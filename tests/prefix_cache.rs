@@ -209,8 +209,14 @@ fn a_second_identical_prompt_reuses_every_full_block_but_the_last_token() {
     let (a, cached) = kv.add_sequence_cached(seed, &prompt, 60);
     assert_eq!(cached, 0);
     m.forward(&RaggedBatch::new(vec![BatchEntry::last(a, prompt.clone())]), &mut kv).unwrap();
+    // Admission counts the shared blocks once: a holds them, b needs only its 4th of 4.
+    let block = kv.bytes_for_tokens(1);
+    assert_eq!(kv.committed_bytes(), 4 * block);
+    assert_eq!(kv.admission_bytes(&[(seed, &prompt, 60)]), block);
+    assert_eq!(kv.admission_bytes(&[(None, &prompt, 60)]), 4 * block, "no seed: no sharing");
     let (b, cached) = kv.add_sequence_cached(seed, &prompt, 60);
     assert_eq!(cached, 48, "3 full blocks of 50 tokens");
+    assert_eq!(kv.committed_bytes(), 5 * block);
     let keys = kv.cached_blocks_of(seed.unwrap(), &prompt);
     assert_eq!(keys.len(), 3);
     assert!(keys.iter().all(|k| kv.block_refs(k) == Some(2)), "shared by both sequences");

@@ -631,6 +631,83 @@ mod tests {
         }
     }
 
+    /// Two spans reading the same leading blocks (a shared prefix) in one call give the bits of
+    /// a span holding copies of them as its own, and leave them untouched.
+    #[test]
+    fn shared_prefix_blocks_are_read_only_and_give_the_same_output() {
+        let geo = KvGeometry { n_layers: 1, n_heads: 4, n_kv_heads: 2, head_dim: 32, dtype: KvDtype::F16 };
+        let (hd, words) = (geo.head_dim, geo.block_bytes().div_ceil(8));
+        let width = (geo.n_heads + 2 * geo.n_kv_heads) * hd;
+        let q_dim = geo.n_heads * hd;
+        let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+        let mut rng = crate::sampling::Rng::new(9);
+        let mut qkv = |rows: usize| -> Vec<f32> { (0..rows * width).map(|_| rng.next_f32() - 0.5).collect() };
+        // 40 positions prefilled in blocks of one sequence.
+        let mut a: Vec<Vec<u64>> = (0..3).map(|_| vec![0u64; words]).collect();
+        let prompt = qkv(40);
+        let rope = RopeRows::new(&(0..40).collect::<Vec<u32>>(), &inv, RopeStyle::Half);
+        let mut out = vec![0f32; 40 * q_dim];
+        let blocks = a.iter_mut().map(|b| &mut b[..]).collect();
+        paged_attention(
+            &geo,
+            0,
+            &prompt,
+            &mut [SeqSpan { shared: Vec::new(), blocks, start: 0, len: 40, row: 0 }],
+            &rope,
+            &mut out,
+        );
+        // Its first 2 blocks become shared by two sequences, each with its own copy of the third
+        // and a fresh fourth; both decode the same token at position 40.
+        let cached = a[..2].to_vec();
+        let mut tails: Vec<Vec<Vec<u64>>> = (0..2).map(|_| vec![a[2].clone(), vec![0u64; words]]).collect();
+        let step = qkv(1);
+        let both: Vec<f32> = step.iter().chain(&step).copied().collect();
+        let rope2 = RopeRows::new(&[40, 40], &inv, RopeStyle::Half);
+        let mut out = vec![0f32; 2 * q_dim];
+        let mut spans: Vec<SeqSpan> = tails
+            .iter_mut()
+            .enumerate()
+            .map(|(row, t)| SeqSpan {
+                shared: cached.iter().map(|b| &b[..]).collect(),
+                blocks: t.iter_mut().map(|b| &mut b[..]).collect(),
+                start: 40,
+                len: 1,
+                row,
+            })
+            .collect();
+        paged_attention(&geo, 0, &both, &mut spans, &rope2, &mut out);
+        assert_eq!(cached[..], a[..2], "the shared blocks were not written");
+        // The same decode with every block owned.
+        a.push(vec![0u64; words]);
+        let rope1 = RopeRows::new(&[40], &inv, RopeStyle::Half);
+        let mut alone = vec![0f32; q_dim];
+        let blocks = a.iter_mut().map(|b| &mut b[..]).collect();
+        paged_attention(
+            &geo,
+            0,
+            &step,
+            &mut [SeqSpan { shared: Vec::new(), blocks, start: 40, len: 1, row: 0 }],
+            &rope1,
+            &mut alone,
+        );
+        assert_eq!(out[..q_dim], alone[..], "shared blocks give the bits of owned ones");
+        assert_eq!(out[q_dim..], alone[..]);
+    }
+
+    #[test]
+    #[should_panic(expected = "writes into a shared KV block")]
+    fn writing_into_a_shared_block_is_refused() {
+        let geo = KvGeometry { n_layers: 1, n_heads: 2, n_kv_heads: 1, head_dim: 32, dtype: KvDtype::F16 };
+        let width = 4 * 32;
+        let shared = vec![0u64; geo.block_bytes().div_ceil(8)];
+        let mut own = vec![0u64; geo.block_bytes().div_ceil(8)];
+        let mut spans =
+            vec![SeqSpan { shared: vec![&shared[..]], blocks: vec![&mut own[..]], start: 10, len: 7, row: 0 }];
+        let rope = RopeRows::new(&[10; 7], &[1.0; 16], RopeStyle::Half);
+        let mut out = vec![0f32; 7 * 64];
+        paged_attention(&geo, 0, &vec![0.0; 7 * width], &mut spans, &rope, &mut out);
+    }
+
     #[test]
     #[should_panic(expected = "too few KV blocks")]
     fn spans_without_room_for_their_positions_are_refused() {
