@@ -61,7 +61,13 @@ fn main() {
         let mut spans: Vec<SeqSpan> = blocks
             .iter_mut()
             .enumerate()
-            .map(|(i, b)| SeqSpan { blocks: b.iter_mut().map(|x| &mut x[..]).collect(), start: ctx, len: 1, row: i })
+            .map(|(i, b)| SeqSpan {
+                shared: Vec::new(),
+                blocks: b.iter_mut().map(|x| &mut x[..]).collect(),
+                start: ctx,
+                len: 1,
+                row: i,
+            })
             .collect();
         let qkv = rand(n_seq * 15 * 64, 7);
         let rope = RopeRows::new(&vec![ctx as u32; n_seq], &inv, RopeStyle::Interleaved);

@@ -61,6 +61,8 @@ echo "== engine tests on the candle backend"
 # candle path is candle-transformers' bit for bit, tests/smollm.rs, and that model already
 # answers partly in French at γ = 1), and candle's scalar Q4_1 CPU kernel makes it take minutes.
 LETHE_TEST_BACKEND=candle cargo test --release --test engine -- --skip guidance_changes_behaviour_on_the_default_model
+# The prefix cache on the tensor store (shared block ids; candle sums in other orders: 1e-4).
+LETHE_TEST_BACKEND=candle cargo test --release --test prefix_cache
 # The cuda check runs in the background, in its own target directory (cargo locks one per
 # build), beside the kernel-set and aarch64 tests below: most of its time is ptxas compiling
 # candle's kernels one file at a time, which leaves the second core idle.

@@ -316,6 +316,7 @@ pub struct EngineReport {
     pub guided: bool,
     /// Constrained to [`BENCH_SCHEMA`].
     pub schema: bool,
+    pub prefix_cache: bool,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
     /// Mean over requests of generated tokens / (last token − first token); median over rounds.
@@ -339,6 +340,9 @@ pub struct EngineCase {
     pub guided: Option<Guidance>,
     /// Every request is constrained to [`BENCH_SCHEMA`] (structured outputs).
     pub schema: bool,
+    /// The engine caches prefixes (prompts are distinct: nothing is shared, this measures the
+    /// bookkeeping's cost).
+    pub prefix_cache: bool,
 }
 
 /// The JSON schema of structured-output benchmarks: a long list of records mixing integers,
@@ -369,6 +373,7 @@ pub fn engine(
             ..Default::default()
         },
         kv_cache_bytes: 8 << 30,
+        prefix_cache: true,
     };
     let (name, weights) = (model.config().name.clone(), model.weights_desc().to_string());
     let constraint = match cases.iter().any(|c| c.schema) {
@@ -379,12 +384,23 @@ pub fn engine(
         }
         false => None,
     };
-    let engine = EngineHandle::spawn_with_kv_dtype(model, tokenizer, cfg, kv_dtype);
+    // One engine per prefix-cache setting the cases use.
+    let engines: Vec<(bool, EngineHandle)> = [false, true]
+        .into_iter()
+        .filter(|&on| cases.iter().any(|c| c.prefix_cache == on))
+        .map(|on| {
+            let cfg = EngineConfig { prefix_cache: on, ..cfg.clone() };
+            (on, EngineHandle::spawn_with_kv_dtype(model.clone(), tokenizer.clone(), cfg, kv_dtype))
+        })
+        .collect();
+    let engine_for = |case: &EngineCase| &engines.iter().find(|(on, _)| *on == case.prefix_cache).expect("spawned").1;
+    // Every request of every round has prompts of its own: nothing is shared through the
+    // prefix cache, as in a workload without common prefixes.
     let make = |i: usize, case: &EngineCase| {
-        let mut r = Request::new(synthetic_prompt(prompt_tokens, vocab, i as u64), gen_tokens);
+        let mut r = Request::new(synthetic_prompt(prompt_tokens, vocab, 2 * i as u64), gen_tokens);
         r.ignore_eos = true;
         if let Some(g) = case.guided {
-            r = r.guided(synthetic_prompt(prompt_tokens, vocab, 1000 + i as u64), g);
+            r = r.guided(synthetic_prompt(prompt_tokens, vocab, 2 * i as u64 + 1), g);
         }
         if case.schema {
             r.constraint = constraint.clone();
@@ -392,15 +408,20 @@ pub fn engine(
         r
     };
     // Warm-up.
-    run_requests(&engine, vec![make(usize::MAX / 2, &cases[0])])?;
+    for (_, engine) in &engines {
+        run_requests(engine, vec![make(usize::MAX / 4, &cases[0])])?;
+    }
     let mut samples: Vec<Vec<RoundStats>> = vec![Vec::new(); cases.len()];
-    for _ in 0..rounds.max(1) {
+    for round in 0..rounds.max(1) {
         for (ci, case) in cases.iter().enumerate() {
-            let reqs = (0..case.concurrency).map(|i| make(i, case)).collect();
-            samples[ci].push(run_requests(&engine, reqs)?);
+            let first = (round * cases.len() + ci) * max_conc;
+            let reqs = (0..case.concurrency).map(|i| make(first + i, case)).collect();
+            samples[ci].push(run_requests(engine_for(case), reqs)?);
         }
     }
-    engine.shutdown(std::time::Duration::from_secs(5));
+    for (_, engine) in &engines {
+        engine.shutdown(std::time::Duration::from_secs(5));
+    }
     let median = |mut v: Vec<f64>| -> f64 {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -416,6 +437,7 @@ pub fn engine(
             concurrency: case.concurrency,
             guided: case.guided.is_some(),
             schema: case.schema,
+            prefix_cache: case.prefix_cache,
             prompt_tokens,
             gen_tokens,
             per_request_tok_s: median(rs.iter().map(|r| r.per_request).collect()),
@@ -742,7 +764,8 @@ pub fn ttft_under_prefill(
 ) -> anyhow::Result<TtftReport> {
     let vocab = model.config().vocab_size;
     let budget = scheduler.max_batch_tokens;
-    let engine = EngineHandle::spawn(model, tokenizer, EngineConfig { scheduler, kv_cache_bytes: 2 << 30 });
+    let engine =
+        EngineHandle::spawn(model, tokenizer, EngineConfig { scheduler, kv_cache_bytes: 2 << 30, prefix_cache: true });
     let ttft = |s: &mut crate::engine::RequestStream, t0: Instant| -> anyhow::Result<f64> {
         match s.blocking_next() {
             Some(Event::Token { .. }) => Ok(t0.elapsed().as_secs_f64() * 1e3),
@@ -786,6 +809,139 @@ pub fn ttft_under_prefill(
         loaded_ttft_ms: l,
         ratio: l / i,
         long_ttft_ms: median(longs),
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefixCacheReport {
+    pub history_tokens: usize,
+    pub turn_tokens: usize,
+    /// Median time to first token of a conversation's second turn (the whole history resent),
+    /// without and with prefix caching.
+    pub second_turn_ttft_off_ms: f64,
+    pub second_turn_ttft_on_ms: f64,
+    pub second_turn_speedup: f64,
+    pub system_tokens: usize,
+    pub user_tokens: usize,
+    pub shared_requests: usize,
+    /// Prompt tokens the model computed for `shared_requests` requests submitted together,
+    /// sharing a system prompt (medians over rounds), without and with prefix caching.
+    pub shared_computed_off: u64,
+    pub shared_computed_on: u64,
+    /// `on / off`: 1/`shared_requests` would be perfect sharing of the system prompt.
+    pub shared_computed_ratio: f64,
+    /// Wall time from submission to the last first token, without and with.
+    pub shared_wall_off_ms: f64,
+    pub shared_wall_on_ms: f64,
+}
+
+/// Prefix caching, measured against the same engine settings without it (two engines, rounds
+/// interleaved, fresh prompts every round so no round reuses another's blocks):
+/// - a conversation's second turn: turn 1 is a `history`-token prompt generating `turn` tokens;
+///   turn 2 resends all of it plus a `turn`-token user message; its time to first token;
+/// - `n` requests submitted at once sharing a `system`-token prompt, each with its own
+///   `user`-token message: the prompt tokens actually computed.
+#[allow(clippy::too_many_arguments)]
+pub fn prefix_cache(
+    model: Arc<Llama>,
+    tokenizer: Arc<Tokenizer>,
+    history: usize,
+    turn: usize,
+    system: usize,
+    user: usize,
+    n: usize,
+    rounds: usize,
+) -> anyhow::Result<PrefixCacheReport> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let vocab = model.config().vocab_size;
+    let spawn = |on: bool| {
+        let scheduler = SchedulerConfig { max_waiting: n.max(4), ..Default::default() };
+        EngineHandle::spawn(
+            model.clone(),
+            tokenizer.clone(),
+            EngineConfig { scheduler, kv_cache_bytes: 4 << 30, prefix_cache: on },
+        )
+    };
+    let engines = [spawn(false), spawn(true)];
+    let first_token = |s: &mut crate::engine::RequestStream| -> anyhow::Result<(Instant, Vec<u32>)> {
+        let mut ids = Vec::new();
+        let mut first = None;
+        loop {
+            match s.blocking_next() {
+                Some(Event::Token { id, .. }) => {
+                    first.get_or_insert_with(Instant::now);
+                    ids.push(id);
+                }
+                Some(Event::Finished { .. }) => return Ok((first.ok_or_else(|| anyhow::anyhow!("no token"))?, ids)),
+                Some(Event::Error(e)) => anyhow::bail!(e),
+                None => anyhow::bail!("stream closed"),
+            }
+        }
+    };
+    let request = |prompt: Vec<u32>, max_tokens: usize| {
+        let mut r = Request::new(prompt, max_tokens);
+        r.ignore_eos = true;
+        r
+    };
+    let (mut ttft, mut computed, mut wall) = ([vec![], vec![]], [vec![], vec![]], [vec![], vec![]]);
+    // Warm-up.
+    for e in &engines {
+        first_token(&mut e.submit(request(synthetic_prompt(32, vocab, 7), 2))?)?;
+    }
+    for round in 0..rounds.max(1) {
+        for (i, e) in engines.iter().enumerate() {
+            let salt = (round * 2 + i) as u64 * 1000;
+            // Second turn of a conversation.
+            let turn1 = synthetic_prompt(history, vocab, salt + 1);
+            let (_, answer) = first_token(&mut e.submit(request(turn1.clone(), turn))?)?;
+            let mut turn2 = turn1;
+            turn2.extend(answer);
+            turn2.extend(synthetic_prompt(turn, vocab, salt + 2));
+            let t0 = Instant::now();
+            let (t, _) = first_token(&mut e.submit(request(turn2, 1))?)?;
+            ttft[i].push((t - t0).as_secs_f64() * 1e3);
+            // Requests sharing a system prompt, submitted together.
+            let sys = synthetic_prompt(system, vocab, salt + 3);
+            let before = e.stats().forward_tokens.load(Relaxed);
+            let t0 = Instant::now();
+            let mut streams = (0..n)
+                .map(|k| {
+                    let mut p = sys.clone();
+                    p.extend(synthetic_prompt(user, vocab, salt + 10 + k as u64));
+                    e.submit(request(p, 1))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut last = t0;
+            for s in &mut streams {
+                last = last.max(first_token(s)?.0);
+            }
+            wall[i].push((last - t0).as_secs_f64() * 1e3);
+            computed[i].push((e.stats().forward_tokens.load(Relaxed) - before) as f64);
+        }
+    }
+    for e in &engines {
+        e.shutdown(std::time::Duration::from_secs(5));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (t_off, t_on) = (median(&mut ttft[0]), median(&mut ttft[1]));
+    let (c_off, c_on) = (median(&mut computed[0]), median(&mut computed[1]));
+    Ok(PrefixCacheReport {
+        history_tokens: history,
+        turn_tokens: turn,
+        second_turn_ttft_off_ms: t_off,
+        second_turn_ttft_on_ms: t_on,
+        second_turn_speedup: t_off / t_on,
+        system_tokens: system,
+        user_tokens: user,
+        shared_requests: n,
+        shared_computed_off: c_off as u64,
+        shared_computed_on: c_on as u64,
+        shared_computed_ratio: c_on / c_off,
+        shared_wall_off_ms: median(&mut wall[0]),
+        shared_wall_on_ms: median(&mut wall[1]),
     })
 }
 

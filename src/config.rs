@@ -89,6 +89,10 @@ pub struct ServeArgs {
     /// KV cache element type: f16, q8 (int8 + a scale per token and head) or f32.
     #[arg(long, env = "LETHE_KV_DTYPE")]
     pub kv_dtype: Option<KvDtype>,
+    /// Automatic prefix caching (share the KV blocks of identical prompt prefixes between
+    /// requests): true (default) or false.
+    #[arg(long, env = "LETHE_PREFIX_CACHE")]
+    pub prefix_cache: Option<bool>,
     /// max_tokens when a request gives none.
     #[arg(long, env = "LETHE_DEFAULT_MAX_TOKENS")]
     pub default_max_tokens: Option<usize>,
@@ -166,6 +170,7 @@ pub struct FileConfig {
     pub max_stop_chars: Option<usize>,
     pub kv_cache_mib: Option<usize>,
     pub kv_dtype: Option<String>,
+    pub prefix_cache: Option<bool>,
     pub default_max_tokens: Option<usize>,
     pub max_gamma: Option<f32>,
     pub shutdown_grace_secs: Option<u64>,
@@ -243,6 +248,7 @@ pub struct ServeConfig {
     pub max_stop_chars: usize,
     pub kv_cache_mib: usize,
     pub kv_dtype: KvDtype,
+    pub prefix_cache: bool,
     pub default_max_tokens: usize,
     pub max_gamma: f32,
     pub shutdown_grace_secs: u64,
@@ -319,6 +325,7 @@ impl ServeConfig {
             max_stop_chars: args.max_stop_chars.or(file.max_stop_chars).unwrap_or(256),
             kv_cache_mib: args.kv_cache_mib.or(file.kv_cache_mib).unwrap_or(2048),
             kv_dtype,
+            prefix_cache: args.prefix_cache.or(file.prefix_cache).unwrap_or(true),
             default_max_tokens: args.default_max_tokens.or(file.default_max_tokens).unwrap_or(512),
             max_gamma: args.max_gamma.or(file.max_gamma).unwrap_or(20.0),
             shutdown_grace_secs: args.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(10),

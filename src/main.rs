@@ -427,6 +427,20 @@ struct BenchDecodeArgs {
     /// many tokens is being prefilled, against the same request on an idle engine.
     #[arg(long)]
     ttft_under_prefill: Option<usize>,
+    /// With --concurrency: run every case without and with prefix caching, side by side
+    /// (prompts are all distinct, so nothing is shared: the cost of the bookkeeping).
+    #[arg(long)]
+    compare_prefix_cache: bool,
+    /// Instead: prefix caching against none. The second turn of a conversation whose first
+    /// turn was a prompt of this many tokens answered with --gen-tokens tokens (time to first
+    /// token), and --shared-requests requests submitted together sharing a --system-tokens
+    /// prompt, each with a 32-token message of its own (prompt tokens computed).
+    #[arg(long)]
+    prefix_cache_history: Option<usize>,
+    #[arg(long, default_value_t = 1000)]
+    system_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    shared_requests: usize,
     /// Engine step budget for --ttft-under-prefill (prefill chunk size).
     #[arg(long, default_value_t = lethe::engine::SchedulerConfig::default().max_batch_tokens)]
     max_batch_tokens: usize,
@@ -755,6 +769,42 @@ fn bench_adapters(a: BenchAdaptersArgs) -> Result<()> {
 
 fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let bundle = a.model.load()?;
+    if let Some(history) = a.prefix_cache_history {
+        let r = lethe::bench::prefix_cache(
+            bundle.model.clone(),
+            bundle.tokenizer.clone(),
+            history,
+            a.gen_tokens,
+            a.system_tokens,
+            32,
+            a.shared_requests,
+            a.rounds.max(3),
+        )?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "second turn after a {}-token turn answered with {} tokens: TTFT {:.0} ms without prefix caching, {:.0} ms with ({:.1}x)",
+                r.history_tokens,
+                r.turn_tokens,
+                r.second_turn_ttft_off_ms,
+                r.second_turn_ttft_on_ms,
+                r.second_turn_speedup
+            );
+            println!(
+                "{} requests sharing a {}-token system prompt (+{} tokens each), submitted together: {} prompt tokens computed without, {} with ({:.3}); all first tokens after {:.0} ms without, {:.0} ms with",
+                r.shared_requests,
+                r.system_tokens,
+                r.user_tokens,
+                r.shared_computed_off,
+                r.shared_computed_on,
+                r.shared_computed_ratio,
+                r.shared_wall_off_ms,
+                r.shared_wall_on_ms
+            );
+        }
+        return Ok(());
+    }
     if let Some(long) = a.ttft_under_prefill {
         let sched = lethe::engine::SchedulerConfig { max_batch_tokens: a.max_batch_tokens, ..Default::default() };
         let r = lethe::bench::ttft_under_prefill(
@@ -851,13 +901,17 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             let mut cases = Vec::new();
             let schema = a.json_schema;
             for &c in &cs {
+                let prefix_cache = true;
                 if a.compare_unguided {
-                    cases.push(lethe::bench::EngineCase { concurrency: c, guided: None, schema });
+                    cases.push(lethe::bench::EngineCase { concurrency: c, guided: None, schema, prefix_cache });
                 }
                 if a.compare_unconstrained {
-                    cases.push(lethe::bench::EngineCase { concurrency: c, guided: g, schema: false });
+                    cases.push(lethe::bench::EngineCase { concurrency: c, guided: g, schema: false, prefix_cache });
                 }
-                cases.push(lethe::bench::EngineCase { concurrency: c, guided: g, schema });
+                if a.compare_prefix_cache {
+                    cases.push(lethe::bench::EngineCase { concurrency: c, guided: g, schema, prefix_cache: false });
+                }
+                cases.push(lethe::bench::EngineCase { concurrency: c, guided: g, schema, prefix_cache });
             }
             if a.json_schema && !a.json {
                 let c = lethe::bench::constraint_costs(&bundle.tokenizer, bundle.model.config().vocab_size, 400)?;
@@ -878,13 +932,14 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             if !a.json {
                 for r in &runs {
                     println!(
-                        "{} ({}, {} kernels), concurrency {}{}{}: {:.1} tok/s per request, {:.1} tok/s aggregate ({:.1} incl. prefill), {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
+                        "{} ({}, {} kernels), concurrency {}{}{}{}: {:.1} tok/s per request, {:.1} tok/s aggregate ({:.1} incl. prefill), {:.1} steps/s, TTFT {:.0} ms | peak RSS {:.0} MiB",
                         r.model,
                         r.weights,
                         r.kernels,
                         r.concurrency,
                         if r.guided { " guided" } else { "" },
                         if r.schema { " json-schema" } else { "" },
+                        if r.prefix_cache { "" } else { " no-prefix-cache" },
                         r.per_request_tok_s,
                         r.aggregate_tok_s,
                         r.aggregate_e2e_tok_s,
@@ -899,6 +954,16 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                             "concurrency {}: guided / unguided per-request tok/s = {:.3}",
                             pair[0].concurrency,
                             pair[1].per_request_tok_s / pair[0].per_request_tok_s
+                        );
+                    }
+                }
+                if a.compare_prefix_cache && !a.compare_unguided && !a.compare_unconstrained {
+                    for pair in runs.chunks(2) {
+                        println!(
+                            "concurrency {}: prefix cache on / off per-request tok/s = {:.3}, aggregate {:.3}",
+                            pair[0].concurrency,
+                            pair[1].per_request_tok_s / pair[0].per_request_tok_s,
+                            pair[1].aggregate_tok_s / pair[0].aggregate_tok_s
                         );
                     }
                 }
@@ -1004,7 +1069,7 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
                         http.push(serve_load(&base, &model, &cfg).await?.per_request_tok_s);
                     } else {
                         let (m, t) = (bundle.0.clone(), bundle.1.clone());
-                        let case = [lethe::bench::EngineCase { concurrency: 1, guided: None, schema: false }];
+                        let case = [lethe::bench::EngineCase { concurrency: 1, guided: None, schema: false, prefix_cache: true }];
                         let gen_tokens = a.gen_tokens;
                         let kv = a.model.kv_dtype;
                         let r = tokio::task::spawn_blocking(move || lethe::bench::engine(m, t, &case, prompt_tokens, gen_tokens, 3, kv)).await??;

@@ -34,6 +34,15 @@ pub const KV_CACHE_LIMIT_BYTES: &str = "lethe_kv_cache_limit_bytes";
 pub const BATCH_ROWS: &str = "lethe_batch_rows";
 pub const BATCH_TOKENS: &str = "lethe_batch_tokens";
 pub const STEP_DURATION: &str = "lethe_forward_step_duration_seconds";
+// Prefix cache (vLLM's `prefix_cache_queries`/`prefix_cache_hits` count tokens too).
+pub const PREFIX_CACHE_QUERIES: &str = "lethe_prefix_cache_queries_total";
+pub const PREFIX_CACHE_HIT_TOKENS: &str = "lethe_prefix_cache_hit_tokens_total";
+pub const PREFIX_CACHE_HIT_RATE: &str = "lethe_prefix_cache_hit_rate";
+pub const PREFIX_CACHE_BLOCKS: &str = "lethe_prefix_cache_blocks";
+pub const PREFIX_CACHE_REFERENCED_BLOCKS: &str = "lethe_prefix_cache_referenced_blocks";
+pub const PREFIX_CACHE_BYTES: &str = "lethe_prefix_cache_bytes";
+pub const PREFIX_CACHE_EVICTABLE_BYTES: &str = "lethe_prefix_cache_evictable_bytes";
+pub const PREFIX_CACHE_EVICTED_BLOCKS: &str = "lethe_prefix_cache_evicted_blocks_total";
 // Forget-adapters.
 /// Label `adapter`: one series per adapter a finished request used.
 pub const ADAPTER_REQUESTS: &str = "lethe_adapter_requests_total";
@@ -79,11 +88,31 @@ const CATALOG: &[(&str, Kind, &str)] = &[
     (TENANT_REJECTED, Kind::Counter, "Requests refused with 429, by tenant and by whose waiting limit was full."),
     (GUIDED_REQUESTS, Kind::Counter, "Finished requests by guidance mode (none = unguided)."),
     (GUIDANCE_GAMMA, Kind::Histogram(GAMMA), "Guidance scale of guided requests."),
-    (KV_CACHE_USED_BYTES, Kind::Gauge, "KV cache bytes in use."),
+    (
+        KV_CACHE_USED_BYTES,
+        Kind::Gauge,
+        "KV cache bytes held by running requests (evictable prefix-cache blocks excluded).",
+    ),
     (KV_CACHE_LIMIT_BYTES, Kind::Gauge, "KV cache budget in bytes."),
     (BATCH_ROWS, Kind::Histogram(COUNTS), "Rows (sequences) per forward step."),
     (BATCH_TOKENS, Kind::Histogram(COUNTS), "Tokens per forward step (decode rows plus prefill chunk)."),
     (STEP_DURATION, Kind::Histogram(LATENCY_STEP), "Duration of one forward step, sampling included."),
+    (PREFIX_CACHE_QUERIES, Kind::Counter, "Prompt tokens looked up in the prefix cache (every row of a request)."),
+    (PREFIX_CACHE_HIT_TOKENS, Kind::Counter, "Prompt tokens served from cached KV blocks instead of computed."),
+    (
+        PREFIX_CACHE_HIT_RATE,
+        Kind::Gauge,
+        "Hit tokens / queried tokens since start (use the counters' rates for windows).",
+    ),
+    (PREFIX_CACHE_BLOCKS, Kind::Gauge, "KV blocks in the prefix cache, referenced or not."),
+    (PREFIX_CACHE_REFERENCED_BLOCKS, Kind::Gauge, "Prefix-cache blocks held by running rows (not evictable)."),
+    (PREFIX_CACHE_BYTES, Kind::Gauge, "Bytes of the prefix cache's blocks, referenced or not."),
+    (
+        PREFIX_CACHE_EVICTABLE_BYTES,
+        Kind::Gauge,
+        "Bytes of unreferenced prefix-cache blocks: in use, but freed as soon as memory is needed.",
+    ),
+    (PREFIX_CACHE_EVICTED_BLOCKS, Kind::Counter, "Unreferenced prefix-cache blocks evicted to make room."),
     (ADAPTER_REQUESTS, Kind::Counter, "Finished requests that used a forget-adapter, per adapter."),
     (ADAPTERS_LOADED, Kind::Gauge, "Forget-adapters loaded."),
     (ADAPTER_MEMORY_BYTES, Kind::Gauge, "Bytes of adapter factors: loaded, and retired but still leased."),

@@ -35,7 +35,7 @@ fn engine(t: &Tiny, sched: SchedulerConfig) -> EngineHandle {
     EngineHandle::spawn(
         t.bundle.model.clone(),
         t.bundle.tokenizer.clone(),
-        EngineConfig { scheduler: sched, kv_cache_bytes: 256 << 20 },
+        EngineConfig { scheduler: sched, kv_cache_bytes: 256 << 20, prefix_cache: true },
     )
 }
 
@@ -349,7 +349,7 @@ fn kv_check_counts_whole_blocks_and_the_engine_keeps_serving() {
     let e = EngineHandle::spawn(
         t.bundle.model.clone(),
         t.bundle.tokenizer.clone(),
-        EngineConfig { scheduler: SchedulerConfig::default(), kv_cache_bytes: limit },
+        EngineConfig { scheduler: SchedulerConfig::default(), kv_cache_bytes: limit, prefix_cache: true },
     );
     let mut big = Request::new(vec![1, 2, 3, 4, 5], 12); // 17 positions: 2 blocks
     big.ignore_eos = true;

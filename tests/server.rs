@@ -33,6 +33,33 @@ async fn chat_completion_has_openai_shape() {
     s.shutdown().await;
 }
 
+/// The second identical request reuses the first's KV blocks and says so, as OpenAI does; with
+/// `--prefix-cache false` nothing is reused. The answer is the same either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_requests_report_cached_prompt_tokens() {
+    let long = "Answer in one word. ".repeat(12);
+    let body = |s: &Server| {
+        chat(&s.model(), json!({"messages": [{"role": "system", "content": long}, {"role": "user", "content": "Hi"}]}))
+    };
+    let s = Server::start(|_| {}).await;
+    let (status, first) = s.post("/v1/chat/completions", body(&s)).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let (_, second) = s.post("/v1/chat/completions", body(&s)).await;
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached > 0 && cached < prompt && cached % 16 == 0, "{cached} of {prompt}");
+    assert_eq!(first["choices"][0]["message"]["content"], second["choices"][0]["message"]["content"]);
+    s.shutdown().await;
+    let off = Server::start(|a| a.prefix_cache = Some(false)).await;
+    for _ in 0..2 {
+        let (_, r) = off.post("/v1/chat/completions", body(&off)).await;
+        assert_eq!(r["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+        assert_eq!(r["choices"][0]["message"]["content"], first["choices"][0]["message"]["content"]);
+    }
+    off.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_matches_non_streaming_and_ends_with_usage_and_done() {
     let s = Server::start(|_| {}).await;
@@ -62,7 +89,12 @@ async fn streaming_matches_non_streaming_and_ends_with_usage_and_done() {
         assert_eq!(finish["guidance"], plain["guidance"]);
         let usage = chunks.last().unwrap();
         assert_eq!(usage["choices"], json!([]));
-        assert_eq!(usage["usage"], plain["usage"]);
+        // The same prompt a second time: served (partly) from the prefix cache.
+        let mut streamed = usage["usage"].clone();
+        let cached = |u: &Value| u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+        assert!(cached(&streamed) > 0 && cached(&streamed) >= cached(&plain["usage"]), "{streamed}");
+        streamed["prompt_tokens_details"] = plain["usage"]["prompt_tokens_details"].clone();
+        assert_eq!(streamed, plain["usage"]);
         assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
         if !guidance.is_null() {
             assert_eq!(plain["guidance"]["gamma"], 3.0);

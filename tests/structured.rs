@@ -31,7 +31,7 @@ fn fixture() -> &'static Fixture {
         let engine = EngineHandle::spawn(
             bundle.model.clone(),
             bundle.tokenizer.clone(),
-            EngineConfig { scheduler: SchedulerConfig::default(), kv_cache_bytes: 512 << 20 },
+            EngineConfig { scheduler: SchedulerConfig::default(), kv_cache_bytes: 512 << 20, prefix_cache: true },
         );
         let structured = Structured::new(&bundle.tokenizer, bundle.model.config().vocab_size).unwrap();
         Fixture { _dir: dir, bundle, engine, structured }

@@ -26,11 +26,14 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Byte budget of the KV caches.
     pub kv_cache_bytes: usize,
+    /// Share the KV blocks of identical prompt prefixes between requests (automatic prefix
+    /// caching; see [`crate::model::kv_cache`]).
+    pub prefix_cache: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { scheduler: SchedulerConfig::default(), kv_cache_bytes: 2 << 30 }
+        Self { scheduler: SchedulerConfig::default(), kv_cache_bytes: 2 << 30, prefix_cache: true }
     }
 }
 
@@ -71,9 +74,15 @@ pub struct EngineStats {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
     pub running_rows: AtomicUsize,
+    /// KV bytes held by running rows (unreferenced prefix-cache blocks excluded: they are
+    /// evicted as soon as memory is needed).
     pub kv_used_bytes: AtomicUsize,
     pub kv_limit_bytes: AtomicUsize,
     pub steps: AtomicU64,
+    /// Tokens run through the model (prompt tokens computed and decoded ones).
+    pub forward_tokens: AtomicU64,
+    /// Prompt tokens served from the prefix cache instead of computed.
+    pub prefix_hit_tokens: AtomicU64,
     pub alive: AtomicBool,
     /// The engine thread died of a panic: the process cannot serve any more and should be
     /// restarted (`/health` turns 503, so a liveness probe does it).
@@ -191,7 +200,8 @@ impl EngineHandle {
         cfg: EngineConfig,
         kv_dtype: KvDtype,
     ) -> Self {
-        let kv = model.new_kv_cache_with_dtype(cfg.kv_cache_bytes, kv_dtype);
+        let mut kv = model.new_kv_cache_with_dtype(cfg.kv_cache_bytes, kv_dtype);
+        kv.set_prefix_caching(cfg.prefix_cache);
         let stats = Arc::new(EngineStats::default());
         stats.kv_limit_bytes.store(cfg.kv_cache_bytes, Ordering::Relaxed);
         stats.alive.store(true, Ordering::Relaxed);
@@ -477,9 +487,12 @@ impl Worker {
         let s = &self.stats;
         s.running.store(self.sched.running.len(), Ordering::Relaxed);
         s.running_rows.store(self.sched.running_rows(), Ordering::Relaxed);
-        s.kv_used_bytes.store(self.kv.used_bytes(), Ordering::Relaxed);
+        // Memory held by requests: cached blocks no row references are free for the taking.
+        let p = self.kv.prefix_stats();
+        let used = self.kv.used_bytes() - p.evictable_bytes;
+        s.kv_used_bytes.store(used, Ordering::Relaxed);
         metrics::gauge!(t::NUM_REQUESTS_RUNNING).set(self.sched.running.len() as f64);
-        metrics::gauge!(t::KV_CACHE_USED_BYTES).set(self.kv.used_bytes() as f64);
+        metrics::gauge!(t::KV_CACHE_USED_BYTES).set(used as f64);
         let by = self.sched.rows_by_tenant();
         for gone in self.running_tenants.iter().filter(|t| !by.contains_key(t.as_str())) {
             metrics::gauge!(t::TENANT_RUNNING_ROWS, "tenant" => gone.clone()).set(0.0);
@@ -490,10 +503,39 @@ impl Worker {
         let now: Vec<String> = by.keys().map(|t| t.to_string()).collect();
         drop(by);
         self.running_tenants = now;
+        s.prefix_hit_tokens.store(p.hit_tokens, Ordering::Relaxed);
+        metrics::counter!(t::PREFIX_CACHE_QUERIES).absolute(p.query_tokens);
+        metrics::counter!(t::PREFIX_CACHE_HIT_TOKENS).absolute(p.hit_tokens);
+        metrics::counter!(t::PREFIX_CACHE_EVICTED_BLOCKS).absolute(p.evicted_blocks);
+        metrics::gauge!(t::PREFIX_CACHE_BLOCKS).set(p.blocks as f64);
+        metrics::gauge!(t::PREFIX_CACHE_REFERENCED_BLOCKS).set(p.referenced_blocks as f64);
+        metrics::gauge!(t::PREFIX_CACHE_BYTES).set(p.bytes as f64);
+        metrics::gauge!(t::PREFIX_CACHE_EVICTABLE_BYTES).set(p.evictable_bytes as f64);
+        if p.query_tokens > 0 {
+            metrics::gauge!(t::PREFIX_CACHE_HIT_RATE).set(p.hit_tokens as f64 / p.query_tokens as f64);
+        }
+    }
+
+    /// Rows still prefilling that hold no blocks of their own take the blocks that other rows
+    /// have cached since (identical prompts admitted together: the first computes, the others
+    /// wait behind it — shortest remaining prompt first — and then share).
+    fn attach_cached_prefixes(&mut self) {
+        for g in &mut self.sched.running {
+            for (i, r) in g.rows.iter_mut().enumerate() {
+                if r.is_prefilling() {
+                    let gained = self.kv.extend_cached(r.seq, &r.pending[r.cursor..]);
+                    r.cursor += gained;
+                    if let Some(c) = g.cached_tokens.get_mut(i) {
+                        *c += gained;
+                    }
+                }
+            }
+        }
     }
 
     /// One forward over every planned row, then sampling for every group that is ready.
     fn step(&mut self) {
+        self.attach_cached_prefixes();
         let plan = self.sched.plan();
         if plan.is_empty() {
             return;
@@ -525,6 +567,7 @@ impl Worker {
         metrics::histogram!(t::BATCH_ROWS).record(plan.len() as f64);
         metrics::histogram!(t::BATCH_TOKENS).record(batch.n_tokens() as f64);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats.forward_tokens.fetch_add(batch.n_tokens() as u64, Ordering::Relaxed);
         let logits = match result {
             Ok(l) => l,
             Err(e) => return self.fail_groups(&self.group_ids(plan), &e.to_string()),
@@ -788,6 +831,8 @@ fn finish(mut g: Group, ending: Ending, tok: &Tokenizer) {
         prompt_tokens: g.req.prompt.len(),
         uncond_prompt_tokens: if g.req.is_pair() { g.req.uncond_prompt.as_ref().map_or(0, Vec::len) } else { 0 },
         completion_tokens: g.generated,
+        cached_tokens: g.cached_tokens.first().copied().unwrap_or(0),
+        uncond_cached_tokens: if g.req.is_pair() { g.cached_tokens.get(1).copied().unwrap_or(0) } else { 0 },
     };
     let timing = Timing {
         queue: g.admitted.map_or(Duration::ZERO, |a| a - g.arrived),

@@ -29,6 +29,10 @@ pub struct Request {
     pub adapters: Vec<Arc<LoraWeights>>,
     /// Adapter names, for metrics labels.
     pub adapter_names: Vec<String>,
+    /// The adapters' generations (content hashes), one per adapter: part of the prefix cache's
+    /// keys. A request with adapters whose generations are not all known takes no part in
+    /// prefix caching.
+    pub adapter_generations: Vec<String>,
     /// Restricts which tokens may be sampled (a grammar: JSON schema, tool calls).
     pub constraint: Option<Arc<dyn ConstraintSpec>>,
     /// Added to the scores of these tokens before sampling (OpenAI's `logit_bias`).
@@ -72,6 +76,7 @@ impl Request {
             tenant: "default".into(),
             adapters: Vec::new(),
             adapter_names: Vec::new(),
+            adapter_generations: Vec::new(),
             constraint: None,
             logit_bias: Vec::new(),
             logprobs: None,
@@ -129,6 +134,10 @@ pub struct Usage {
     /// Tokens of the uncond prompt (0 when unguided): computed, but not part of the answer.
     pub uncond_prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Tokens of the cond prompt served from the prefix cache instead of computed.
+    pub cached_tokens: usize,
+    /// The same for the uncond prompt.
+    pub uncond_cached_tokens: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -156,9 +156,12 @@ impl Scheduler {
         while let Some(i) = self.next_candidate() {
             let g = &self.waiting[i];
             let rows = g.req.n_rows();
-            let need = Self::kv_need(kv, g);
+            // Prefix-cache blocks already held by running rows are counted once, by the cache.
+            let seed = g.prefix_seed(kv);
+            let specs: Vec<_> = g.row_prompts().into_iter().map(|p| (seed, p, p.len() + g.req.max_tokens)).collect();
+            let need = kv.admission_bytes(&specs);
             let rows_ok = self.running_rows() + rows <= self.cfg.max_running_rows;
-            let kv_ok = self.reserved_bytes + need <= kv.limit_bytes();
+            let kv_ok = kv.committed_bytes() + need <= kv.limit_bytes();
             if !(rows_ok && kv_ok) {
                 break;
             }
@@ -166,7 +169,15 @@ impl Scheduler {
             // Admitted: its place in the queue (and its tenant's) is free again.
             g.ticket = None;
             let prompts: Vec<Vec<u32>> = g.row_prompts().iter().map(|p| p.to_vec()).collect();
-            g.rows = prompts.into_iter().map(|p| Row::new(kv.add_sequence(), p)).collect();
+            let target = g.req.max_tokens;
+            g.rows = prompts
+                .into_iter()
+                .map(|p| {
+                    let (seq, cached) = kv.add_sequence_cached(seed, &p, p.len() + target);
+                    g.cached_tokens.push(cached);
+                    Row::with_cached(seq, p, cached)
+                })
+                .collect();
             g.kv_reserved = need;
             g.admitted = Some(std::time::Instant::now());
             self.reserved_bytes += need;

@@ -5,7 +5,8 @@
 
 use super::constraint::TokenConstraint;
 use super::request::{Event, Request};
-use crate::model::SeqId;
+use crate::model::kv_cache::PrefixSeed;
+use crate::model::{KvCache, SeqId};
 use crate::sampling::{Rng, StopMatcher};
 use crate::tokenizer::IncrementalDecoder;
 use std::time::Instant;
@@ -33,6 +34,10 @@ pub enum RowLogits {
 impl Row {
     pub fn new(seq: SeqId, prompt: Vec<u32>) -> Self {
         Self { seq, pending: prompt, cursor: 0, logits: None }
+    }
+    /// A row whose first `cached` prompt tokens are already in its KV cache (prefix cache).
+    pub fn with_cached(seq: SeqId, prompt: Vec<u32>, cached: usize) -> Self {
+        Self { seq, pending: prompt, cursor: cached, logits: None }
     }
     pub fn remaining(&self) -> usize {
         self.pending.len() - self.cursor
@@ -66,6 +71,8 @@ pub struct Group {
     pub ticket: Option<super::engine::Ticket>,
     /// Steps this group has spent prefilling since admission (aging of the prefill order).
     pub prefill_steps: usize,
+    /// Prompt tokens of each row served from the prefix cache.
+    pub cached_tokens: Vec<usize>,
 }
 
 impl Group {
@@ -90,7 +97,19 @@ impl Group {
             constraint,
             ticket: None,
             prefill_steps: 0,
+            cached_tokens: Vec::new(),
         }
+    }
+
+    /// The seed of the prefix-cache keys of this request's rows: the tenant and the generations
+    /// of the adapters applied to them. `None` (no caching) when prefix caching is off or an
+    /// adapter's generation is unknown.
+    pub fn prefix_seed(&self, kv: &KvCache) -> Option<PrefixSeed> {
+        let gens = &self.req.adapter_generations;
+        if gens.len() != self.req.adapters.len() || gens.iter().any(|g| g.is_empty()) {
+            return None;
+        }
+        kv.prefix_seed(&self.req.tenant, &gens.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// Prompts of the rows this request needs (cond first).

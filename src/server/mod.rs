@@ -94,6 +94,7 @@ impl AppState {
                     max_prefill_wait_steps: config.max_prefill_wait_steps,
                 },
                 kv_cache_bytes: config.kv_cache_mib << 20,
+                prefix_cache: config.prefix_cache,
             },
             config.kv_dtype,
         );

@@ -243,6 +243,15 @@ pub struct WireUsage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of the prompt tokens.
+#[derive(Debug, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens served from the prefix cache (of the prompt the answer is for: the cond
+    /// row of a guided request).
+    pub cached_tokens: usize,
 }
 
 impl From<Usage> for WireUsage {
@@ -251,6 +260,7 @@ impl From<Usage> for WireUsage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: u.cached_tokens },
         }
     }
 }
@@ -493,6 +503,8 @@ fn log_finished(meta: &Meta, reason: FinishReason, usage: &crate::engine::Usage,
         uncond = meta.guidance.uncond,
         prompt_tokens = usage.prompt_tokens,
         uncond_prompt_tokens = usage.uncond_prompt_tokens,
+        cached_tokens = usage.cached_tokens,
+        uncond_cached_tokens = usage.uncond_cached_tokens,
         completion_tokens = usage.completion_tokens,
         finish_reason = reason.as_str(),
         queue_ms = timing.queue.as_secs_f64() * 1e3,

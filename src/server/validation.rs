@@ -748,6 +748,7 @@ fn finish(
     request.limits = tenant_limits(state, tenant);
     request.adapters = tenant.adapters.iter().map(|a| a.weights.clone()).collect();
     request.adapter_names = tenant.adapters.iter().map(|a| a.name.clone()).collect();
+    request.adapter_generations = tenant.adapters.iter().map(|a| a.generation.clone()).collect();
     request.logit_bias = logit_bias;
     if let Some(u) = rows.uncond {
         resolved.applied.uncond_prompt_tokens = if resolved.guidance.is_identity() { 0 } else { u.len() };

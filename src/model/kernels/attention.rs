@@ -176,11 +176,17 @@ pub(crate) fn region<E>(block: *mut u8, offset: usize, geo: &KvGeometry) -> (*mu
     (base as *mut E, base.wrapping_add(geo.scales_in_region()) as *mut f32)
 }
 
-/// One sequence's slice of the batch as the kernel sees it: its cache blocks, borrowed
-/// exclusively for the call (so no two spans can share a block), and where its rows are.
+/// One sequence's slice of the batch as the kernel sees it: its cache blocks, and where its rows
+/// are. Blocks it writes are borrowed exclusively for the call (so no two spans can write the
+/// same block); leading full blocks shared through the prefix cache are only read, and may be
+/// read by several spans.
 pub struct SeqSpan<'a> {
-    /// The sequence's blocks in position order, each at least `block_bytes` long (u64 words
-    /// keep every element type aligned); enough of them for `start + len` positions.
+    /// Leading blocks shared read-only (a cached prefix): positions `0..16·shared.len()`, all
+    /// before `start`.
+    pub shared: Vec<&'a [u64]>,
+    /// The sequence's own blocks in position order, after the shared ones, each at least
+    /// `block_bytes` long (u64 words keep every element type aligned); together with `shared`
+    /// enough of them for `start + len` positions.
     pub blocks: Vec<&'a mut [u64]>,
     /// Position of the first new token (tokens already in the cache).
     pub start: usize,
@@ -275,17 +281,25 @@ pub fn paged_attention_with(
     assert_eq!(out.len(), rows * geo.n_heads * hd, "attention: out is not [rows, n_heads·head_dim]");
     assert!(rope.half * 2 == hd && rope.cos.len() >= rows * rope.half, "attention: rope rows do not fit");
     // What the raw-pointer kernels below rely on, checked once per call: every span's blocks
-    // are whole blocks and cover its positions, and its rows lie inside the batch. The borrows
-    // make blocks exclusive to one span and alive for the whole call.
+    // are whole blocks and cover its positions, it writes only its own blocks, and its rows lie
+    // inside the batch. The borrows make written blocks exclusive to one span, shared ones
+    // read-only, and all of them alive for the whole call.
     let words = geo.block_bytes().div_ceil(8);
     let raw: Vec<RawSpan> = spans
         .iter_mut()
         .map(|s| {
-            assert!(s.len == 0 || s.blocks.len() * BLOCK_TOKENS >= s.start + s.len, "attention: too few KV blocks");
+            let n_blocks = s.shared.len() + s.blocks.len();
+            assert!(s.len == 0 || n_blocks * BLOCK_TOKENS >= s.start + s.len, "attention: too few KV blocks");
+            assert!(s.len == 0 || s.start >= s.shared.len() * BLOCK_TOKENS, "attention: writes into a shared KV block");
             assert!(s.row + s.len <= rows, "attention: span rows outside the batch");
-            assert!(s.blocks.iter().all(|b| b.len() >= words), "attention: KV block shorter than block_bytes");
+            assert!(
+                s.blocks.iter().all(|b| b.len() >= words) && s.shared.iter().all(|b| b.len() >= words),
+                "attention: KV block shorter than block_bytes"
+            );
+            // Shared blocks are only read below (every write is at a position ≥ `start`).
+            let shared = s.shared.iter().map(|b| b.as_ptr() as *mut u8);
             RawSpan {
-                blocks: s.blocks.iter_mut().map(|b| b.as_mut_ptr() as *mut u8).collect(),
+                blocks: shared.chain(s.blocks.iter_mut().map(|b| b.as_mut_ptr() as *mut u8)).collect(),
                 start: s.start,
                 len: s.len,
                 row: s.row,
@@ -318,8 +332,9 @@ struct RawSpan {
     row: usize,
 }
 
-// SAFETY: the pointers come from exclusive borrows held by `paged_attention_with` for the whole
-// call; participants write disjoint slots (phase 1) and only read afterwards (phase 2).
+// SAFETY: the pointers come from borrows held by `paged_attention_with` for the whole call,
+// exclusive for every block a span writes; participants write disjoint slots of those (phase 1)
+// and only read afterwards (phase 2); shared blocks are only ever read.
 unsafe impl Send for RawSpan {}
 unsafe impl Sync for RawSpan {}
 
@@ -334,9 +349,10 @@ struct Item {
 type AttendFn = unsafe fn(&QueryArgs, &mut [f32], &mut [f32]);
 
 /// # Safety
-/// Every span's blocks are valid for reads and writes of `geo.block_bytes()` bytes, aligned
-/// for `E`, cover `start + len` positions, belong to no other span and are not accessed by
-/// anyone else during the call; spans' rows are disjoint and inside the batch; `E` is the
+/// Every span's blocks are valid for reads of `geo.block_bytes()` bytes, aligned for `E`, and
+/// cover `start + len` positions; those holding positions `start..start + len` are valid for
+/// writes, belong to no other span and are not accessed by anyone else during the call, and the
+/// others are not written by anyone during the call; spans' rows are disjoint and inside the batch; `E` is the
 /// geometry's element type and `attend` one for `E`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn attention_impl<E: KvElem>(
@@ -568,8 +584,13 @@ mod tests {
                         .zip(lens)
                         .map(|(blocks, l)| {
                             let (start, len) = if decode { (l - 1, 1) } else { (0, l - 1) };
-                            let s =
-                                SeqSpan { blocks: blocks.iter_mut().map(|b| &mut b[..]).collect(), start, len, row };
+                            let s = SeqSpan {
+                                shared: Vec::new(),
+                                blocks: blocks.iter_mut().map(|b| &mut b[..]).collect(),
+                                start,
+                                len,
+                                row,
+                            };
                             row += len;
                             s
                         })
@@ -610,13 +631,90 @@ mod tests {
         }
     }
 
+    /// Two spans reading the same leading blocks (a shared prefix) in one call give the bits of
+    /// a span holding copies of them as its own, and leave them untouched.
+    #[test]
+    fn shared_prefix_blocks_are_read_only_and_give_the_same_output() {
+        let geo = KvGeometry { n_layers: 1, n_heads: 4, n_kv_heads: 2, head_dim: 32, dtype: KvDtype::F16 };
+        let (hd, words) = (geo.head_dim, geo.block_bytes().div_ceil(8));
+        let width = (geo.n_heads + 2 * geo.n_kv_heads) * hd;
+        let q_dim = geo.n_heads * hd;
+        let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+        let mut rng = crate::sampling::Rng::new(9);
+        let mut qkv = |rows: usize| -> Vec<f32> { (0..rows * width).map(|_| rng.next_f32() - 0.5).collect() };
+        // 40 positions prefilled in blocks of one sequence.
+        let mut a: Vec<Vec<u64>> = (0..3).map(|_| vec![0u64; words]).collect();
+        let prompt = qkv(40);
+        let rope = RopeRows::new(&(0..40).collect::<Vec<u32>>(), &inv, RopeStyle::Half);
+        let mut out = vec![0f32; 40 * q_dim];
+        let blocks = a.iter_mut().map(|b| &mut b[..]).collect();
+        paged_attention(
+            &geo,
+            0,
+            &prompt,
+            &mut [SeqSpan { shared: Vec::new(), blocks, start: 0, len: 40, row: 0 }],
+            &rope,
+            &mut out,
+        );
+        // Its first 2 blocks become shared by two sequences, each with its own copy of the third
+        // and a fresh fourth; both decode the same token at position 40.
+        let cached = a[..2].to_vec();
+        let mut tails: Vec<Vec<Vec<u64>>> = (0..2).map(|_| vec![a[2].clone(), vec![0u64; words]]).collect();
+        let step = qkv(1);
+        let both: Vec<f32> = step.iter().chain(&step).copied().collect();
+        let rope2 = RopeRows::new(&[40, 40], &inv, RopeStyle::Half);
+        let mut out = vec![0f32; 2 * q_dim];
+        let mut spans: Vec<SeqSpan> = tails
+            .iter_mut()
+            .enumerate()
+            .map(|(row, t)| SeqSpan {
+                shared: cached.iter().map(|b| &b[..]).collect(),
+                blocks: t.iter_mut().map(|b| &mut b[..]).collect(),
+                start: 40,
+                len: 1,
+                row,
+            })
+            .collect();
+        paged_attention(&geo, 0, &both, &mut spans, &rope2, &mut out);
+        assert_eq!(cached[..], a[..2], "the shared blocks were not written");
+        // The same decode with every block owned.
+        a.push(vec![0u64; words]);
+        let rope1 = RopeRows::new(&[40], &inv, RopeStyle::Half);
+        let mut alone = vec![0f32; q_dim];
+        let blocks = a.iter_mut().map(|b| &mut b[..]).collect();
+        paged_attention(
+            &geo,
+            0,
+            &step,
+            &mut [SeqSpan { shared: Vec::new(), blocks, start: 40, len: 1, row: 0 }],
+            &rope1,
+            &mut alone,
+        );
+        assert_eq!(out[..q_dim], alone[..], "shared blocks give the bits of owned ones");
+        assert_eq!(out[q_dim..], alone[..]);
+    }
+
+    #[test]
+    #[should_panic(expected = "writes into a shared KV block")]
+    fn writing_into_a_shared_block_is_refused() {
+        let geo = KvGeometry { n_layers: 1, n_heads: 2, n_kv_heads: 1, head_dim: 32, dtype: KvDtype::F16 };
+        let width = 4 * 32;
+        let shared = vec![0u64; geo.block_bytes().div_ceil(8)];
+        let mut own = vec![0u64; geo.block_bytes().div_ceil(8)];
+        let mut spans =
+            vec![SeqSpan { shared: vec![&shared[..]], blocks: vec![&mut own[..]], start: 10, len: 7, row: 0 }];
+        let rope = RopeRows::new(&[10; 7], &[1.0; 16], RopeStyle::Half);
+        let mut out = vec![0f32; 7 * 64];
+        paged_attention(&geo, 0, &vec![0.0; 7 * width], &mut spans, &rope, &mut out);
+    }
+
     #[test]
     #[should_panic(expected = "too few KV blocks")]
     fn spans_without_room_for_their_positions_are_refused() {
         let geo = KvGeometry { n_layers: 1, n_heads: 2, n_kv_heads: 1, head_dim: 32, dtype: KvDtype::F16 };
         let width = 4 * 32;
         let mut block = vec![0u64; geo.block_bytes().div_ceil(8)];
-        let mut spans = vec![SeqSpan { blocks: vec![&mut block[..]], start: 10, len: 7, row: 0 }];
+        let mut spans = vec![SeqSpan { shared: Vec::new(), blocks: vec![&mut block[..]], start: 10, len: 7, row: 0 }];
         let rope = RopeRows::new(&[10; 7], &[1.0; 16], RopeStyle::Half);
         let mut out = vec![0f32; 7 * 64];
         paged_attention(&geo, 0, &vec![0.0; 7 * width], &mut spans, &rope, &mut out);
