@@ -569,6 +569,7 @@ impl ServeConfig {
             ("max_waiting", self.max_waiting.to_string()),
             ("kv_cache_mib", self.kv_cache_mib.to_string()),
             ("kv_dtype", lower(&self.kv_dtype)),
+            ("prefix_cache", self.prefix_cache.to_string()),
             ("default_max_tokens", self.default_max_tokens.to_string()),
             ("max_gamma", self.max_gamma.to_string()),
             ("shutdown_grace_secs", self.shutdown_grace_secs.to_string()),
