@@ -63,7 +63,7 @@ pub struct ServeArgs {
     /// Rows one tenant may run at once, unless its policy says otherwise.
     #[arg(long, env = "LETHE_TENANT_MAX_RUNNING_ROWS")]
     pub tenant_max_running_rows: Option<usize>,
-    /// Steps a request may prefill before its prompt goes first (aging of shortest-first).
+    /// Steps a prefilling request may be passed over before its prompt goes first (aging).
     #[arg(long, env = "LETHE_MAX_PREFILL_WAIT_STEPS")]
     pub max_prefill_wait_steps: Option<usize>,
     /// Requests tokenized at once (a fixed pool; more wait, counted against max_waiting).

@@ -16,8 +16,10 @@
 //!   (chunked prefill), and a short request arriving meanwhile is prefilled in the very next step
 //!   instead of queueing behind the long prompt's chunks. The budget bounds a step's duration,
 //!   hence both inter-token latency and time to first token under load. *Aging* bounds the wait
-//!   of a long prompt behind a steady stream of short ones: a request still prefilling after
-//!   `max_prefill_wait_steps` steps goes before every younger prompt (oldest first).
+//!   of a long prompt behind a steady stream of short ones: a prompt passed over (given no
+//!   tokens) in `max_prefill_wait_steps` steps goes before every other prompt (oldest first). Only
+//!   steps it was passed over count: a long prompt that is being prefilled, chunk after chunk,
+//!   never ages, so short prompts arriving meanwhile still go first.
 
 use super::engine::{EngineError, too_many_rows};
 use super::sequence::{Group, Row};
@@ -34,9 +36,9 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Requests allowed to wait for admission; more is an `Overloaded` error.
     pub max_waiting: usize,
-    /// Steps a request may spend prefilling before its prompt goes first, whatever its length
-    /// (aging: shortest-prompt-first would otherwise let a stream of short prompts starve a
-    /// long one).
+    /// Steps a prefilling request may be passed over (given no prompt tokens) before its prompt
+    /// goes first, whatever its length (aging: shortest-prompt-first would otherwise let a
+    /// stream of short prompts starve a long one).
     pub max_prefill_wait_steps: usize,
 }
 
@@ -197,14 +199,9 @@ impl Scheduler {
         g
     }
 
-    /// The rows and token counts of the next step. Counts a step of prefill for every group
-    /// still prefilling (aging).
+    /// The rows and token counts of the next step. Counts a passed-over step for every group
+    /// still prefilling that gets no prompt tokens in it (aging).
     pub fn plan(&mut self) -> Vec<PlannedRow> {
-        for g in &mut self.running {
-            if g.rows.iter().any(|r| r.is_prefilling()) {
-                g.prefill_steps += 1;
-            }
-        }
         let mut plan = Vec::new();
         // Decoders first: one token each.
         for (gi, g) in self.running.iter().enumerate() {
@@ -227,18 +224,25 @@ impl Scheduler {
                     .iter()
                     .enumerate()
                     .filter(|(_, r)| r.is_prefilling())
-                    .map(move |(ri, r)| (g.prefill_steps <= max_wait, gi, ri, r.remaining(), g.id))
+                    .map(move |(ri, r)| (g.passed_over_steps < max_wait, gi, ri, r.remaining(), g.id))
             })
             .collect();
         // Aged prompts (`false` sorts first) by age, the others by length.
         prefilling.sort_by_key(|&(young, _, _, remaining, id)| (young, if young { remaining } else { 0 }, id));
-        for (_, gi, ri, remaining, _) in prefilling {
+        let mut served = vec![false; self.running.len()];
+        for (_, gi, ri, remaining, _) in prefilling.iter().copied() {
             if budget == 0 {
                 break;
             }
             let n = remaining.min(budget);
             plan.push(PlannedRow { group: gi, row: ri, n_tokens: n });
+            served[gi] = true;
             budget -= n;
+        }
+        for (_, gi, ..) in prefilling {
+            if !served[gi] {
+                self.running[gi].passed_over_steps += 1;
+            }
         }
         plan
     }
@@ -354,6 +358,39 @@ mod tests {
         let steps = run(wait).expect("with aging the long prompt is prefilled");
         let bound = wait + 1 + long_len.div_ceil(budget);
         assert!(steps <= bound, "prefilled after {steps} steps, bound {bound}");
+    }
+
+    /// Aging counts only the steps a prompt was passed over: a long prompt that is being
+    /// prefilled chunk after chunk, for longer than the aging bound, does not age, and a short
+    /// prompt arriving then is still prefilled in the very next step.
+    #[test]
+    fn a_long_prompt_being_prefilled_does_not_age_ahead_of_a_new_short_one() {
+        let (budget, wait) = (4, 3);
+        let mut kv = kv(64 << 20);
+        let cfg = SchedulerConfig {
+            max_running_rows: 100,
+            max_batch_tokens: budget,
+            max_waiting: 100,
+            max_prefill_wait_steps: wait,
+        };
+        let mut s = Scheduler::new(cfg);
+        let (long, _rx) = group(1, 100, 4);
+        s.waiting.push_back(long);
+        s.admit(&mut kv);
+        for _ in 0..4 * wait {
+            fake_step(&mut s);
+        }
+        assert!(is_prefilling(&s, 1));
+        let (short, _rx2) = group(2, 3, 4);
+        s.waiting.push_back(short);
+        s.admit(&mut kv);
+        let plan = fake_step(&mut s);
+        let short_row = s.running.iter().position(|g| g.id == 2).unwrap();
+        assert!(
+            plan.iter().any(|p| p.group == short_row && p.n_tokens == 3),
+            "the short prompt goes first in the next step: {plan:?}"
+        );
+        assert!(!is_prefilling(&s, 2));
     }
 
     fn tenant_group(

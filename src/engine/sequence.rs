@@ -69,8 +69,9 @@ pub struct Group {
     /// The request's place in the waiting queue, counted against the limits until admission
     /// (released when dropped).
     pub ticket: Option<super::engine::Ticket>,
-    /// Steps this group has spent prefilling since admission (aging of the prefill order).
-    pub prefill_steps: usize,
+    /// Steps in which this group was prefilling and got no prompt tokens (aging of the prefill
+    /// order).
+    pub passed_over_steps: usize,
     /// Prompt tokens of each row served from the prefix cache.
     pub cached_tokens: Vec<usize>,
 }
@@ -96,7 +97,7 @@ impl Group {
             kv_reserved: 0,
             constraint,
             ticket: None,
-            prefill_steps: 0,
+            passed_over_steps: 0,
             cached_tokens: Vec::new(),
         }
     }
