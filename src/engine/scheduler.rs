@@ -151,7 +151,7 @@ impl Scheduler {
         best.map(|(_, _, i)| i)
     }
 
-    /// Moves waiting groups to running, in fair order ([`Self::next_candidate`]), while they
+    /// Moves waiting groups to running, in fair order (`next_candidate`), while they
     /// fit. Returns how many.
     pub fn admit(&mut self, kv: &mut KvCache) -> usize {
         let mut admitted = 0;
