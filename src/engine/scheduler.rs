@@ -68,12 +68,11 @@ pub struct Scheduler {
     pub cfg: SchedulerConfig,
     pub waiting: VecDeque<Group>,
     pub running: Vec<Group>,
-    reserved_bytes: usize,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        Self { cfg, waiting: VecDeque::new(), running: Vec::new(), reserved_bytes: 0 }
+        Self { cfg, waiting: VecDeque::new(), running: Vec::new() }
     }
 
     pub fn is_idle(&self) -> bool {
@@ -180,22 +179,20 @@ impl Scheduler {
                     Row::with_cached(seq, p, cached)
                 })
                 .collect();
-            g.kv_reserved = need;
             g.admitted = Some(std::time::Instant::now());
-            self.reserved_bytes += need;
             self.running.push(g);
             admitted += 1;
         }
         admitted
     }
 
-    /// Removes running group `i`, freeing its rows and reservation.
+    /// Removes running group `i`, freeing its rows (and with them the KV memory committed to
+    /// them, which the cache accounts).
     pub fn finish(&mut self, i: usize, kv: &mut KvCache) -> Group {
         let g = self.running.swap_remove(i);
         for r in &g.rows {
             kv.remove_sequence(r.seq);
         }
-        self.reserved_bytes -= g.kv_reserved;
         g
     }
 

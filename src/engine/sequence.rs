@@ -62,8 +62,6 @@ pub struct Group {
     pub admitted: Option<Instant>,
     pub first_token: Option<Instant>,
     pub last_token: Option<Instant>,
-    /// KV bytes set aside for the whole generation at admission.
-    pub kv_reserved: usize,
     /// Which tokens may come next, when the request is constrained (a grammar).
     pub constraint: Option<Box<dyn TokenConstraint>>,
     /// The request's place in the waiting queue, counted against the limits until admission
@@ -94,7 +92,6 @@ impl Group {
             admitted: None,
             first_token: None,
             last_token: None,
-            kv_reserved: 0,
             constraint,
             ticket: None,
             passed_over_steps: 0,
