@@ -225,12 +225,11 @@ pub async fn prepare_chat(
     let tok = state.tokenizer.clone();
     let rows_cfg = resolved.rows.clone();
     let placement = resolved.placement;
-    let permit = blocking_permit(state).await?;
-    let rows = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
+    let rows = on_blocking_pool(state, move || {
         let g = rows_cfg.as_ref().map(|(c, s)| (c, s));
         prompt::chat_rows_placed(&tok, &messages, g, placement)
     })
+    .await?
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     let mut p = finish(state, tenant, rows, common, resolved)?;
@@ -349,9 +348,7 @@ async fn constrain(
     }
     let st = state.clone();
     let param = if plan.tools.as_ref().is_some_and(ToolSet::calls_possible) { "tools" } else { "response_format" };
-    let permit = blocking_permit(state).await?;
-    let job = tokio::task::spawn_blocking(move || -> Result<_, StructuredError> {
-        let _permit = permit;
+    let job = on_blocking_pool(state, move || -> Result<_, StructuredError> {
         let vocab = st.structured.get(&st.tokenizer, st.engine.vocab_size());
         if free {
             return Ok((None, vocab.ok()));
@@ -360,7 +357,8 @@ async fn constrain(
             StructuredError::new(format!("Structured outputs are not available for this model: {e}"), param)
         })?;
         Ok((vocab.compile(&plan)?, Some(vocab)))
-    });
+    })
+    .await?;
     match tokio::time::timeout(crate::structured::COMPILE_TIMEOUT, job).await {
         Err(_) => Err(ApiError::invalid(
             format!(
@@ -437,21 +435,27 @@ pub async fn prepare_completion(
 async fn text_rows(state: &Arc<AppState>, text: String, resolved: &Resolved) -> Result<PromptRows, ApiError> {
     let tok = state.tokenizer.clone();
     let rows_cfg = resolved.rows.clone();
-    let permit = blocking_permit(state).await?;
-    Ok(tokio::task::spawn_blocking(move || {
-        let _permit = permit;
+    Ok(on_blocking_pool(state, move || {
         let g = rows_cfg.as_ref().map(|(c, s)| (c, s));
         prompt::text_rows(&tok, &text, g)
     })
+    .await?
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??)
 }
 
-/// A place in the fixed pool for blocking work (tokenization, grammar compilation): held by the
-/// blocking job itself, so it is given back when the job ends, not when its caller stops
-/// waiting for it.
-async fn blocking_permit(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    state.blocking.clone().acquire_owned().await.map_err(|_| ApiError::Unavailable)
+/// Starts `job` on the fixed pool for blocking work (tokenization, grammar compilation) once a
+/// place is free. The place is held by the job itself, so it is given back when the job ends,
+/// not when its caller stops waiting for it.
+async fn on_blocking_pool<T: Send + 'static>(
+    state: &AppState,
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Result<tokio::task::JoinHandle<T>, ApiError> {
+    let place = state.blocking.clone().acquire_owned().await.map_err(|_| ApiError::Unavailable)?;
+    Ok(tokio::task::spawn_blocking(move || {
+        let _place = place;
+        job()
+    }))
 }
 
 /// The tenant's share of the engine: its policy's limits, else the server's per-tenant ones.
