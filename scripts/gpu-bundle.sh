@@ -12,6 +12,9 @@
 # loaded by soname instead. Kernels are PTX for CUDA_COMPUTE_CAP (default 90: H100/H200).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# Its own target directory: the cuda feature changes every candle crate's build, and sharing
+# target/release would throw away (and overwrite) the CPU build.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/gpu-build}
 source scripts/cuda-env.sh
 stubs=$cuda_root/lib/stubs
 mkdir -p "$stubs"
@@ -23,12 +26,18 @@ for spec in cuda:1:driver nvrtc:13:nvrtc curand:10:curand cublas:13:cublas cubla
     | awk '{ print "void " $1 "(void) {}" }' >"$stubs/$name.c"
   cc -shared -fPIC -Wl,-soname,"lib$name.so.$major" -o "$stubs/lib$name.so" "$stubs/$name.c"
 done
+# candle's kernels link the CUDA runtime (-lcudart); the wheel ships only libcudart.so.13, so
+# link that real library through an unversioned name (the binary then needs libcudart.so.13).
+ln -sf ../libcudart.so.13 "$stubs/libcudart.so"
 cargo build --release --features cuda --bin lethe --test gpu
 bundle=target/gpu-bundle
 rm -rf "$bundle" && mkdir -p "$bundle"
-cp target/release/lethe "$bundle/lethe"
-cp "$(ls -t target/release/deps/gpu-* | grep -v '\.d$' | head -1)" "$bundle/gpu-tests"
+cp "$CARGO_TARGET_DIR/release/lethe" "$bundle/lethe"
+cp "$(ls -t "$CARGO_TARGET_DIR"/release/deps/gpu-* | grep -v '\.d$' | head -1)" "$bundle/gpu-tests"
 strip "$bundle/lethe" "$bundle/gpu-tests"
 for b in "$bundle"/*; do
   echo "$b: $(du -h "$b" | cut -f1), needs: $(readelf -d "$b" | grep NEEDED | grep -o '\[.*\]' | tr -d '[]' | tr '\n' ' ')"
 done
+# One compressed file to carry (the two binaries are ~130 MB, ~20 MB as xz).
+tar -C target -cJf target/gpu-bundle.tar.xz gpu-bundle
+echo "target/gpu-bundle.tar.xz: $(du -h target/gpu-bundle.tar.xz | cut -f1) (tar -C target -xJf it on the GPU machine)"
