@@ -296,7 +296,8 @@ struct ModelArgs {
     /// auto (lethe's CPU kernels on the CPU, candle elsewhere), native, or candle.
     #[arg(long, default_value = "auto")]
     backend: Backend,
-    /// native (keep the file's format), q8_0 (re-quantize at load) or f32.
+    /// native (keep the file's format), q8_0 (re-quantize at load), f32, or f16 / bf16
+    /// (half-precision projections; the candle path, for a GPU).
     #[arg(long, default_value = "native")]
     weights: WeightFormat,
     /// Kernel threads (default: one per core).
