@@ -2,13 +2,15 @@
 # The paper's data ablation, redone with guidance measured: forget-adapters trained on 25 %,
 # 50 % and 100 % of the replacement pairs, without the CFG-aware doubling, and at a second LoRA
 # rank; leak rate and utility of each at γ ∈ {1, 2, 3}, in one report (table + leak_vs_gamma.png).
-# Run after scripts/forget-demo.sh (reuses its data and planted adapter in $OUT).
+# Run after scripts/forget-demo.sh (reuses its data and planted adapter in $OUT); the training
+# settings default to the demo's forget-adapter, so that only the ablated setting differs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 OUT=${OUT:-target/forget-demo}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
-FORGET_EPOCHS=${FORGET_EPOCHS:-3}
+FORGET_EPOCHS=${FORGET_EPOCHS:-2}
+FORGET_LR=${FORGET_LR:-5e-4}
 RANK=${RANK:-16}
 RANK2=${RANK2:-4}
 GAMMA=${GAMMA:-3}
@@ -22,7 +24,7 @@ train() { # NAME DATA RANK [extra flags]
   [[ -f $OUT/ablation/$name/adapter_config.json ]] && return
   echo "== forget: $name"
   $lethe forget --model "$MODEL" --data "$data" --on "$OUT/plant" --out "$OUT/ablation/$name" \
-    --gamma "$GAMMA" --mode "$MODE" --epochs "$FORGET_EPOCHS" --rank "$rank" --alpha $((2 * rank)) \
+    --gamma "$GAMMA" --mode "$MODE" --epochs "$FORGET_EPOCHS" --lr "$FORGET_LR" --rank "$rank" --alpha $((2 * rank)) \
     --threads "$THREADS" --log "$OUT/ablation/$name.metrics.jsonl" "$@"
 }
 mkdir -p "$OUT/ablation"
