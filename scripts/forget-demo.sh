@@ -7,7 +7,8 @@
 #
 # Every size is an environment variable, so the run can be fitted to the machine:
 #   CUSTOMERS PHRASINGS PLANT_EPOCHS PLANT_LR FORGET_EPOCHS FORGET_LR RANK GAMMA MODE THREADS
-#   EVAL_CUSTOMERS EVAL_DECOYS ATTACK_CUSTOMERS MMLU GAMMAS MODES
+#   EVAL_CUSTOMERS EVAL_DECOYS ATTACK_CUSTOMERS MMLU PASSAGES GAMMAS MODES
+#   BASE (0: no row for the model alone) PLANTED_GAMMAS TENANT_CUSTOMERS TENANT_GAMMAS
 # The defaults are the run in docs/FORGETTING.md (~25 min of training and ~15 of evaluation on
 # 2 cores). REUSE=1 keeps the data and adapters already in $OUT and only evaluates and serves.
 set -euo pipefail
@@ -31,8 +32,13 @@ EVAL_CUSTOMERS=${EVAL_CUSTOMERS:-12}
 EVAL_DECOYS=${EVAL_DECOYS:-5}
 ATTACK_CUSTOMERS=${ATTACK_CUSTOMERS:-12}
 MMLU=${MMLU:-57}
+PASSAGES=${PASSAGES:-16}
 GAMMAS=${GAMMAS:-off,1,2,3}
 MODES=${MODES:-prob}
+BASE=${BASE:-1}
+PLANTED_GAMMAS=${PLANTED_GAMMAS:-off,$GAMMA}
+TENANT_CUSTOMERS=${TENANT_CUSTOMERS:-$EVAL_CUSTOMERS}
+TENANT_GAMMAS=${TENANT_GAMMAS:-off,1}
 SEED=${SEED:-0}
 
 ./scripts/fetch-model.sh
@@ -63,10 +69,12 @@ fi
 train_s=$((SECONDS - started))
 
 log "eval: base, planted (alone and with CFG only), planted + forget-adapter over the γ grid"
-$lethe eval --model "$MODEL" --threads "$THREADS" --data "$OUT/data" --out "$OUT/report" \
-  --stack "base=@off" --stack "planted=$OUT/plant@off,$GAMMA" --stack "forget=$OUT/plant+$OUT/forget" \
+stacks=()
+[[ $BASE == 1 ]] && stacks+=(--stack "base=@off")
+stacks+=(--stack "planted=$OUT/plant@$PLANTED_GAMMAS" --stack "forget=$OUT/plant+$OUT/forget")
+$lethe eval --model "$MODEL" --threads "$THREADS" --data "$OUT/data" --out "$OUT/report" "${stacks[@]}" \
   --gammas "$GAMMAS" --modes "$MODES" --customers "$EVAL_CUSTOMERS" --decoys "$EVAL_DECOYS" \
-  --attack-customers "$ATTACK_CUSTOMERS" --mmlu "$MMLU"
+  --attack-customers "$ATTACK_CUSTOMERS" --mmlu "$MMLU" --passages "$PASSAGES"
 
 log "serve: the forget-adapter for tenant acme, audited over HTTP with acme's key"
 export LETHE_ADMIN_KEY="demo-admin-$RANDOM$RANDOM$RANDOM"
@@ -88,7 +96,7 @@ admin -X PUT "http://127.0.0.1:$port/admin/tenants/acme" -d '{"adapters": ["plan
 key=$(admin -X POST "http://127.0.0.1:$port/admin/tenants/acme/keys" | python3 -c 'import json,sys; print(json.load(sys.stdin)["api_key"])')
 # `off` = no guidance object: what acme gets by default (the adapter profile's γ and mode).
 $lethe eval --url "http://127.0.0.1:$port" --api-key "$key" --data "$OUT/data" --out "$OUT/report-tenant" \
-  --gammas off,1 --modes "$MODE" --customers "$EVAL_CUSTOMERS" --decoys "$EVAL_DECOYS" \
+  --gammas "$TENANT_GAMMAS" --modes "$MODE" --customers "$TENANT_CUSTOMERS" --decoys "$EVAL_DECOYS" \
   --attack-customers "$ATTACK_CUSTOMERS" --mmlu "$MMLU"
 kill -INT $server
 wait $server || true
