@@ -9,8 +9,8 @@
 #   CUSTOMERS PHRASINGS PLANT_EPOCHS PLANT_LR FORGET_EPOCHS FORGET_LR RANK GAMMA MODE THREADS
 #   EVAL_CUSTOMERS EVAL_DECOYS ATTACK_CUSTOMERS MMLU PASSAGES GAMMAS MODES
 #   BASE (0: no row for the model alone) PLANTED_GAMMAS TENANT_CUSTOMERS TENANT_GAMMAS
-# The defaults are the run in docs/FORGETTING.md (~25 min of training and ~15 of evaluation on
-# 2 cores). REUSE=1 keeps the data and adapters already in $OUT and only evaluates and serves.
+# The defaults are the 12-customer run in docs/FORGETTING.md (about 20 min on a quiet 2-core
+# machine, 40 under load). REUSE=1 keeps the data and adapters already in $OUT and only evaluates and serves.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -68,7 +68,7 @@ else
 fi
 train_s=$((SECONDS - started))
 
-log "eval: base, planted (alone and with CFG only), planted + forget-adapter over the γ grid"
+log "eval: planted (alone and with CFG only) and planted + forget-adapter over the γ grid"
 stacks=()
 [[ $BASE == 1 ]] && stacks+=(--stack "base=@off")
 stacks+=(--stack "planted=$OUT/plant@$PLANTED_GAMMAS" --stack "forget=$OUT/plant+$OUT/forget")
