@@ -3,7 +3,9 @@
 
 use crate::engine::{EngineConfig, EngineHandle, Event, Request, SchedulerConfig};
 use crate::guidance::{Guidance, GuidanceMode};
-use crate::model::kernels::matmul::{ActPrecision, act_precision, set_act_precision};
+use crate::model::kernels::matmul::{
+    ActPrecision, act_precision, prefetch_bytes, set_act_precision, set_prefetch_bytes,
+};
 use crate::model::lora::LoraWeights;
 use crate::model::{BatchEntry, KvDtype, Llama, RaggedBatch, SeqId};
 use crate::tokenizer::Tokenizer;
@@ -34,6 +36,8 @@ pub struct DecodeReport {
     pub kernels: &'static str,
     /// Activation precision of the quantized matmuls (`int8`, `int16`).
     pub activations: &'static str,
+    /// Weight prefetch distance of the quantized matmuls, in bytes (0: none).
+    pub prefetch_bytes: usize,
     pub threads: usize,
     pub batch: usize,
     pub prompt_tokens: usize,
@@ -74,13 +78,15 @@ pub fn decode(
 }
 
 /// One decode configuration: per row, the LoRA adapters applied to it (empty = base model),
-/// and optionally the kernel set and activation precision it runs with (default: the
-/// process's), so that kernel variants can be compared side by side in one process.
+/// and optionally the kernel set, activation precision and weight prefetch distance it runs
+/// with (default: the process's), so that kernel variants can be compared side by side in one
+/// process.
 #[derive(Clone, Default)]
 pub struct DecodeCase {
     pub rows: Vec<Vec<Arc<LoraWeights>>>,
     pub kernels: Option<crate::simd::Isa>,
     pub activations: Option<ActPrecision>,
+    pub prefetch_bytes: Option<usize>,
 }
 
 impl DecodeCase {
@@ -89,13 +95,16 @@ impl DecodeCase {
         Self { rows: vec![Vec::new(); n], ..Default::default() }
     }
 
-    /// Makes this case's kernel set and precision the process's (before each of its runs).
+    /// Makes this case's kernel settings the process's (before each of its runs).
     fn enter(&self) -> anyhow::Result<()> {
         if let Some(isa) = self.kernels {
             crate::simd::activate(isa)?;
         }
         if let Some(p) = self.activations {
             set_act_precision(p);
+        }
+        if let Some(b) = self.prefetch_bytes {
+            set_prefetch_bytes(b);
         }
         Ok(())
     }
@@ -133,6 +142,7 @@ pub fn decode_cases(
         steps: usize,
         kernels: &'static str,
         activations: &'static str,
+        prefetch_bytes: usize,
     }
     impl Run<'_> {
         fn batch(&self, tokens: impl Fn(usize) -> Vec<u32>) -> RaggedBatch {
@@ -146,7 +156,7 @@ pub fn decode_cases(
             )
         }
     }
-    let before = (crate::simd::active(), act_precision());
+    let before = (crate::simd::active(), act_precision(), prefetch_bytes());
     let mut runs = Vec::new();
     for (ci, case) in cases.iter().enumerate() {
         case.enter()?;
@@ -160,6 +170,7 @@ pub fn decode_cases(
             steps: 0,
             kernels: "",
             activations: "",
+            prefetch_bytes: 0,
         };
         let prefill = run.batch(|i| synthetic_prompt(prompt_tokens, vocab, (ci * 1000 + i) as u64));
         let t0 = Instant::now();
@@ -168,6 +179,7 @@ pub fn decode_cases(
         run.prefill_s = t0.elapsed().as_secs_f64();
         run.kernels = crate::simd::active().name();
         run.activations = act_precision().name();
+        run.prefetch_bytes = prefetch_bytes();
         runs.push(run);
     }
     for round in 0..rounds {
@@ -187,6 +199,7 @@ pub fn decode_cases(
     }
     crate::simd::activate(before.0)?;
     set_act_precision(before.1);
+    set_prefetch_bytes(before.2);
     let rss = peak_rss_bytes().unwrap_or(0);
     Ok(runs
         .into_iter()
@@ -200,6 +213,7 @@ pub fn decode_cases(
                 weights: model.weights_desc().to_string(),
                 kernels: run.kernels,
                 activations: run.activations,
+                prefetch_bytes: run.prefetch_bytes,
                 threads: crate::model::kernels::pool::global().n_threads(),
                 batch,
                 prompt_tokens,

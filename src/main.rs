@@ -405,6 +405,10 @@ struct BenchDecodeArgs {
     /// Model level: activation precisions to compare side by side, e.g. `int8,int16`.
     #[arg(long, value_delimiter = ',')]
     activations: Option<Vec<lethe::model::kernels::matmul::ActPrecision>>,
+    /// Model level: weight prefetch distances (bytes) to compare side by side, e.g. `0,4096`
+    /// (default: the process's, LETHE_PREFETCH_BYTES or 4096; x86 kernels only).
+    #[arg(long, value_delimiter = ',', value_parser = lethe::model::kernels::matmul::parse_prefetch_bytes)]
+    prefetch_bytes: Option<Vec<usize>>,
     /// Run C simultaneous requests through the engine instead; a list (`1,8`) measures each.
     #[arg(long, value_delimiter = ',')]
     concurrency: Option<Vec<usize>>,
@@ -460,6 +464,8 @@ fn main() -> Result<()> {
     lethe::simd::init_from_env()?;
     let precision = lethe::model::kernels::matmul::act_precision_from_env().map_err(anyhow::Error::msg)?;
     lethe::model::kernels::matmul::set_act_precision(precision);
+    let prefetch = lethe::model::kernels::matmul::prefetch_bytes_from_env().map_err(anyhow::Error::msg)?;
+    lethe::model::kernels::matmul::set_prefetch_bytes(prefetch);
     match cli.command {
         Command::Serve(a) => serve(*a),
         Command::Generate(a) => generate(a),
@@ -474,9 +480,10 @@ fn main() -> Result<()> {
             } else {
                 let names: Vec<&str> = supported.iter().map(|i| i.name()).collect();
                 println!(
-                    "in use: {} kernels, {} activations",
+                    "in use: {} kernels, {} activations, weight prefetch {} B",
                     lethe::simd::active(),
-                    lethe::model::kernels::matmul::act_precision().name()
+                    lethe::model::kernels::matmul::act_precision().name(),
+                    lethe::model::kernels::matmul::prefetch_bytes()
                 );
                 println!("supported (best first): {}", names.join(", "));
                 println!("CPU features: {}", lethe::simd::Isa::cpu_features());
@@ -841,15 +848,19 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             let kernels: Vec<Option<lethe::simd::Isa>> =
                 a.kernels.clone().map_or(vec![None], |v| v.into_iter().map(Some).collect());
             let precisions: Vec<_> = a.activations.clone().map_or(vec![None], |v| v.into_iter().map(Some).collect());
+            let prefetches: Vec<_> = a.prefetch_bytes.clone().map_or(vec![None], |v| v.into_iter().map(Some).collect());
             let mut cases = Vec::new();
             for &k in &kernels {
                 for &p in &precisions {
-                    for &b in &a.batch {
-                        cases.push(lethe::bench::DecodeCase {
-                            kernels: k,
-                            activations: p,
-                            ..lethe::bench::DecodeCase::rows(b)
-                        });
+                    for &pf in &prefetches {
+                        for &b in &a.batch {
+                            cases.push(lethe::bench::DecodeCase {
+                                kernels: k,
+                                activations: p,
+                                prefetch_bytes: pf,
+                                ..lethe::bench::DecodeCase::rows(b)
+                            });
+                        }
                     }
                 }
             }
@@ -859,11 +870,12 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             if !a.json {
                 for r in &runs {
                     println!(
-                        "{} ({}, {} kernels, {} activations), {} threads, batch {}: prefill {:.0} tok/s | decode {:.1} steps/s, {:.1} tok/s ({:.2} ms/step, {:.2}x the first) | peak RSS {:.0} MiB",
+                        "{} ({}, {} kernels, {} activations, prefetch {} B), {} threads, batch {}: prefill {:.0} tok/s | decode {:.1} steps/s, {:.1} tok/s ({:.2} ms/step, {:.2}x the first) | peak RSS {:.0} MiB",
                         r.model,
                         r.weights,
                         r.kernels,
                         r.activations,
+                        r.prefetch_bytes,
                         r.threads,
                         r.batch,
                         r.prefill_tok_s,
@@ -878,8 +890,14 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                     let ratios: Vec<String> = runs[1..]
                         .iter()
                         .map(|r| {
+                            // The prefetch distance is named only where it is being compared.
+                            let pf = if a.prefetch_bytes.is_some() {
+                                format!("pf{}/", r.prefetch_bytes)
+                            } else {
+                                String::new()
+                            };
                             format!(
-                                "{}/{}/b{} {:.3}",
+                                "{}/{}/{pf}b{} {:.3}",
                                 r.kernels,
                                 r.activations,
                                 r.batch,

@@ -15,8 +15,8 @@
 //! checking.
 
 use super::attention::{BLOCK_TOKENS, KvElem, MAX_GROUP, QueryArgs, region};
-use super::matmul::QuantizedActs;
-use super::packed::{PackedMatrix, QBLOCK, TILE};
+use super::matmul::{QuantizedActs, prefetch_bytes};
+use super::packed::{PackedMatrix, QBLOCK, TILE, prefetch_ahead};
 use super::{Isa, KernelSet, MR, Tile, portable};
 use crate::simd::x86::avx2::{exp8, hsum};
 use half::f16;
@@ -176,6 +176,7 @@ unsafe fn q8_0_rows<const R: usize, const VNNI: bool>(
 ) {
     unsafe {
         let kb = w.k_blocks();
+        let ahead = prefetch_bytes();
         let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE);
         let scales = w.scales.as_ptr().add(t * kb * TILE);
         let xq: [*const i8; R] = std::array::from_fn(|r| a.qs.as_ptr().add((row0 + r) * a.k));
@@ -186,6 +187,10 @@ unsafe fn q8_0_rows<const R: usize, const VNNI: bool>(
         for half in 0..2 {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..kb {
+                if half == 0 {
+                    // The first half's pass touches every line of the tile; the second runs from cache.
+                    prefetch_ahead(q.add(b * QBLOCK * TILE), QBLOCK * TILE, ahead);
+                }
                 let qb = q.add(b * QBLOCK * TILE + half * 32);
                 let mut s = [_mm256_setzero_si256(); R];
                 for g in 0..QBLOCK / 4 {
@@ -246,6 +251,7 @@ unsafe fn q4_1_rows<const R: usize, const VNNI: bool>(
 ) {
     unsafe {
         let kb = w.k_blocks();
+        let ahead = prefetch_bytes();
         let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE / 2);
         let scales = w.scales.as_ptr().add(t * kb * TILE);
         let mins = w.mins.as_ptr().add(t * kb * TILE);
@@ -259,6 +265,10 @@ unsafe fn q4_1_rows<const R: usize, const VNNI: bool>(
             let mut acc = [_mm256_setzero_ps(); R];
             let mut accm = [_mm256_setzero_ps(); R];
             for b in 0..kb {
+                if half == 0 {
+                    // The first half's pass touches every line of the tile; the second runs from cache.
+                    prefetch_ahead(q.add(b * QBLOCK * TILE / 2), QBLOCK * TILE / 2, ahead);
+                }
                 let qb = q.add(b * QBLOCK * TILE / 2 + half * 32);
                 // i32 sums with VNNI; i16 sums of `vpmaddubsw` pairs without (see the module docs).
                 let mut s = [_mm256_setzero_si256(); R];
@@ -334,6 +344,7 @@ unsafe fn q8_0_rows16<const R: usize, const VNNI: bool>(
 ) {
     unsafe {
         let kb = w.k_blocks();
+        let ahead = prefetch_bytes();
         let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE);
         let scales = w.scales.as_ptr().add(t * kb * TILE);
         let xq: [*const i16; R] = std::array::from_fn(|r| a.qs16.as_ptr().add((row0 + r) * a.k));
@@ -342,6 +353,10 @@ unsafe fn q8_0_rows16<const R: usize, const VNNI: bool>(
         for half in 0..2 {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..kb {
+                if half == 0 {
+                    // The first half's pass touches every line of the tile; the second runs from cache.
+                    prefetch_ahead(q.add(b * QBLOCK * TILE), QBLOCK * TILE, ahead);
+                }
                 let qb = q.add(b * QBLOCK * TILE + half * 32);
                 let mut s = [_mm256_setzero_si256(); R];
                 for g in 0..8 {
@@ -395,6 +410,7 @@ unsafe fn q4_1_rows16<const R: usize, const VNNI: bool>(
 ) {
     unsafe {
         let kb = w.k_blocks();
+        let ahead = prefetch_bytes();
         let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE / 2);
         let scales = w.scales.as_ptr().add(t * kb * TILE);
         let mins = w.mins.as_ptr().add(t * kb * TILE);
@@ -406,6 +422,10 @@ unsafe fn q4_1_rows16<const R: usize, const VNNI: bool>(
             let mut acc = [_mm256_setzero_ps(); R];
             let mut accm = [_mm256_setzero_ps(); R];
             for b in 0..kb {
+                if half == 0 {
+                    // The first half's pass touches every line of the tile; the second runs from cache.
+                    prefetch_ahead(q.add(b * QBLOCK * TILE / 2), QBLOCK * TILE / 2, ahead);
+                }
                 let qb = q.add(b * QBLOCK * TILE / 2 + half * 32);
                 let mut s = [_mm256_setzero_si256(); R];
                 for g in 0..4 {

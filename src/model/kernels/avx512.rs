@@ -5,8 +5,8 @@
 //! this module, and the dispatcher calls it only after checking.
 
 use super::attention::{BLOCK_TOKENS, KvElem, MAX_GROUP, QueryArgs, region};
-use super::matmul::QuantizedActs;
-use super::packed::{PackedMatrix, QBLOCK, TILE};
+use super::matmul::{QuantizedActs, prefetch_bytes};
+use super::packed::{PackedMatrix, QBLOCK, TILE, prefetch_ahead};
 use super::{Isa, KernelSet, MR, Tile, portable};
 use crate::simd::x86::avx512::exp16;
 use half::f16;
@@ -133,6 +133,7 @@ unsafe fn q8_0_tile(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, 
 unsafe fn q8_0_rows<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
     unsafe {
         let kb = w.k_blocks();
+        let ahead = prefetch_bytes();
         let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE);
         let scales = w.scales.as_ptr().add(t * kb * TILE);
         let xq: [*const i8; R] = std::array::from_fn(|r| a.qs.as_ptr().add((row0 + r) * a.k));
@@ -141,6 +142,7 @@ unsafe fn q8_0_rows<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usiz
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..kb {
             let qb = q.add(b * QBLOCK * TILE);
+            prefetch_ahead(qb, QBLOCK * TILE, ahead);
             // Two partial sums per row break the vpdpbusd dependency chain.
             let mut s0 = [_mm512_setzero_si512(); R];
             let mut s1 = [_mm512_setzero_si512(); R];
@@ -176,6 +178,7 @@ unsafe fn q4_1_tile(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, 
 unsafe fn q4_1_rows<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
     unsafe {
         let kb = w.k_blocks();
+        let ahead = prefetch_bytes();
         let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE / 2);
         let scales = w.scales.as_ptr().add(t * kb * TILE);
         let mins = w.mins.as_ptr().add(t * kb * TILE);
@@ -189,6 +192,7 @@ unsafe fn q4_1_rows<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usiz
         let mut accm = [_mm512_setzero_ps(); R];
         for b in 0..kb {
             let qb = q.add(b * QBLOCK * TILE / 2);
+            prefetch_ahead(qb, QBLOCK * TILE / 2, ahead);
             let mut s = [_mm512_setzero_si512(); R];
             for g in 0..4 {
                 let v = _mm512_load_si512(qb.add(g * 64) as *const __m512i);
@@ -232,6 +236,7 @@ unsafe fn q8_0_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize
 unsafe fn q8_0_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
     unsafe {
         let kb = w.k_blocks();
+        let ahead = prefetch_bytes();
         let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE);
         let scales = w.scales.as_ptr().add(t * kb * TILE);
         let xq: [*const i16; R] = std::array::from_fn(|r| a.qs16.as_ptr().add((row0 + r) * a.k));
@@ -240,6 +245,7 @@ unsafe fn q8_0_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: us
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..kb {
             let qb = q.add(b * QBLOCK * TILE);
+            prefetch_ahead(qb, QBLOCK * TILE, ahead);
             let mut s = [_mm512_setzero_si512(); R];
             for g in 0..8 {
                 let ws = _mm512_xor_si512(_mm512_load_si512(qb.add(g * 64) as *const __m512i), flip);
@@ -275,6 +281,7 @@ unsafe fn q4_1_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize
 unsafe fn q4_1_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
     unsafe {
         let kb = w.k_blocks();
+        let ahead = prefetch_bytes();
         let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE / 2);
         let scales = w.scales.as_ptr().add(t * kb * TILE);
         let mins = w.mins.as_ptr().add(t * kb * TILE);
@@ -286,6 +293,7 @@ unsafe fn q4_1_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: us
         let mut accm = [_mm512_setzero_ps(); R];
         for b in 0..kb {
             let qb = q.add(b * QBLOCK * TILE / 2);
+            prefetch_ahead(qb, QBLOCK * TILE / 2, ahead);
             let mut s = [_mm512_setzero_si512(); R];
             for g in 0..4 {
                 let v = _mm512_load_si512(qb.add(g * 64) as *const __m512i);
