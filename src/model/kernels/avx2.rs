@@ -1,6 +1,8 @@
 //! AVX2 + FMA + F16C kernels, with and without AVX-VNNI: 8 lanes, so a 16-row tile is two
-//! halves of 8 output rows, each run through the blocks on its own (the packed layout is the
-//! AVX-512 one; half `h` of a 64-byte group is its bytes `32h..32h + 32`).
+//! halves of 8 output rows (the packed layout is the AVX-512 one; half `h` of a 64-byte group is
+//! its bytes `32h..32h + 32`). For 1–2 activation rows (decode) both halves go through the blocks
+//! in one pass, sharing each activation broadcast; 3–4 rows (prefill) would not fit the 16
+//! registers that way and run the halves one after the other.
 //!
 //! Integer dot products of 4 inputs per output lane:
 //! - with AVX-VNNI, `vpdpbusd` on 256-bit registers, as the AVX-512 kernels do;
@@ -158,14 +160,29 @@ unsafe fn q8_0_tile<const VNNI: bool>(
     rows: usize,
     out: &mut Tile,
 ) {
-    unsafe { dispatch_rows!(rows, q8_0_rows::<VNNI>, w, a, t, row0, out) }
+    unsafe {
+        match rows {
+            1 => q8_0_rows_one_pass::<1, VNNI>(w, a, t, row0, out),
+            2 => q8_0_rows_one_pass::<2, VNNI>(w, a, t, row0, out),
+            3 => q8_0_rows::<3, VNNI>(w, a, t, row0, out),
+            _ => q8_0_rows::<4, VNNI>(w, a, t, row0, out),
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 unsafe fn q8_0_tile_vnni(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
-    unsafe { dispatch_rows!(rows, q8_0_rows::<true>, w, a, t, row0, out) }
+    unsafe {
+        match rows {
+            1 => q8_0_rows_one_pass::<1, true>(w, a, t, row0, out),
+            2 => q8_0_rows_one_pass::<2, true>(w, a, t, row0, out),
+            3 => q8_0_rows::<3, true>(w, a, t, row0, out),
+            _ => q8_0_rows::<4, true>(w, a, t, row0, out),
+        }
+    }
 }
 
+/// 3–4 rows (prefill): the two halves of the tile one after the other.
 #[inline(always)]
 unsafe fn q8_0_rows<const R: usize, const VNNI: bool>(
     w: &PackedMatrix,
@@ -224,6 +241,64 @@ unsafe fn q8_0_rows<const R: usize, const VNNI: bool>(
     }
 }
 
+/// [`q8_0_rows`] for 1 or 2 rows in one pass over the blocks for both halves of the tile (see
+/// [`q4_1_rows_one_pass`]).
+#[inline(always)]
+unsafe fn q8_0_rows_one_pass<const R: usize, const VNNI: bool>(
+    w: &PackedMatrix,
+    a: &QuantizedActs,
+    t: usize,
+    row0: usize,
+    out: &mut Tile,
+) {
+    unsafe {
+        let kb = w.k_blocks();
+        let ahead = prefetch_bytes();
+        let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE);
+        let scales = w.scales.as_ptr().add(t * kb * TILE);
+        let xq: [*const i8; R] = std::array::from_fn(|r| a.qs.as_ptr().add((row0 + r) * a.k));
+        let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+        let xs: [*const i32; R] = std::array::from_fn(|r| a.sums.as_ptr().add((row0 + r) * kb));
+        let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(-128);
+        let mut acc = [[_mm256_setzero_ps(); R]; 2];
+        for b in 0..kb {
+            let qb = q.add(b * QBLOCK * TILE);
+            prefetch_ahead(qb, QBLOCK * TILE, ahead);
+            let mut s = [[_mm256_setzero_si256(); R]; 2];
+            for g in 0..QBLOCK / 4 {
+                let v = [0, 1].map(|h| _mm256_load_si256(qb.add(g * 64 + h * 32) as *const __m256i));
+                for r in 0..R {
+                    let x = bcast4(xq[r].add(b * QBLOCK + g * 4));
+                    for h in 0..2 {
+                        if VNNI {
+                            s[h][r] = _mm256_dpbusd_avx_epi32(s[h][r], v[h], x);
+                        } else {
+                            let ws = _mm256_xor_si256(v[h], flip);
+                            let p = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws));
+                            s[h][r] = _mm256_add_epi32(s[h][r], _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                }
+            }
+            for h in 0..2 {
+                let dw = load_f16x8(scales.add(b * TILE + h * HALF));
+                for r in 0..R {
+                    let si =
+                        if VNNI { _mm256_sub_epi32(s[h][r], _mm256_set1_epi32(128 * *xs[r].add(b))) } else { s[h][r] };
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[r].add(b)));
+                    acc[h][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), scale, acc[h][r]);
+                }
+            }
+        }
+        for h in 0..2 {
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(h * HALF), acc[h][r]);
+            }
+        }
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_1_tile<const VNNI: bool>(
     w: &PackedMatrix,
@@ -233,14 +308,94 @@ unsafe fn q4_1_tile<const VNNI: bool>(
     rows: usize,
     out: &mut Tile,
 ) {
-    unsafe { dispatch_rows!(rows, q4_1_rows::<VNNI>, w, a, t, row0, out) }
+    unsafe {
+        match rows {
+            1 => q4_1_rows_one_pass::<1, VNNI>(w, a, t, row0, out),
+            2 => q4_1_rows_one_pass::<2, VNNI>(w, a, t, row0, out),
+            3 => q4_1_rows::<3, VNNI>(w, a, t, row0, out),
+            _ => q4_1_rows::<4, VNNI>(w, a, t, row0, out),
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 unsafe fn q4_1_tile_vnni(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
-    unsafe { dispatch_rows!(rows, q4_1_rows::<true>, w, a, t, row0, out) }
+    unsafe {
+        match rows {
+            1 => q4_1_rows_one_pass::<1, true>(w, a, t, row0, out),
+            2 => q4_1_rows_one_pass::<2, true>(w, a, t, row0, out),
+            3 => q4_1_rows::<3, true>(w, a, t, row0, out),
+            _ => q4_1_rows::<4, true>(w, a, t, row0, out),
+        }
+    }
 }
 
+/// [`q4_1_rows`] for 1 or 2 rows in one pass over the blocks for both halves of the tile: each
+/// activation broadcast and scale serves 16 outputs instead of 8, and every weight line is read
+/// once. (Three or four rows would not fit the 16 registers; they take two passes.)
+#[inline(always)]
+unsafe fn q4_1_rows_one_pass<const R: usize, const VNNI: bool>(
+    w: &PackedMatrix,
+    a: &QuantizedActs,
+    t: usize,
+    row0: usize,
+    out: &mut Tile,
+) {
+    unsafe {
+        let kb = w.k_blocks();
+        let ahead = prefetch_bytes();
+        let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE / 2);
+        let scales = w.scales.as_ptr().add(t * kb * TILE);
+        let mins = w.mins.as_ptr().add(t * kb * TILE);
+        let xq: [*const i8; R] = std::array::from_fn(|r| a.qs.as_ptr().add((row0 + r) * a.k));
+        let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+        let xs: [*const f32; R] = std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
+        let nib = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        // Block and min terms share one chain per (half, row), in [`q4_1_rows`]'s order.
+        let mut acc = [[_mm256_setzero_ps(); R]; 2];
+        for b in 0..kb {
+            let qb = q.add(b * QBLOCK * TILE / 2);
+            prefetch_ahead(qb, QBLOCK * TILE / 2, ahead);
+            let mut s = [[_mm256_setzero_si256(); R]; 2];
+            for g in 0..4 {
+                let v = [0, 1].map(|h| _mm256_load_si256(qb.add(g * 64 + h * 32) as *const __m256i));
+                let lo = v.map(|v| _mm256_and_si256(v, nib));
+                let hi = v.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib));
+                for r in 0..R {
+                    let xb = xq[r].add(b * QBLOCK + g * 8);
+                    let (xl, xh) = (bcast4(xb), bcast4(xb.add(4)));
+                    for h in 0..2 {
+                        if VNNI {
+                            s[h][r] = _mm256_dpbusd_avx_epi32(s[h][r], lo[h], xl);
+                            s[h][r] = _mm256_dpbusd_avx_epi32(s[h][r], hi[h], xh);
+                        } else {
+                            s[h][r] = _mm256_add_epi16(s[h][r], _mm256_maddubs_epi16(lo[h], xl));
+                            s[h][r] = _mm256_add_epi16(s[h][r], _mm256_maddubs_epi16(hi[h], xh));
+                        }
+                    }
+                }
+            }
+            for h in 0..2 {
+                let dw = load_f16x8(scales.add(b * TILE + h * HALF));
+                let mw = load_f16x8(mins.add(b * TILE + h * HALF));
+                for r in 0..R {
+                    let si = if VNNI { s[h][r] } else { _mm256_madd_epi16(s[h][r], ones) };
+                    let sf = _mm256_cvtepi32_ps(si);
+                    acc[h][r] = _mm256_fmadd_ps(sf, _mm256_mul_ps(dw, _mm256_set1_ps(*xd[r].add(b))), acc[h][r]);
+                    acc[h][r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xs[r].add(b)), acc[h][r]);
+                }
+            }
+        }
+        for h in 0..2 {
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(h * HALF), acc[h][r]);
+            }
+        }
+    }
+}
+
+/// 3–4 rows (prefill): the two halves of the tile one after the other.
 #[inline(always)]
 unsafe fn q4_1_rows<const R: usize, const VNNI: bool>(
     w: &PackedMatrix,
@@ -261,9 +416,10 @@ unsafe fn q4_1_rows<const R: usize, const VNNI: bool>(
         let nib = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         for half in 0..2 {
-            // Block terms (d·s) and min terms (m·s) in separate chains, as the other sets do.
+            // Block terms (d·s) and min terms (m·s) in one chain per row, in the same order as
+            // [`q4_1_rows_one_pass`]: a row's result must not depend on how many rows share the
+            // call (ragged batches equal separate ones exactly).
             let mut acc = [_mm256_setzero_ps(); R];
-            let mut accm = [_mm256_setzero_ps(); R];
             for b in 0..kb {
                 if half == 0 {
                     // The first half's pass touches every line of the tile; the second runs from cache.
@@ -293,11 +449,11 @@ unsafe fn q4_1_rows<const R: usize, const VNNI: bool>(
                     let s = if VNNI { s[r] } else { _mm256_madd_epi16(s[r], ones) };
                     let sf = _mm256_cvtepi32_ps(s);
                     acc[r] = _mm256_fmadd_ps(sf, _mm256_mul_ps(dw, _mm256_set1_ps(*xd[r].add(b))), acc[r]);
-                    accm[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xs[r].add(b)), accm[r]);
+                    acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xs[r].add(b)), acc[r]);
                 }
             }
             for r in 0..R {
-                _mm256_storeu_ps(out[r].as_mut_ptr().add(half * HALF), _mm256_add_ps(acc[r], accm[r]));
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(half * HALF), acc[r]);
             }
         }
     }
