@@ -1,13 +1,24 @@
 //! x86-64: vectorised `exp` and the row helpers for AVX-512 (16 lanes) and AVX2 + FMA (8 lanes).
 //!
-//! Every function here is `unsafe`: the CPU must support the module's instruction set, which
-//! callers guarantee by dispatching on an [`super::Isa`] the CPU supports. That is the whole
-//! safety contract of each function (slices are bounds-checked or sized by their own lengths), so
-//! it is stated once here rather than on each.
+//! Every function here but [`prefetch_lines`] (plain x86-64) is `unsafe`: the CPU must support
+//! the module's instruction set, which callers guarantee by dispatching on an [`super::Isa`] the
+//! CPU supports. That is the whole safety contract of each function (slices are bounds-checked or
+//! sized by their own lengths), so it is stated once here rather than on each.
 #![allow(clippy::missing_safety_doc)]
 
 use super::LogMix;
 use std::arch::x86_64::*;
+
+/// Asks the cache for the `len` bytes from `p`, one prefetch per 64-byte line (the KV blocks of
+/// attention, the packed weights of the matmuls). Safe whatever the address: a prefetch is a
+/// hint that never faults, hence also `wrapping_add` (callers may point past their buffer).
+#[inline(always)]
+pub fn prefetch_lines(p: *const u8, len: usize) {
+    for off in (0..len).step_by(64) {
+        // SAFETY: `_mm_prefetch` (SSE, part of x86-64) neither faults nor reads visibly.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
+    }
+}
 
 /// Constants of the Cephes-style `exp`: `e^x = 2^n · p(r)`, `n = round(x·log2 e)`,
 /// `r = x − n·ln 2` (in two parts), `p` of degree 6. ~1 ulp for x ∈ [−87, 88]; smaller inputs

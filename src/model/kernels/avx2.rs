@@ -21,6 +21,7 @@ use super::matmul::{QuantizedActs, prefetch_bytes};
 use super::packed::{PackedMatrix, QBLOCK, TILE, prefetch_ahead};
 use super::{Isa, KernelSet, MR, Tile, portable};
 use crate::simd::x86::avx2::{exp8, hsum};
+use crate::simd::x86::prefetch_lines;
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -721,10 +722,7 @@ unsafe fn add_f16_tile_rows(
     unsafe {
         let k = b.k;
         let wt = (b.data.as_slice().as_ptr() as *const f16).add(tile * k * TILE);
-        let ahead = wt.wrapping_add(4 * k * TILE) as *const i8;
-        for line in (0..k * TILE * 2).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
-        }
+        prefetch_lines(wt.wrapping_add(4 * k * TILE) as *const u8, k * TILE * 2);
         let n = rows.len();
         if n == 0 {
             return;
@@ -793,16 +791,6 @@ impl Load8 for i8 {
     }
 }
 
-/// Hints the cache to load `len` bytes from `p`.
-#[inline(always)]
-unsafe fn prefetch_region(p: *const u8, len: usize) {
-    let mut off = 0;
-    while off < len {
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
-        off += 64;
-    }
-}
-
 /// Head sizes that are whole numbers of 32-dimension slices take the vector path.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend<E: Load8>(a: &QueryArgs, scores: &mut [f32], out: &mut [f32]) {
@@ -847,11 +835,11 @@ unsafe fn softmax_scores<E: Load8>(a: &QueryArgs, scores: &mut [f32]) -> (usize,
         let sp = scores.as_mut_ptr();
         let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
         let mut maxv = [ninf; MAX_GROUP];
-        prefetch_region(a.blocks[0].wrapping_add(v_off), keys_bytes);
+        prefetch_lines(a.blocks[0].wrapping_add(v_off), keys_bytes);
         for c in 0..n.div_ceil(HALF) {
             let (b, sub) = (c * HALF / BLOCK_TOKENS, c * HALF % BLOCK_TOKENS);
             if sub == 0 && (b + 1) * BLOCK_TOKENS < n {
-                prefetch_region(a.blocks[b + 1].wrapping_add(k_off), keys_bytes);
+                prefetch_lines(a.blocks[b + 1].wrapping_add(k_off), keys_bytes);
             }
             let (kt, k_scales) = region::<E>(a.blocks[b], k_off, a.geo);
             let kt = kt.add(sub);
@@ -913,7 +901,7 @@ unsafe fn weighted_values<E: Load8, const NH: usize>(
         for b in 0..n_blocks {
             let (vb, v_scales) = region::<E>(a.blocks[b], v_off, a.geo);
             if b + 1 < n_blocks && d0 == 0 {
-                prefetch_region(a.blocks[b + 1].wrapping_add(v_off), values_bytes);
+                prefetch_lines(a.blocks[b + 1].wrapping_add(v_off), values_bytes);
             }
             for s in 0..(n - b * BLOCK_TOKENS).min(BLOCK_TOKENS) {
                 let t = b * BLOCK_TOKENS + s;

@@ -9,6 +9,7 @@ use super::matmul::{QuantizedActs, prefetch_bytes};
 use super::packed::{PackedMatrix, QBLOCK, TILE, prefetch_ahead};
 use super::{Isa, KernelSet, MR, Tile, portable};
 use crate::simd::x86::avx512::exp16;
+use crate::simd::x86::prefetch_lines;
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -381,10 +382,7 @@ unsafe fn add_f16_tile_rows(
         let k = b.k;
         let wt = (b.data.as_slice().as_ptr() as *const f16).add(tile * k * TILE);
         // As in `f16_rows`: fetch a few tiles ahead of the matmul's walk.
-        let ahead = wt.wrapping_add(4 * k * TILE) as *const i8;
-        for line in (0..k * TILE * 2).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
-        }
+        prefetch_lines(wt.wrapping_add(4 * k * TILE) as *const u8, k * TILE * 2);
         let n = rows.len();
         let tp: [*const f32; MR] = std::array::from_fn(|r| t.as_ptr().add(rows[r.min(n - 1)].0 * k));
         // Four chains per row: k is small (the rank), so a single chain would be bound by
@@ -475,18 +473,6 @@ unsafe fn swiglu_row(g: &[f32], u: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Hints the cache to load `len` bytes from `p`.
-#[inline(always)]
-unsafe fn prefetch_region(p: *const u8, len: usize) {
-    unsafe {
-        let mut off = 0;
-        while off < len {
-            _mm_prefetch::<_MM_HINT_T0>(p.add(off) as *const i8);
-            off += 64;
-        }
-    }
-}
-
 #[target_feature(enable = "avx512f,f16c")]
 unsafe fn attend<E: Load16>(a: &QueryArgs, scores: &mut [f32], out: &mut [f32]) {
     unsafe {
@@ -520,7 +506,7 @@ unsafe fn weighted_values<E: Load16, const C: usize, const NH: usize>(
         for b in 0..n_blocks {
             let (vb, v_scales) = region::<E>(a.blocks[b], v_off, a.geo);
             if b + 1 < n_blocks {
-                prefetch_region(a.blocks[b + 1].add(v_off), values_bytes);
+                prefetch_lines(a.blocks[b + 1].add(v_off), values_bytes);
             }
             let n_in_block = (n - b * BLOCK_TOKENS).min(BLOCK_TOKENS);
             for s in 0..n_in_block {
@@ -564,12 +550,12 @@ unsafe fn attend_c<E: Load16, const C: usize>(a: &QueryArgs, scores: &mut [f32],
         // Scores, all heads of the group per loaded key vector.
         let mut maxv = [_mm512_set1_ps(f32::NEG_INFINITY); MAX_GROUP];
         // The values of the first block are needed right after the scores: start loading them.
-        prefetch_region(a.blocks[0].add(v_off), values_bytes);
+        prefetch_lines(a.blocks[0].add(v_off), values_bytes);
         for c in 0..n_chunks {
             let (b, sub) = (c * 16 / BLOCK_TOKENS, (c * 16) % BLOCK_TOKENS / 16);
             // Blocks are separate allocations: ask for the next block's keys ahead of time.
             if sub == 0 && (b + 1) * BLOCK_TOKENS < n {
-                prefetch_region(a.blocks[b + 1].add(k_off), values_bytes);
+                prefetch_lines(a.blocks[b + 1].add(k_off), values_bytes);
             }
             let (kt, k_scales) = region::<E>(a.blocks[b], k_off, a.geo);
             let kt = kt.add(sub * 16);

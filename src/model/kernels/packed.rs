@@ -28,18 +28,13 @@ use half::f16;
 /// the kernel reaches a few blocks from now ([`super::matmul::prefetch_bytes`]; 0 asks for
 /// nothing). A tile's blocks are contiguous and tiles follow each other, so "ahead" is simply
 /// later in the stream, across tile ends too.
+/// (Past the end of the matrix near its last tiles: harmless, see
+/// [`crate::simd::x86::prefetch_lines`].)
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) fn prefetch_ahead(p: *const u8, len: usize, ahead: usize) {
-    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-    if ahead == 0 {
-        return;
-    }
-    let at = p.wrapping_add(ahead);
-    for line in (0..len).step_by(64) {
-        // SAFETY: a prefetch is a hint: it never faults, whatever the address (past the end of
-        // the matrix near its last tiles, hence `wrapping_add`).
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line) as *const i8) };
+    if ahead != 0 {
+        crate::simd::x86::prefetch_lines(p.wrapping_add(ahead), len);
     }
 }
 
