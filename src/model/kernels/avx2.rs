@@ -152,6 +152,27 @@ macro_rules! dispatch_rows {
     };
 }
 
+/// Runs `$f::<R, VNNI, H0, NH>` (the tile's halves `H0..H0 + NH` in one pass over the blocks) for
+/// `rows` activation rows: both halves in one pass for 1–2 rows (decode), so that each activation
+/// broadcast serves 16 outputs and every weight line is read once; one half per pass for 3–4 rows
+/// (prefill), whose accumulators for both halves would not fit the 16 registers.
+macro_rules! halves_by_rows {
+    ($rows:expr, $f:ident, $vnni:tt, $($arg:expr),*) => {
+        match $rows {
+            1 => $f::<1, $vnni, 0, 2>($($arg),*),
+            2 => $f::<2, $vnni, 0, 2>($($arg),*),
+            3 => {
+                $f::<3, $vnni, 0, 1>($($arg),*);
+                $f::<3, $vnni, 1, 1>($($arg),*)
+            }
+            _ => {
+                $f::<4, $vnni, 0, 1>($($arg),*);
+                $f::<4, $vnni, 1, 1>($($arg),*)
+            }
+        }
+    };
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_tile<const VNNI: bool>(
     w: &PackedMatrix,
@@ -161,31 +182,17 @@ unsafe fn q8_0_tile<const VNNI: bool>(
     rows: usize,
     out: &mut Tile,
 ) {
-    unsafe {
-        match rows {
-            1 => q8_0_rows_one_pass::<1, VNNI>(w, a, t, row0, out),
-            2 => q8_0_rows_one_pass::<2, VNNI>(w, a, t, row0, out),
-            3 => q8_0_rows::<3, VNNI>(w, a, t, row0, out),
-            _ => q8_0_rows::<4, VNNI>(w, a, t, row0, out),
-        }
-    }
+    unsafe { halves_by_rows!(rows, q8_0_halves, VNNI, w, a, t, row0, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 unsafe fn q8_0_tile_vnni(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
-    unsafe {
-        match rows {
-            1 => q8_0_rows_one_pass::<1, true>(w, a, t, row0, out),
-            2 => q8_0_rows_one_pass::<2, true>(w, a, t, row0, out),
-            3 => q8_0_rows::<3, true>(w, a, t, row0, out),
-            _ => q8_0_rows::<4, true>(w, a, t, row0, out),
-        }
-    }
+    unsafe { halves_by_rows!(rows, q8_0_halves, true, w, a, t, row0, out) }
 }
 
-/// 3–4 rows (prefill): the two halves of the tile one after the other.
+/// Halves `H0..H0 + NH` of a Q8_0 tile for `R` rows, in one pass over the blocks.
 #[inline(always)]
-unsafe fn q8_0_rows<const R: usize, const VNNI: bool>(
+unsafe fn q8_0_halves<const R: usize, const VNNI: bool, const H0: usize, const NH: usize>(
     w: &PackedMatrix,
     a: &QuantizedActs,
     t: usize,
@@ -202,77 +209,23 @@ unsafe fn q8_0_rows<const R: usize, const VNNI: bool>(
         let xs: [*const i32; R] = std::array::from_fn(|r| a.sums.as_ptr().add((row0 + r) * kb));
         let ones = _mm256_set1_epi16(1);
         let flip = _mm256_set1_epi8(-128);
-        for half in 0..2 {
-            let mut acc = [_mm256_setzero_ps(); R];
-            for b in 0..kb {
-                if half == 0 {
-                    // The first half's pass touches every line of the tile; the second runs from cache.
-                    prefetch_ahead(q.add(b * QBLOCK * TILE), QBLOCK * TILE, ahead);
-                }
-                let qb = q.add(b * QBLOCK * TILE + half * 32);
-                let mut s = [_mm256_setzero_si256(); R];
-                for g in 0..QBLOCK / 4 {
-                    let v = _mm256_load_si256(qb.add(g * 64) as *const __m256i);
-                    if VNNI {
-                        // Σ (w + 128)·x, corrected by 128·Σx below.
-                        for r in 0..R {
-                            s[r] = _mm256_dpbusd_avx_epi32(s[r], v, bcast4(xq[r].add(b * QBLOCK + g * 4)));
-                        }
-                    } else {
-                        let ws = _mm256_xor_si256(v, flip);
-                        let aw = _mm256_abs_epi8(ws);
-                        for r in 0..R {
-                            let sx = _mm256_sign_epi8(bcast4(xq[r].add(b * QBLOCK + g * 4)), ws);
-                            let p = _mm256_maddubs_epi16(aw, sx);
-                            s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(p, ones));
-                        }
-                    }
-                }
-                let dw = load_f16x8(scales.add(b * TILE + half * HALF));
-                for r in 0..R {
-                    let s = if VNNI { _mm256_sub_epi32(s[r], _mm256_set1_epi32(128 * *xs[r].add(b))) } else { s[r] };
-                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[r].add(b)));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r]);
-                }
-            }
-            for r in 0..R {
-                _mm256_storeu_ps(out[r].as_mut_ptr().add(half * HALF), acc[r]);
-            }
-        }
-    }
-}
-
-/// [`q8_0_rows`] for 1 or 2 rows in one pass over the blocks for both halves of the tile (see
-/// [`q4_1_rows_one_pass`]).
-#[inline(always)]
-unsafe fn q8_0_rows_one_pass<const R: usize, const VNNI: bool>(
-    w: &PackedMatrix,
-    a: &QuantizedActs,
-    t: usize,
-    row0: usize,
-    out: &mut Tile,
-) {
-    unsafe {
-        let kb = w.k_blocks();
-        let ahead = prefetch_bytes();
-        let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE);
-        let scales = w.scales.as_ptr().add(t * kb * TILE);
-        let xq: [*const i8; R] = std::array::from_fn(|r| a.qs.as_ptr().add((row0 + r) * a.k));
-        let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
-        let xs: [*const i32; R] = std::array::from_fn(|r| a.sums.as_ptr().add((row0 + r) * kb));
-        let ones = _mm256_set1_epi16(1);
-        let flip = _mm256_set1_epi8(-128);
-        let mut acc = [[_mm256_setzero_ps(); R]; 2];
+        let mut acc = [[_mm256_setzero_ps(); R]; NH];
         for b in 0..kb {
             let qb = q.add(b * QBLOCK * TILE);
-            prefetch_ahead(qb, QBLOCK * TILE, ahead);
-            let mut s = [[_mm256_setzero_si256(); R]; 2];
+            if H0 == 0 {
+                // A pass with the first half touches every line of the tile; one over the second
+                // half alone follows it and runs from cache.
+                prefetch_ahead(qb, QBLOCK * TILE, ahead);
+            }
+            let mut s = [[_mm256_setzero_si256(); R]; NH];
             for g in 0..QBLOCK / 4 {
-                let v = [0, 1].map(|h| _mm256_load_si256(qb.add(g * 64 + h * 32) as *const __m256i));
+                let v: [__m256i; NH] =
+                    std::array::from_fn(|h| _mm256_load_si256(qb.add(g * 64 + (H0 + h) * 32) as *const __m256i));
                 for r in 0..R {
                     let x = bcast4(xq[r].add(b * QBLOCK + g * 4));
-                    for h in 0..2 {
+                    for h in 0..NH {
                         if VNNI {
+                            // Σ (w + 128)·x, corrected by 128·Σx below.
                             s[h][r] = _mm256_dpbusd_avx_epi32(s[h][r], v[h], x);
                         } else {
                             let ws = _mm256_xor_si256(v[h], flip);
@@ -282,8 +235,8 @@ unsafe fn q8_0_rows_one_pass<const R: usize, const VNNI: bool>(
                     }
                 }
             }
-            for h in 0..2 {
-                let dw = load_f16x8(scales.add(b * TILE + h * HALF));
+            for h in 0..NH {
+                let dw = load_f16x8(scales.add(b * TILE + (H0 + h) * HALF));
                 for r in 0..R {
                     let si =
                         if VNNI { _mm256_sub_epi32(s[h][r], _mm256_set1_epi32(128 * *xs[r].add(b))) } else { s[h][r] };
@@ -292,9 +245,9 @@ unsafe fn q8_0_rows_one_pass<const R: usize, const VNNI: bool>(
                 }
             }
         }
-        for h in 0..2 {
+        for h in 0..NH {
             for r in 0..R {
-                _mm256_storeu_ps(out[r].as_mut_ptr().add(h * HALF), acc[h][r]);
+                _mm256_storeu_ps(out[r].as_mut_ptr().add((H0 + h) * HALF), acc[h][r]);
             }
         }
     }
@@ -309,33 +262,17 @@ unsafe fn q4_1_tile<const VNNI: bool>(
     rows: usize,
     out: &mut Tile,
 ) {
-    unsafe {
-        match rows {
-            1 => q4_1_rows_one_pass::<1, VNNI>(w, a, t, row0, out),
-            2 => q4_1_rows_one_pass::<2, VNNI>(w, a, t, row0, out),
-            3 => q4_1_rows::<3, VNNI>(w, a, t, row0, out),
-            _ => q4_1_rows::<4, VNNI>(w, a, t, row0, out),
-        }
-    }
+    unsafe { halves_by_rows!(rows, q4_1_halves, VNNI, w, a, t, row0, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 unsafe fn q4_1_tile_vnni(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
-    unsafe {
-        match rows {
-            1 => q4_1_rows_one_pass::<1, true>(w, a, t, row0, out),
-            2 => q4_1_rows_one_pass::<2, true>(w, a, t, row0, out),
-            3 => q4_1_rows::<3, true>(w, a, t, row0, out),
-            _ => q4_1_rows::<4, true>(w, a, t, row0, out),
-        }
-    }
+    unsafe { halves_by_rows!(rows, q4_1_halves, true, w, a, t, row0, out) }
 }
 
-/// [`q4_1_rows`] for 1 or 2 rows in one pass over the blocks for both halves of the tile: each
-/// activation broadcast and scale serves 16 outputs instead of 8, and every weight line is read
-/// once. (Three or four rows would not fit the 16 registers; they take two passes.)
+/// Halves `H0..H0 + NH` of a Q4_1 tile for `R` rows, in one pass over the blocks.
 #[inline(always)]
-unsafe fn q4_1_rows_one_pass<const R: usize, const VNNI: bool>(
+unsafe fn q4_1_halves<const R: usize, const VNNI: bool, const H0: usize, const NH: usize>(
     w: &PackedMatrix,
     a: &QuantizedActs,
     t: usize,
@@ -353,20 +290,27 @@ unsafe fn q4_1_rows_one_pass<const R: usize, const VNNI: bool>(
         let xs: [*const f32; R] = std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
         let nib = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        // Block and min terms share one chain per (half, row), in [`q4_1_rows`]'s order.
-        let mut acc = [[_mm256_setzero_ps(); R]; 2];
+        // Block terms (d·s) and min terms (m·s) in one chain per (half, row): fewer registers
+        // than two chains, and the same order whatever the pass layout, so a row's result does
+        // not depend on how many rows share the call (ragged batches equal separate ones).
+        let mut acc = [[_mm256_setzero_ps(); R]; NH];
         for b in 0..kb {
             let qb = q.add(b * QBLOCK * TILE / 2);
-            prefetch_ahead(qb, QBLOCK * TILE / 2, ahead);
-            let mut s = [[_mm256_setzero_si256(); R]; 2];
+            if H0 == 0 {
+                // As in `q8_0_halves`: the pass with the first half prefetches for both.
+                prefetch_ahead(qb, QBLOCK * TILE / 2, ahead);
+            }
+            // i32 sums with VNNI; i16 sums of `vpmaddubsw` pairs without (see the module docs).
+            let mut s = [[_mm256_setzero_si256(); R]; NH];
             for g in 0..4 {
-                let v = [0, 1].map(|h| _mm256_load_si256(qb.add(g * 64 + h * 32) as *const __m256i));
+                let v: [__m256i; NH] =
+                    std::array::from_fn(|h| _mm256_load_si256(qb.add(g * 64 + (H0 + h) * 32) as *const __m256i));
                 let lo = v.map(|v| _mm256_and_si256(v, nib));
                 let hi = v.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib));
                 for r in 0..R {
                     let xb = xq[r].add(b * QBLOCK + g * 8);
                     let (xl, xh) = (bcast4(xb), bcast4(xb.add(4)));
-                    for h in 0..2 {
+                    for h in 0..NH {
                         if VNNI {
                             s[h][r] = _mm256_dpbusd_avx_epi32(s[h][r], lo[h], xl);
                             s[h][r] = _mm256_dpbusd_avx_epi32(s[h][r], hi[h], xh);
@@ -377,9 +321,9 @@ unsafe fn q4_1_rows_one_pass<const R: usize, const VNNI: bool>(
                     }
                 }
             }
-            for h in 0..2 {
-                let dw = load_f16x8(scales.add(b * TILE + h * HALF));
-                let mw = load_f16x8(mins.add(b * TILE + h * HALF));
+            for h in 0..NH {
+                let dw = load_f16x8(scales.add(b * TILE + (H0 + h) * HALF));
+                let mw = load_f16x8(mins.add(b * TILE + (H0 + h) * HALF));
                 for r in 0..R {
                     let si = if VNNI { s[h][r] } else { _mm256_madd_epi16(s[h][r], ones) };
                     let sf = _mm256_cvtepi32_ps(si);
@@ -388,73 +332,9 @@ unsafe fn q4_1_rows_one_pass<const R: usize, const VNNI: bool>(
                 }
             }
         }
-        for h in 0..2 {
+        for h in 0..NH {
             for r in 0..R {
-                _mm256_storeu_ps(out[r].as_mut_ptr().add(h * HALF), acc[h][r]);
-            }
-        }
-    }
-}
-
-/// 3–4 rows (prefill): the two halves of the tile one after the other.
-#[inline(always)]
-unsafe fn q4_1_rows<const R: usize, const VNNI: bool>(
-    w: &PackedMatrix,
-    a: &QuantizedActs,
-    t: usize,
-    row0: usize,
-    out: &mut Tile,
-) {
-    unsafe {
-        let kb = w.k_blocks();
-        let ahead = prefetch_bytes();
-        let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE / 2);
-        let scales = w.scales.as_ptr().add(t * kb * TILE);
-        let mins = w.mins.as_ptr().add(t * kb * TILE);
-        let xq: [*const i8; R] = std::array::from_fn(|r| a.qs.as_ptr().add((row0 + r) * a.k));
-        let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
-        let xs: [*const f32; R] = std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
-        let nib = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        for half in 0..2 {
-            // Block terms (d·s) and min terms (m·s) in one chain per row, in the same order as
-            // [`q4_1_rows_one_pass`]: a row's result must not depend on how many rows share the
-            // call (ragged batches equal separate ones exactly).
-            let mut acc = [_mm256_setzero_ps(); R];
-            for b in 0..kb {
-                if half == 0 {
-                    // The first half's pass touches every line of the tile; the second runs from cache.
-                    prefetch_ahead(q.add(b * QBLOCK * TILE / 2), QBLOCK * TILE / 2, ahead);
-                }
-                let qb = q.add(b * QBLOCK * TILE / 2 + half * 32);
-                // i32 sums with VNNI; i16 sums of `vpmaddubsw` pairs without (see the module docs).
-                let mut s = [_mm256_setzero_si256(); R];
-                for g in 0..4 {
-                    let v = _mm256_load_si256(qb.add(g * 64) as *const __m256i);
-                    let lo = _mm256_and_si256(v, nib);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
-                    for r in 0..R {
-                        let xb = xq[r].add(b * QBLOCK + g * 8);
-                        if VNNI {
-                            s[r] = _mm256_dpbusd_avx_epi32(s[r], lo, bcast4(xb));
-                            s[r] = _mm256_dpbusd_avx_epi32(s[r], hi, bcast4(xb.add(4)));
-                        } else {
-                            s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(lo, bcast4(xb)));
-                            s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(hi, bcast4(xb.add(4))));
-                        }
-                    }
-                }
-                let dw = load_f16x8(scales.add(b * TILE + half * HALF));
-                let mw = load_f16x8(mins.add(b * TILE + half * HALF));
-                for r in 0..R {
-                    let s = if VNNI { s[r] } else { _mm256_madd_epi16(s[r], ones) };
-                    let sf = _mm256_cvtepi32_ps(s);
-                    acc[r] = _mm256_fmadd_ps(sf, _mm256_mul_ps(dw, _mm256_set1_ps(*xd[r].add(b))), acc[r]);
-                    acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xs[r].add(b)), acc[r]);
-                }
-            }
-            for r in 0..R {
-                _mm256_storeu_ps(out[r].as_mut_ptr().add(half * HALF), acc[r]);
+                _mm256_storeu_ps(out[r].as_mut_ptr().add((H0 + h) * HALF), acc[h][r]);
             }
         }
     }
