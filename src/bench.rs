@@ -345,6 +345,45 @@ pub struct EngineReport {
     /// Mean time to first token, in milliseconds.
     pub ttft_ms: f64,
     pub peak_rss_bytes: u64,
+    /// Per-request tok/s and aggregate tok/s of each interleaved round, for ratios paired round
+    /// by round.
+    #[serde(skip)]
+    pub rounds: Vec<(f64, f64)>,
+}
+
+/// Ratios of two engine cases measured in the same interleaved rounds (`a` over `b`): the median
+/// of the per-round ratios, and their smallest and largest, which show how noisy the machine was.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairedRatio {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl PairedRatio {
+    fn of(mut r: Vec<f64>) -> Self {
+        r.sort_by(f64::total_cmp);
+        match (r.first(), r.last()) {
+            (Some(&min), Some(&max)) => Self { median: r[r.len() / 2], min, max },
+            _ => Self { median: f64::NAN, min: f64::NAN, max: f64::NAN },
+        }
+    }
+}
+
+impl std::fmt::Display for PairedRatio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.3} (rounds {:.2}–{:.2})", self.median, self.min, self.max)
+    }
+}
+
+/// `a` over `b` per round, (per-request tok/s, aggregate tok/s): the pairing cancels the slow
+/// drifts of a noisy machine that a ratio of two medians keeps.
+pub fn paired_engine_ratios(a: &EngineReport, b: &EngineReport) -> (PairedRatio, PairedRatio) {
+    let pairs = a.rounds.iter().zip(&b.rounds);
+    (
+        PairedRatio::of(pairs.clone().map(|(x, y)| x.0 / y.0).collect()),
+        PairedRatio::of(pairs.map(|(x, y)| x.1 / y.1).collect()),
+    )
 }
 
 /// One engine benchmark configuration.
@@ -460,6 +499,7 @@ pub fn engine(
             decode_steps_s: median(rs.iter().map(|r| r.steps_s).collect()),
             ttft_ms: median(rs.iter().map(|r| r.ttft_ms).collect()),
             peak_rss_bytes: rss,
+            rounds: rs.iter().map(|r| (r.per_request, r.aggregate)).collect(),
         })
         .collect())
 }
@@ -961,7 +1001,17 @@ pub fn prefix_cache(
 
 #[cfg(test)]
 mod tests {
-    use super::usage_completion_tokens;
+    use super::{PairedRatio, usage_completion_tokens};
+
+    /// A paired ratio is the median of the per-round ratios, with their range; no rounds is NaN,
+    /// never a panic.
+    #[test]
+    fn paired_ratio_is_the_median_of_rounds() {
+        let r = PairedRatio::of(vec![0.9, 0.7, 0.85, 1.1, 0.8]);
+        assert_eq!(r, PairedRatio { median: 0.85, min: 0.7, max: 1.1 });
+        assert_eq!(r.to_string(), "0.850 (rounds 0.70–1.10)");
+        assert!(PairedRatio::of(Vec::new()).median.is_nan());
+    }
 
     /// `bench serve` counts tokens from the usage chunk, not content chunks.
     #[test]

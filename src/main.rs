@@ -969,30 +969,28 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 }
                 if a.compare_unguided && !a.compare_unconstrained {
                     for pair in runs.chunks(2) {
+                        let (per_request, _) = lethe::bench::paired_engine_ratios(&pair[1], &pair[0]);
                         println!(
-                            "concurrency {}: guided / unguided per-request tok/s = {:.3}",
-                            pair[0].concurrency,
-                            pair[1].per_request_tok_s / pair[0].per_request_tok_s
+                            "concurrency {}: guided / unguided per-request tok/s = {per_request}",
+                            pair[0].concurrency
                         );
                     }
                 }
                 if a.compare_prefix_cache && !a.compare_unguided && !a.compare_unconstrained {
                     for pair in runs.chunks(2) {
+                        let (per_request, aggregate) = lethe::bench::paired_engine_ratios(&pair[1], &pair[0]);
                         println!(
-                            "concurrency {}: prefix cache on / off per-request tok/s = {:.3}, aggregate {:.3}",
-                            pair[0].concurrency,
-                            pair[1].per_request_tok_s / pair[0].per_request_tok_s,
-                            pair[1].aggregate_tok_s / pair[0].aggregate_tok_s
+                            "concurrency {}: prefix cache on / off per-request tok/s = {per_request}, aggregate {aggregate}",
+                            pair[0].concurrency
                         );
                     }
                 }
                 if a.compare_unconstrained && !a.compare_unguided {
                     for pair in runs.chunks(2) {
+                        let (per_request, aggregate) = lethe::bench::paired_engine_ratios(&pair[1], &pair[0]);
                         println!(
-                            "concurrency {}: json-schema / unconstrained per-request tok/s = {:.3}, aggregate {:.3}",
-                            pair[0].concurrency,
-                            pair[1].per_request_tok_s / pair[0].per_request_tok_s,
-                            pair[1].aggregate_tok_s / pair[0].aggregate_tok_s
+                            "concurrency {}: json-schema / unconstrained per-request tok/s = {per_request}, aggregate {aggregate}",
+                            pair[0].concurrency
                         );
                     }
                 }
