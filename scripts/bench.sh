@@ -29,6 +29,7 @@ run $lethe bench decode --batch 1,2,4,8,16 --prompt-tokens 128 --gen-tokens 64
 # Every kernel set this CPU has, and the weight prefetch against none (issue 15).
 run $lethe bench decode --kernels "$($lethe kernels --list | paste -sd,)" --batch 1,2 --prompt-tokens 128 --gen-tokens 64
 run $lethe bench decode --prefetch-bytes 0,2048,4096,8192 --batch 1,2 --prompt-tokens 128 --gen-tokens 256
+run $lethe bench decode --batch 1,2 --prompt-tokens 128 --gen-tokens 256 --stages
 # Engine level: guided vs unguided, 1 and 8 concurrent requests.
 run $lethe bench decode --concurrency 1,8 --guided --compare-unguided --prompt-tokens 128 --gen-tokens 64 --rounds 7
 # Chunked prefill: a short request's time to first token while 2,000 tokens prefill.

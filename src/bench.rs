@@ -7,6 +7,7 @@ use crate::model::kernels::matmul::{
     ActPrecision, act_precision, prefetch_bytes, set_act_precision, set_prefetch_bytes,
 };
 use crate::model::lora::LoraWeights;
+use crate::model::stages::{self, StageTimes};
 use crate::model::{BatchEntry, KvDtype, Llama, RaggedBatch, SeqId};
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
@@ -51,6 +52,8 @@ pub struct DecodeReport {
     /// Mean step time of each interleaved round, for ratios paired round by round.
     #[serde(skip)]
     pub round_step_s: Vec<f64>,
+    /// Where a decode step's time went, when [`crate::model::stages`] accounting is on.
+    pub stages: Option<StageTimes>,
 }
 
 /// How much faster `a` decodes than `b` (tok/s of `a` over tok/s of `b`, same batch size): the
@@ -143,6 +146,7 @@ pub fn decode_cases(
         kernels: &'static str,
         activations: &'static str,
         prefetch_bytes: usize,
+        stages: Option<StageTimes>,
     }
     impl Run<'_> {
         fn batch(&self, tokens: impl Fn(usize) -> Vec<u32>) -> RaggedBatch {
@@ -171,6 +175,7 @@ pub fn decode_cases(
             kernels: "",
             activations: "",
             prefetch_bytes: 0,
+            stages: None,
         };
         let prefill = run.batch(|i| synthetic_prompt(prompt_tokens, vocab, (ci * 1000 + i) as u64));
         let t0 = Instant::now();
@@ -186,6 +191,8 @@ pub fn decode_cases(
         let steps = gen_tokens / rounds + usize::from(round < gen_tokens % rounds);
         for (run, case) in runs.iter_mut().zip(cases) {
             case.enter()?;
+            // The counters are per row count: each run's steps are accounted on their own.
+            stages::reset();
             let t = Instant::now();
             for _ in 0..steps {
                 let step = run.batch(|i| vec![run.next[i]]);
@@ -193,6 +200,9 @@ pub fn decode_cases(
             }
             if steps > 0 {
                 run.round_s.push(t.elapsed().as_secs_f64() / steps as f64);
+            }
+            if let Some(now) = stages::snapshot(run.seqs.len()).filter(|_| stages::enabled()) {
+                run.stages = Some(run.stages.as_ref().map_or(now.clone(), |acc| acc.merge(&now)));
             }
             run.steps += steps;
         }
@@ -224,6 +234,7 @@ pub fn decode_cases(
                 step_ms: step * 1e3,
                 peak_rss_bytes: rss,
                 round_step_s: run.round_s,
+                stages: run.stages,
             }
         })
         .collect())

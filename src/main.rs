@@ -409,6 +409,11 @@ struct BenchDecodeArgs {
     /// (default: the process's, LETHE_PREFETCH_BYTES or 4096; x86 kernels only).
     #[arg(long, value_delimiter = ',', value_parser = lethe::model::kernels::matmul::parse_prefetch_bytes)]
     prefetch_bytes: Option<Vec<usize>>,
+    /// Model level: also report where a decode step's time goes, stage by stage (projections,
+    /// attention, row-wise work, LM head), for every case; e.g. with `--batch 1,2` what the
+    /// second row of a CFG pair costs in each stage.
+    #[arg(long, conflicts_with = "concurrency")]
+    stages: bool,
     /// Run C simultaneous requests through the engine instead; a list (`1,8`) measures each.
     #[arg(long, value_delimiter = ',')]
     concurrency: Option<Vec<usize>>,
@@ -864,8 +869,10 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                     }
                 }
             }
+            lethe::model::stages::enable(a.stages);
             let runs =
                 lethe::bench::decode_cases(&bundle.model, &cases, a.prompt_tokens, a.gen_tokens, a.model.kv_dtype)?;
+            lethe::model::stages::enable(false);
             let base = runs[0].step_ms;
             if !a.json {
                 for r in &runs {
@@ -906,6 +913,9 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                         })
                         .collect();
                     println!("step time vs the first (median of per-round ratios): {}", ratios.join(", "));
+                }
+                if a.stages {
+                    print_stages(&runs);
                 }
             }
             if runs.len() == 1 {
@@ -1282,4 +1292,37 @@ fn eval(a: EvalArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `bench decode --stages`: a table of µs per decode step by stage, one column per case, and
+/// each later case's difference to the first.
+fn print_stages(runs: &[lethe::bench::DecodeReport]) {
+    let Some(first) = runs.first().and_then(|r| r.stages.as_ref()) else {
+        println!("stages: nothing was accounted (the candle backend is not instrumented)");
+        return;
+    };
+    let label = |r: &lethe::bench::DecodeReport| format!("{}/b{}", r.kernels, r.batch);
+    let mut header = format!("{:<20}", "µs per decode step");
+    for r in runs {
+        header += &format!("{:>14}", label(r));
+    }
+    for r in &runs[1..] {
+        header += &format!("{:>22}", format!("{} − {}", label(r), label(&runs[0])));
+    }
+    println!("{header}");
+    let cell = |r: &lethe::bench::DecodeReport, i: usize| r.stages.as_ref().map_or(f64::NAN, |s| s.us_per_step[i].1);
+    let total = |r: &lethe::bench::DecodeReport| r.stages.as_ref().map_or(f64::NAN, |s| s.total_us());
+    let rows = first.us_per_step.iter().map(|(stage, _)| stage.name()).chain(["total"]);
+    for (i, name) in rows.enumerate() {
+        let value = |r| if i < first.us_per_step.len() { cell(r, i) } else { total(r) };
+        let mut line = format!("{name:<20}");
+        for r in runs {
+            line += &format!("{:>14.0}", value(r));
+        }
+        for r in &runs[1..] {
+            let (d, base) = (value(r) - value(&runs[0]), value(&runs[0]));
+            line += &format!("{:>22}", format!("{d:+.0} ({:+.0} %)", 100.0 * d / base));
+        }
+        println!("{line}");
+    }
 }

@@ -378,3 +378,26 @@ fn gguf_metadata_is_read_strictly() {
     let m = variant("no-vocab.gguf", "llama.vocab_size", None).unwrap();
     assert_eq!(m.config().vocab_size, want);
 }
+
+/// `bench decode --stages`: every decode step of each batch size is accounted, stage by stage,
+/// on its own (1- and 2-row steps are not mixed), and only while the accounting is on.
+#[test]
+fn decode_steps_are_accounted_by_stage() {
+    use lethe::model::stages::{self, Stage};
+    let (_tmp, dir) = tiny(TinySpec::default());
+    let m = load(&dir, Backend::Native, WeightFormat::Native);
+    let gen_tokens = 16;
+    let off = lethe::bench::decode(&m, &[1, 2], 8, gen_tokens, KvDtype::F16).unwrap();
+    assert!(off.iter().all(|r| r.stages.is_none()), "accounting is off by default");
+    stages::enable(true);
+    let on = lethe::bench::decode(&m, &[1, 2], 8, gen_tokens, KvDtype::F16);
+    stages::enable(false);
+    for (r, rows) in on.unwrap().iter().zip([1, 2]) {
+        let s = r.stages.as_ref().expect("accounted");
+        assert_eq!((s.rows, s.steps), (rows, gen_tokens as u64), "{s:?}");
+        for (stage, us) in &s.us_per_step {
+            assert!(*us > 0.0, "{} took no time: {s:?}", stage.name());
+        }
+        assert_eq!(s.us_per_step.iter().map(|(st, _)| *st).collect::<Vec<_>>(), Stage::ALL);
+    }
+}

@@ -15,6 +15,7 @@ use super::linear::with_cpu_f32;
 use super::linear::{Linear, LinearWeight};
 use super::load::{LoadOptions, ModelFiles, RawWeight, WeightFormat, WeightName, WeightSource};
 use super::lora::{LoraBatch, LoraStack, LoraWeights, StackTarget, StackedStep, StepLora};
+use super::stages::{Stage, StepTimer};
 use super::{BatchLogits, ModelConfig, ModelError, ProjKind, RaggedBatch, Result};
 use crate::model::kernels::attention::KvDtype;
 use crate::model::kernels::{self, PackedFormat, PackedMatrix, elementwise};
@@ -171,7 +172,8 @@ impl Llama {
         if !self.native {
             return Ok(self.forward_device(batch, kv)?.to_host()?);
         }
-        let (x, plan) = self.hidden(batch, kv)?;
+        let mut timer = StepTimer::start(batch.n_tokens());
+        let (x, plan) = self.hidden(batch, kv, &mut timer)?;
         let data = match &self.lm_head.weight {
             // Native: the kernel's output vector becomes the logits, no copy.
             LinearWeight::Packed(w) => {
@@ -179,6 +181,8 @@ impl Llama {
             }
             _ => self.lm_head.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
         };
+        timer.lap(Stage::LmHead);
+        timer.finish();
         kv.commit(&plan);
         Ok(BatchLogits { vocab: self.cfg.vocab_size, data, rows: plan.logit_ranges })
     }
@@ -189,7 +193,7 @@ impl Llama {
         if self.native {
             return Err(ModelError::Config("device logits are the candle backend's; this model runs natively".into()));
         }
-        let (x, plan) = self.hidden(batch, kv)?;
+        let (x, plan) = self.hidden(batch, kv, &mut StepTimer::start(0))?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         kv.commit(&plan);
         Ok(DeviceLogits { logits, vocab: self.cfg.vocab_size, rows: plan.logit_ranges })
@@ -206,8 +210,9 @@ impl Llama {
     }
 
     /// The decoder stack: final-normed hidden states of the rows whose logits are wanted, and
-    /// the step's plan (committed by the caller once the logits exist).
-    fn hidden(&self, batch: &RaggedBatch, kv: &mut KvCache) -> Result<(Tensor, StepPlan)> {
+    /// the step's plan (committed by the caller once the logits exist). `timer` accounts the
+    /// stages when [`stages`](super::stages) is on.
+    fn hidden(&self, batch: &RaggedBatch, kv: &mut KvCache, timer: &mut StepTimer) -> Result<(Tensor, StepPlan)> {
         let plan = kv.plan(batch)?;
         let kind = if self.native { KvStoreKind::Paged } else { KvStoreKind::Tensors };
         let rope = StepRope::new(&plan.positions, &self.inv_freqs, self.cfg.rope_style, kind, &self.device)?;
@@ -216,13 +221,25 @@ impl Llama {
         for (l, layer) in self.layers.iter().enumerate() {
             let lora = lora.as_ref().map(|s| (s, l));
             let h = self.rms_norm(&x, &layer.attn_norm)?;
+            timer.lap(Stage::RowWise);
             let qkv = layer.qkv.forward_lora(&h, lora)?;
+            timer.lap(Stage::Qkv);
             let attn = kv.attention(l, &qkv, &plan, &rope)?;
-            x = self.add(&x, &layer.o.forward_lora(&attn, lora)?)?;
+            timer.lap(Stage::Attention);
+            let o = layer.o.forward_lora(&attn, lora)?;
+            timer.lap(Stage::O);
+            x = self.add(&x, &o)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
-            let act = self.swiglu(&layer.gate_up.forward_lora(&h, lora)?)?;
-            x = self.add(&x, &layer.down.forward_lora(&act, lora)?)?;
+            timer.lap(Stage::RowWise);
+            let gate_up = layer.gate_up.forward_lora(&h, lora)?;
+            timer.lap(Stage::GateUp);
+            let act = self.swiglu(&gate_up)?;
+            timer.lap(Stage::RowWise);
+            let down = layer.down.forward_lora(&act, lora)?;
+            timer.lap(Stage::Down);
+            x = self.add(&x, &down)?;
         }
+        timer.lap(Stage::RowWise);
         let x = if plan.logit_rows.len() == plan.tokens.len() {
             x
         } else {

@@ -16,6 +16,7 @@ pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod stages;
 
 pub use batch::{BatchEntry, BatchLogits, DeviceLogits, RaggedBatch, SeqId, StepLogits};
 pub use config::{Arch, ModelConfig, RopeStyle};
