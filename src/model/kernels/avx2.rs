@@ -716,15 +716,21 @@ unsafe fn softmax_scores<E: Load8>(a: &QueryArgs, scores: &mut [f32]) -> (usize,
         let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
         let mut maxv = [ninf; MAX_GROUP];
         prefetch_lines(a.blocks[0].wrapping_add(v_off), keys_bytes);
+        let n_blocks = n.div_ceil(BLOCK_TOKENS);
+        // The next block's keys, a line at a time while a chunk of 8 keys computes (as the
+        // AVX-512 kernel does).
+        let lines_per_chunk = keys_bytes.div_ceil(64) / (BLOCK_TOKENS / HALF);
         for c in 0..n.div_ceil(HALF) {
             let (b, sub) = (c * HALF / BLOCK_TOKENS, c * HALF % BLOCK_TOKENS);
-            if sub == 0 && (b + 1) * BLOCK_TOKENS < n {
-                prefetch_lines(a.blocks[b + 1].wrapping_add(k_off), keys_bytes);
-            }
+            let next_keys = a.blocks[(b + 1).min(n_blocks - 1)].wrapping_add(k_off);
+            let first_line = sub / HALF * lines_per_chunk;
             let (kt, k_scales) = region::<E>(a.blocks[b], k_off, a.geo);
             let kt = kt.add(sub);
             let mut acc = [_mm256_setzero_ps(); MAX_GROUP];
             for d in 0..hd {
+                if d < lines_per_chunk {
+                    prefetch_lines(next_keys.wrapping_add((first_line + d) * 64), 64);
+                }
                 let k = E::load8(kt.add(d * BLOCK_TOKENS));
                 for h in 0..nh {
                     acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(*q.add(h * hd + d)), k, acc[h]);
@@ -775,15 +781,17 @@ unsafe fn weighted_values<E: Load8, const NH: usize>(
         let hd = a.geo.head_dim;
         let n = a.n_keys;
         let v_off = a.geo.v_region(a.layer, a.kv_head);
-        let values_bytes = BLOCK_TOKENS * hd * std::mem::size_of::<E>();
+        let lines_per_key = (BLOCK_TOKENS * hd * std::mem::size_of::<E>()).div_ceil(64).div_ceil(BLOCK_TOKENS);
         let mut acc = [[_mm256_setzero_ps(); 4]; NH];
         let n_blocks = n.div_ceil(BLOCK_TOKENS);
         for b in 0..n_blocks {
             let (vb, v_scales) = region::<E>(a.blocks[b], v_off, a.geo);
-            if b + 1 < n_blocks && d0 == 0 {
-                prefetch_lines(a.blocks[b + 1].wrapping_add(v_off), values_bytes);
-            }
+            // The next block's values, a few lines per key, on the first pass over the dimensions.
+            let next_values = a.blocks[(b + 1).min(n_blocks - 1)].wrapping_add(v_off);
             for s in 0..(n - b * BLOCK_TOKENS).min(BLOCK_TOKENS) {
+                if d0 == 0 {
+                    prefetch_lines(next_values.wrapping_add(s * lines_per_key * 64), lines_per_key * 64);
+                }
                 let t = b * BLOCK_TOKENS + s;
                 let vs = if E::SCALED { *v_scales.add(s) } else { 1.0 };
                 let vp = vb.add(s * hd + d0);

@@ -500,16 +500,16 @@ unsafe fn weighted_values<E: Load16, const C: usize, const NH: usize>(
         let hd = C * 16;
         let n = a.n_keys;
         let v_off = a.geo.v_region(a.layer, a.kv_head);
-        let values_bytes = BLOCK_TOKENS * hd * std::mem::size_of::<E>();
+        let lines_per_key = (BLOCK_TOKENS * hd * std::mem::size_of::<E>()).div_ceil(64).div_ceil(BLOCK_TOKENS);
         let mut acc = [[_mm512_setzero_ps(); C]; NH];
         let n_blocks = n.div_ceil(BLOCK_TOKENS);
         for b in 0..n_blocks {
             let (vb, v_scales) = region::<E>(a.blocks[b], v_off, a.geo);
-            if b + 1 < n_blocks {
-                prefetch_lines(a.blocks[b + 1].add(v_off), values_bytes);
-            }
+            // The next block's values, a few lines per key (as the keys in `attend_c`).
+            let next_values = a.blocks[(b + 1).min(n_blocks - 1)].wrapping_add(v_off);
             let n_in_block = (n - b * BLOCK_TOKENS).min(BLOCK_TOKENS);
             for s in 0..n_in_block {
+                prefetch_lines(next_values.wrapping_add(s * lines_per_key * 64), lines_per_key * 64);
                 let t = b * BLOCK_TOKENS + s;
                 let vs = if E::SCALED { *v_scales.add(s) } else { 1.0 };
                 let vp = vb.add(s * hd);
@@ -546,6 +546,9 @@ unsafe fn attend_c<E: Load16, const C: usize>(a: &QueryArgs, scores: &mut [f32],
         let q = a.q.as_ptr();
         let sp = scores.as_mut_ptr();
         let values_bytes = BLOCK_TOKENS * hd * std::mem::size_of::<E>();
+        let n_blocks = n.div_ceil(BLOCK_TOKENS);
+        // Lines of a block's keys to prefetch per chunk of 16 keys.
+        let lines_per_chunk = values_bytes.div_ceil(64) / (BLOCK_TOKENS / 16);
 
         // Scores, all heads of the group per loaded key vector.
         let mut maxv = [_mm512_set1_ps(f32::NEG_INFINITY); MAX_GROUP];
@@ -553,14 +556,17 @@ unsafe fn attend_c<E: Load16, const C: usize>(a: &QueryArgs, scores: &mut [f32],
         prefetch_lines(a.blocks[0].add(v_off), values_bytes);
         for c in 0..n_chunks {
             let (b, sub) = (c * 16 / BLOCK_TOKENS, (c * 16) % BLOCK_TOKENS / 16);
-            // Blocks are separate allocations: ask for the next block's keys ahead of time.
-            if sub == 0 && (b + 1) * BLOCK_TOKENS < n {
-                prefetch_lines(a.blocks[b + 1].add(k_off), values_bytes);
-            }
+            // Blocks are separate allocations: the next block's keys are asked for a line at a
+            // time while this chunk computes, which measured faster than asking for the whole
+            // region at the block's start (docs/BENCHMARKS.md, "Attention's KV reads").
+            let next_keys = a.blocks[(b + 1).min(n_blocks - 1)].wrapping_add(k_off);
             let (kt, k_scales) = region::<E>(a.blocks[b], k_off, a.geo);
             let kt = kt.add(sub * 16);
             let mut acc = [_mm512_setzero_ps(); MAX_GROUP];
             for d in 0..hd {
+                if d < lines_per_chunk {
+                    prefetch_lines(next_keys.wrapping_add((sub * lines_per_chunk + d) * 64), 64);
+                }
                 let k = E::load16(kt.add(d * BLOCK_TOKENS));
                 for h in 0..nh {
                     acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(h * hd + d)), k, acc[h]);
