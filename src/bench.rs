@@ -59,10 +59,8 @@ pub struct DecodeReport {
 /// How much faster `a` decodes than `b` (tok/s of `a` over tok/s of `b`, same batch size): the
 /// median over rounds of the per-round ratio, so slow drifts of a noisy machine cancel out.
 pub fn paired_speed_ratio(a: &DecodeReport, b: &DecodeReport) -> f64 {
-    let mut r: Vec<f64> = a.round_step_s.iter().zip(&b.round_step_s).map(|(ta, tb)| tb / ta).collect();
-    r.sort_by(f64::total_cmp);
-    let rows = a.batch as f64 / b.batch as f64;
-    r.get(r.len() / 2).map_or(f64::NAN, |x| x * rows)
+    let r = a.round_step_s.iter().zip(&b.round_step_s).map(|(ta, tb)| tb / ta).collect();
+    PairedRatio::of(r).median * a.batch as f64 / b.batch as f64
 }
 
 /// Model-level decode benchmark for several batch sizes side by side: each batch size gets its
@@ -201,8 +199,12 @@ pub fn decode_cases(
             if steps > 0 {
                 run.round_s.push(t.elapsed().as_secs_f64() / steps as f64);
             }
-            if let Some(now) = stages::snapshot(run.seqs.len()).filter(|_| stages::enabled()) {
-                run.stages = Some(run.stages.as_ref().map_or(now.clone(), |acc| acc.merge(&now)));
+            // Nothing is accounted (None) unless the caller turned the accounting on.
+            if let Some(now) = stages::snapshot(run.seqs.len()) {
+                run.stages = Some(match run.stages.take() {
+                    Some(acc) => acc.merge(&now),
+                    None => now,
+                });
             }
             run.steps += steps;
         }

@@ -1301,6 +1301,15 @@ fn print_stages(runs: &[lethe::bench::DecodeReport]) {
         println!("stages: nothing was accounted (the candle backend is not instrumented)");
         return;
     };
+    let names: Vec<&str> = first.us_per_step.iter().map(|(stage, _)| stage.name()).chain(["total"]).collect();
+    // Per case: each stage's µs, then the total.
+    let values: Vec<Vec<f64>> = runs
+        .iter()
+        .map(|r| match &r.stages {
+            Some(s) => s.us_per_step.iter().map(|(_, us)| *us).chain([s.total_us()]).collect(),
+            None => vec![f64::NAN; names.len()],
+        })
+        .collect();
     let label = |r: &lethe::bench::DecodeReport| format!("{}/b{}", r.kernels, r.batch);
     let mut header = format!("{:<20}", "µs per decode step");
     for r in runs {
@@ -1310,17 +1319,13 @@ fn print_stages(runs: &[lethe::bench::DecodeReport]) {
         header += &format!("{:>22}", format!("{} − {}", label(r), label(&runs[0])));
     }
     println!("{header}");
-    let cell = |r: &lethe::bench::DecodeReport, i: usize| r.stages.as_ref().map_or(f64::NAN, |s| s.us_per_step[i].1);
-    let total = |r: &lethe::bench::DecodeReport| r.stages.as_ref().map_or(f64::NAN, |s| s.total_us());
-    let rows = first.us_per_step.iter().map(|(stage, _)| stage.name()).chain(["total"]);
-    for (i, name) in rows.enumerate() {
-        let value = |r| if i < first.us_per_step.len() { cell(r, i) } else { total(r) };
+    for (i, name) in names.iter().enumerate() {
         let mut line = format!("{name:<20}");
-        for r in runs {
-            line += &format!("{:>14.0}", value(r));
+        for v in &values {
+            line += &format!("{:>14.0}", v[i]);
         }
-        for r in &runs[1..] {
-            let (d, base) = (value(r) - value(&runs[0]), value(&runs[0]));
+        for v in &values[1..] {
+            let (d, base) = (v[i] - values[0][i], values[0][i]);
             line += &format!("{:>22}", format!("{d:+.0} ({:+.0} %)", 100.0 * d / base));
         }
         println!("{line}");
