@@ -13,7 +13,8 @@
 //! that share a kv head (GQA) are processed together so each key and value is loaded once for
 //! all of them; when that leaves too few items to keep every thread busy (a single decoding
 //! sequence), items split per query head instead. Threads take items from a shared counter, which
-//! balances the uneven cost of causal prefill rows.
+//! balances the uneven cost of causal prefill rows. When several sequences decode (a CFG pair),
+//! a participant takes a whole sequence at a time instead, reading its blocks in order.
 
 use super::pool::{self, ThreadPool, split_range};
 use crate::model::RopeStyle;
@@ -422,7 +423,10 @@ unsafe fn attention_impl<E: KvElem>(
     // Phase 2, in parallel over items; the caches are only read from here on.
     let by_group: usize = spans.iter().map(|s| geo.n_kv_heads * s.len.div_ceil(QUERY_CHUNK)).sum();
     let split_heads = by_group < 2 * pool.n_threads();
+    let per_span = whole_spans_per_participant(spans, pool.n_threads());
     let mut items = Vec::new();
+    // Items `span_items[s]..span_items[s + 1]` belong to span `s`.
+    let mut span_items = vec![0];
     for (si, span) in spans.iter().enumerate() {
         for g in 0..geo.n_kv_heads {
             for c in (0..span.len).step_by(QUERY_CHUNK) {
@@ -436,12 +440,13 @@ unsafe fn attention_impl<E: KvElem>(
                 }
             }
         }
+        span_items.push(items.len());
     }
     let out_ptr = pool::SyncPtr::new(out.as_mut_ptr());
     let max_keys = spans.iter().map(|s| s.start + s.len).max().unwrap_or(0);
     // Scores of up to MAX_GROUP heads, padded to whole 16-key chunks; one buffer per thread.
     let scores_len = MAX_GROUP * max_keys.div_ceil(16) * 16;
-    pool.run_chunks(items.len(), |i| {
+    let run_item = |i: usize| {
         let item = &items[i];
         SCORES.with_borrow_mut(|scores| {
             if scores.len() < scores_len {
@@ -470,7 +475,26 @@ unsafe fn attention_impl<E: KvElem>(
                 }
             }
         })
-    });
+    };
+    if per_span {
+        pool.run_chunks(spans.len(), |s| (span_items[s]..span_items[s + 1]).for_each(run_item));
+    } else {
+        pool.run_chunks(items.len(), run_item);
+    }
+}
+
+/// Whether each participant should take whole sequences rather than (kv head, query chunk)
+/// items: when every sequence decodes a few rows and there are enough of them to keep every
+/// thread busy (a CFG pair on two threads).
+///
+/// Why: a block keeps all kv heads of a layer side by side (`[k heads][v heads]`, 12 KiB for
+/// SmolLM2), so one thread reading one sequence's blocks streams them in order, while kv-head
+/// items on two threads interleave both sequences' blocks on each core. Measured on the 2-row
+/// decode step, with the rest unchanged: attention 10–17 % less (docs/BENCHMARKS.md, "Where a
+/// CFG pair's second row goes"). Prefill rows keep the finer items, which balance causal rows
+/// of uneven cost.
+fn whole_spans_per_participant(spans: &[RawSpan], n_threads: usize) -> bool {
+    spans.len() >= n_threads.max(2) && spans.iter().all(|s| s.len <= QUERY_CHUNK)
 }
 
 thread_local! {

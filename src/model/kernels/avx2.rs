@@ -717,33 +717,25 @@ unsafe fn softmax_scores<E: Load8>(a: &QueryArgs, scores: &mut [f32]) -> (usize,
         let mut maxv = [ninf; MAX_GROUP];
         prefetch_lines(a.blocks[0].wrapping_add(v_off), keys_bytes);
         let n_blocks = n.div_ceil(BLOCK_TOKENS);
-        // The next block's keys, a line at a time while a chunk of 8 keys computes (as the
-        // AVX-512 kernel does).
-        let lines_per_chunk = keys_bytes.div_ceil(64) / (BLOCK_TOKENS / HALF);
-        for c in 0..n.div_ceil(HALF) {
-            let (b, sub) = (c * HALF / BLOCK_TOKENS, c * HALF % BLOCK_TOKENS);
-            let next_keys = a.blocks[(b + 1).min(n_blocks - 1)].wrapping_add(k_off);
-            let first_line = sub / HALF * lines_per_chunk;
+        // A block's row of 16 keys at a time, as two registers of 8: two dependency chains per
+        // head, each query element broadcast once for both. Heads in passes of up to 4 keep
+        // the accumulators in registers.
+        for b in 0..n_blocks {
             let (kt, k_scales) = region::<E>(a.blocks[b], k_off, a.geo);
-            let kt = kt.add(sub);
-            let mut acc = [_mm256_setzero_ps(); MAX_GROUP];
-            for d in 0..hd {
-                if d < lines_per_chunk {
-                    prefetch_lines(next_keys.wrapping_add((first_line + d) * 64), 64);
+            let next_keys = a.blocks[(b + 1).min(n_blocks - 1)].wrapping_add(k_off);
+            let row = ScoreRow { kt, k_scales, next_keys, valid: (n - b * BLOCK_TOKENS).min(BLOCK_TOKENS) };
+            let out = sp.add(b * BLOCK_TOKENS);
+            let mut h0 = 0;
+            while h0 < nh {
+                let g = (nh - h0).min(4);
+                let prefetch = h0 == 0;
+                match g {
+                    1 => score_row::<E, 1>(&row, q, hd, scale, out, stride, &mut maxv, h0, prefetch),
+                    2 => score_row::<E, 2>(&row, q, hd, scale, out, stride, &mut maxv, h0, prefetch),
+                    3 => score_row::<E, 3>(&row, q, hd, scale, out, stride, &mut maxv, h0, prefetch),
+                    _ => score_row::<E, 4>(&row, q, hd, scale, out, stride, &mut maxv, h0, prefetch),
                 }
-                let k = E::load8(kt.add(d * BLOCK_TOKENS));
-                for h in 0..nh {
-                    acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(*q.add(h * hd + d)), k, acc[h]);
-                }
-            }
-            // Per-key scales (int8 cache) fold into the softmax scale.
-            let key_scale = if E::SCALED { _mm256_mul_ps(scale, _mm256_loadu_ps(k_scales.add(sub))) } else { scale };
-            let valid = (n - c * HALF).min(HALF) as i32;
-            let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            for h in 0..nh {
-                let s = _mm256_blendv_ps(ninf, _mm256_mul_ps(acc[h], key_scale), _mm256_castsi256_ps(keep));
-                _mm256_storeu_ps(sp.add(h * stride + c * HALF), s);
-                maxv[h] = _mm256_max_ps(maxv[h], s);
+                h0 += g;
             }
         }
         let mut inv = [0f32; MAX_GROUP];
@@ -762,6 +754,72 @@ unsafe fn softmax_scores<E: Load8>(a: &QueryArgs, scores: &mut [f32]) -> (usize,
             inv[h] = 1.0 / hsum(sum);
         }
         (stride, inv)
+    }
+}
+
+/// The keys of one block row (16 positions) of one kv head, for [`score_row`].
+struct ScoreRow<E> {
+    /// Transposed keys `[head_dim][BLOCK_TOKENS]`.
+    kt: *const E,
+    k_scales: *const f32,
+    /// The next block's keys region (prefetched a line per dimension).
+    next_keys: *const u8,
+    /// Positions of the row that are visible (the rest score −∞).
+    valid: usize,
+}
+
+/// Scores of the 16 keys of `row` for heads `h0..h0 + NH`, written to `out[h·stride..][..16]`
+/// (scaled, invisible lanes −∞), and folded into the running maxima.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn score_row<E: Load8, const NH: usize>(
+    row: &ScoreRow<E>,
+    q: *const f32,
+    hd: usize,
+    scale: __m256,
+    out: *mut f32,
+    stride: usize,
+    maxv: &mut [__m256; MAX_GROUP],
+    h0: usize,
+    prefetch: bool,
+) {
+    unsafe {
+        let lines = (BLOCK_TOKENS * hd * std::mem::size_of::<E>()).div_ceil(64);
+        let mut lo = [_mm256_setzero_ps(); NH];
+        let mut hi = [_mm256_setzero_ps(); NH];
+        for d in 0..hd {
+            if prefetch && d < lines {
+                prefetch_lines(row.next_keys.wrapping_add(d * 64), 64);
+            }
+            let k = row.kt.add(d * BLOCK_TOKENS);
+            let (k_lo, k_hi) = (E::load8(k), E::load8(k.add(HALF)));
+            for h in 0..NH {
+                let qd = _mm256_set1_ps(*q.add((h0 + h) * hd + d));
+                lo[h] = _mm256_fmadd_ps(qd, k_lo, lo[h]);
+                hi[h] = _mm256_fmadd_ps(qd, k_hi, hi[h]);
+            }
+        }
+        // Per-key scales (int8 cache) fold into the softmax scale.
+        let (scale_lo, scale_hi) = if E::SCALED {
+            (
+                _mm256_mul_ps(scale, _mm256_loadu_ps(row.k_scales)),
+                _mm256_mul_ps(scale, _mm256_loadu_ps(row.k_scales.add(HALF))),
+            )
+        } else {
+            (scale, scale)
+        };
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let keep_lo = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(row.valid as i32), lanes));
+        let keep_hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(row.valid as i32 - HALF as i32), lanes));
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        for h in 0..NH {
+            let s_lo = _mm256_blendv_ps(ninf, _mm256_mul_ps(lo[h], scale_lo), keep_lo);
+            let s_hi = _mm256_blendv_ps(ninf, _mm256_mul_ps(hi[h], scale_hi), keep_hi);
+            let o = out.add((h0 + h) * stride);
+            _mm256_storeu_ps(o, s_lo);
+            _mm256_storeu_ps(o.add(HALF), s_hi);
+            maxv[h0 + h] = _mm256_max_ps(maxv[h0 + h], _mm256_max_ps(s_lo, s_hi));
+        }
     }
 }
 

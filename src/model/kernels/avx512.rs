@@ -562,15 +562,24 @@ unsafe fn attend_c<E: Load16, const C: usize>(a: &QueryArgs, scores: &mut [f32],
             let next_keys = a.blocks[(b + 1).min(n_blocks - 1)].wrapping_add(k_off);
             let (kt, k_scales) = region::<E>(a.blocks[b], k_off, a.geo);
             let kt = kt.add(sub * 16);
+            // Even and odd dimensions in separate accumulators: two dependency chains per head,
+            // so a lone head (a single decoding sequence splits per query head) is not bound by
+            // the FMA latency (1-row attention 5–14 % less, docs/BENCHMARKS.md).
             let mut acc = [_mm512_setzero_ps(); MAX_GROUP];
-            for d in 0..hd {
+            let mut acc_odd = [_mm512_setzero_ps(); MAX_GROUP];
+            for d in (0..hd).step_by(2) {
                 if d < lines_per_chunk {
-                    prefetch_lines(next_keys.wrapping_add((sub * lines_per_chunk + d) * 64), 64);
+                    prefetch_lines(next_keys.wrapping_add((sub * lines_per_chunk + d) * 64), 128);
                 }
-                let k = E::load16(kt.add(d * BLOCK_TOKENS));
+                let k_even = E::load16(kt.add(d * BLOCK_TOKENS));
+                let k_odd = E::load16(kt.add((d + 1) * BLOCK_TOKENS));
                 for h in 0..nh {
-                    acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(h * hd + d)), k, acc[h]);
+                    acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(h * hd + d)), k_even, acc[h]);
+                    acc_odd[h] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(h * hd + d + 1)), k_odd, acc_odd[h]);
                 }
+            }
+            for h in 0..nh {
+                acc[h] = _mm512_add_ps(acc[h], acc_odd[h]);
             }
             // Per-key scales (int8 cache) fold into the softmax scale.
             let key_scale =
