@@ -647,6 +647,22 @@ mod tests {
     }
 
     #[test]
+    fn decoding_sequences_go_whole_to_a_participant_when_there_are_enough() {
+        let span = |len| RawSpan { blocks: Vec::new(), start: 40, len, row: 0 };
+        // A CFG pair on two threads: one sequence each.
+        assert!(whole_spans_per_participant(&[span(1), span(1)], 2));
+        assert!(whole_spans_per_participant(&[span(1), span(1), span(1)], 2));
+        // One sequence: its kv heads (or query heads) are what spreads over the threads.
+        assert!(!whole_spans_per_participant(&[span(1)], 2));
+        assert!(!whole_spans_per_participant(&[span(1)], 1));
+        // Fewer sequences than threads would leave threads idle.
+        assert!(!whole_spans_per_participant(&[span(1), span(1)], 4));
+        // A prefill span keeps the finer items that balance causal rows.
+        assert!(!whole_spans_per_participant(&[span(1), span(QUERY_CHUNK + 1)], 2));
+        assert!(whole_spans_per_participant(&[span(QUERY_CHUNK), span(2)], 2));
+    }
+
+    #[test]
     fn every_head_size_matches_reference() {
         // The SIMD kernels specialise 32, 64 and 128; others take a generic path.
         for head_dim in [32, 48, 64, 128] {
