@@ -432,9 +432,16 @@ fn shutdown_ends_running_streams_cleanly() {
     assert!(matches!(e.submit(Request::new(vec![1], 1)), Err(EngineError::ShuttingDown)));
 }
 
-/// With the real default model: a condition that the 135M model ignores at γ = 1 ("Answer
-/// only in French.") is followed at γ = 3. The property is a language heuristic: the share of
-/// French function words among French + English ones.
+/// With the real default model, guidance moves the answers between its two conditions: at
+/// γ = 0 the mix is the uncond row alone (no system sentence), which answers English questions
+/// in English; at γ = 3 it amplifies "Answer only in French.", and the answers are French. The
+/// property is a language heuristic: the share of French function words among French + English
+/// ones, over six questions.
+///
+/// γ = 1 (the cond row alone) is not asserted: the 135M model follows the French sentence only
+/// in part there, on near-ties between a French and an English next token, so any change of
+/// summation order moves it (French shares of 0.12, 0.48 and 0.67 for the same three questions
+/// under three kernel sets).
 #[test]
 fn guidance_changes_behaviour_on_the_default_model() {
     let Some(path) = common::default_model() else {
@@ -443,7 +450,14 @@ fn guidance_changes_behaviour_on_the_default_model() {
     let bundle = ModelBundle::load(&path, &common::load_options(), None).unwrap();
     let e = EngineHandle::spawn(bundle.model.clone(), bundle.tokenizer.clone(), EngineConfig::default());
     let conds = Conditions { positive: "Answer only in French.".into(), negative: String::new() };
-    let questions = ["What is your favourite food?", "Describe a sunny day at the beach.", "How do I bake bread?"];
+    let questions = [
+        "What is your favourite food?",
+        "Describe a sunny day at the beach.",
+        "How do I bake bread?",
+        "What do you like to do on weekends?",
+        "Tell me about the town where you grew up.",
+        "Which book would you recommend, and why?",
+    ];
     let french_share = |gamma: f32| -> f32 {
         let (mut fr, mut en) = (0usize, 0usize);
         for q in questions {
@@ -462,9 +476,9 @@ fn guidance_changes_behaviour_on_the_default_model() {
         }
         fr as f32 / (fr + en).max(1) as f32
     };
-    let (unguided, guided) = (french_share(1.0), french_share(3.0));
-    assert!(unguided < 0.3, "γ=1 should mostly answer in English: French share {unguided}");
-    assert!(guided > 0.6, "γ=3 should follow the French condition: French share {guided}");
+    let (uncond, guided) = (french_share(0.0), french_share(3.0));
+    assert!(uncond < 0.2, "γ=0 (the uncond row) should answer in English: French share {uncond}");
+    assert!(guided > 0.8, "γ=3 should follow the French condition: French share {guided}");
 }
 
 fn language_counts(text: &str) -> (usize, usize) {
