@@ -8,6 +8,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# Each step's heading carries the minutes since the start, so that a CI log shows where the
+# time goes (CI gives the whole run 90 minutes).
+step() { printf '== [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
+
 ./scripts/fetch-model.sh
 export LETHE_REQUIRE_MODEL=1
 # promtool (Debian's `prometheus` package) checks /metrics and the alert rules. Installed here
@@ -15,7 +19,7 @@ export LETHE_REQUIRE_MODEL=1
 export LETHE_REQUIRE_PROMTOOL=${LETHE_REQUIRE_PROMTOOL:-1}
 if [[ $LETHE_REQUIRE_PROMTOOL == 1 ]] && ! command -v promtool >/dev/null 2>&1; then
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo -n"
-  echo "== installing promtool (apt: prometheus)"
+  step "installing promtool (apt: prometheus)"
   $sudo apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 \
     || { $sudo apt-get update -qq && $sudo apt-get install -y --no-install-recommends prometheus >/dev/null; } \
     || { echo "error: promtool is needed (apt-get install prometheus), or set LETHE_REQUIRE_PROMTOOL=0" >&2; exit 1; }
@@ -38,7 +42,7 @@ export LETHE_REQUIRE_POSTGRES=${LETHE_REQUIRE_POSTGRES:-1}
 if [[ $LETHE_REQUIRE_POSTGRES == 1 ]] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
     && ! command -v initdb >/dev/null 2>&1; then
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo -n"
-  echo "== installing PostgreSQL (apt: postgresql)"
+  step "installing PostgreSQL (apt: postgresql)"
   # Only the binaries are wanted: no default cluster, no service.
   $sudo mkdir -p /etc/postgresql-common/createcluster.d
   echo "create_main_cluster = false" | $sudo tee /etc/postgresql-common/createcluster.d/lethe-ci.conf >/dev/null
@@ -48,15 +52,15 @@ if [[ $LETHE_REQUIRE_POSTGRES == 1 ]] && ! ls /usr/lib/postgresql/*/bin/initdb >
 fi
 # ---- end PostgreSQL
 
-echo "== cargo fmt --check"
+step "cargo fmt --check"
 cargo fmt --check
-echo "== cargo clippy"
+step "cargo clippy"
 cargo clippy --release --all-targets -- -D warnings
-echo "== cargo test"
+step "cargo test"
 cargo test --release
 
 # --- the candle path (what a GPU runs) and the cuda build: docs/gpu.md -----------------------
-echo "== engine tests on the candle backend"
+step "engine tests on the candle backend"
 # Skipped there: candle's scalar Q4_1 CPU kernel makes the real-model French-share test take
 # minutes (the candle path is candle-transformers' bit for bit, tests/smollm.rs).
 LETHE_TEST_BACKEND=candle cargo test --release --test engine -- --skip guidance_changes_behaviour_on_the_default_model
@@ -65,11 +69,11 @@ LETHE_TEST_BACKEND=candle cargo test --release --test prefix_cache
 # The cuda check runs in the background, in its own target directory (cargo locks one per
 # build), beside the kernel-set and aarch64 tests below: most of its time is ptxas compiling
 # candle's kernels one file at a time, which leaves the second core idle.
-echo "== the cuda feature compiles (CUDA 13.0 from PyPI wheels; no GPU needed), in the background"
+step "the cuda feature compiles (CUDA 13.0 from PyPI wheels; no GPU needed), in the background"
 CARGO_TARGET_DIR=target/cuda-check ./scripts/cuda-check.sh >target/cuda-check.log 2>&1 &
 cuda_check=$!
 # The API docs build without a warning (broken or private links, stray HTML), also beside.
-echo "== cargo doc (warnings are errors), in the background"
+step "cargo doc (warnings are errors), in the background"
 RUSTDOCFLAGS="-D warnings" CARGO_TARGET_DIR=target/doc-check cargo doc --no-deps >target/doc-check.log 2>&1 &
 doc_check=$!
 # --- end of the candle path / cuda steps ----------------------------------------------------
@@ -78,7 +82,7 @@ doc_check=$!
 # the NEON kernels cross-built for aarch64 and run under qemu (scripts/test-aarch64.sh; it skips
 # loudly if the aarch64 standard library cannot be installed, fails with LETHE_REQUIRE_AARCH64=1).
 for kernels in $(./target/release/lethe kernels --list | tail -n +2); do
-  echo "== model-level tests with LETHE_KERNELS=$kernels"
+  step "model-level tests with LETHE_KERNELS=$kernels"
   # The French-share test on the real model runs under every vector set; the portable kernels
   # take ~80 s for it on two cores, which CI's time budget does not need to pay twice.
   skip=()
@@ -86,14 +90,14 @@ for kernels in $(./target/release/lethe kernels --list | tail -n +2); do
   LETHE_KERNELS=$kernels cargo test --release --test engine --test model_runtime --test adapters -- "${skip[@]}"
 done
 ./scripts/test-aarch64.sh
-echo "== waiting for the cuda check"
+step "waiting for the cuda check"
 wait $cuda_check || { tail -40 target/cuda-check.log; echo "error: the cuda check failed (target/cuda-check.log)" >&2; exit 1; }
 tail -2 target/cuda-check.log
-echo "== waiting for cargo doc"
+step "waiting for cargo doc"
 wait $doc_check || { cat target/doc-check.log; echo "error: cargo doc has warnings (target/doc-check.log)" >&2; exit 1; }
 # ----
 
-echo "== the official openai Python SDK against lethe serve"
+step "the official openai Python SDK against lethe serve"
 port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export LETHE_ADMIN_KEY="sdk-test-admin-key-$RANDOM$RANDOM"
 ./target/release/lethe serve --port "$port" >target/sdk-serve.log 2>&1 &
@@ -106,13 +110,13 @@ for _ in $(seq 1 120); do
 done
 # -- LangChain (what internal apps use): structured output and a tool-calling round trip. Runs
 # first: the SDK check below issues a tenant key, after which anonymous clients get 401.
-echo "== LangChain (langchain-openai) against lethe serve"
+step "LangChain (langchain-openai) against lethe serve"
 "$venv/bin/python" tests/clients/langchain_client.py "http://127.0.0.1:$port"
 "$venv/bin/python" tests/clients/openai_sdk.py "http://127.0.0.1:$port"
 kill -INT $server
 wait $server
 trap - EXIT
 
-echo "== the README's walkthrough, as written (small sizes)"
+step "the README's walkthrough, as written (small sizes)"
 ./scripts/readme-test.sh
-echo "== all tests passed"
+step "all tests passed"
