@@ -31,10 +31,11 @@ const HALF: usize = 8;
 const BASE: KernelSet = KernelSet {
     isa: Isa::Avx2,
     quantize_block,
+    quantize_block16,
     q8_0_tile: q8_0_tile::<false>,
     q4_1_tile: q4_1_tile::<false>,
-    q8_0_tile16: q8_0_tile16::<false>,
-    q4_1_tile16: q4_1_tile16::<false>,
+    q8_0_tile16,
+    q4_1_tile16,
     f32_tile,
     f16_tile,
     add_f16_tile_rows,
@@ -93,9 +94,9 @@ unsafe fn swiglu_row(g: &[f32], u: &[f32], out: &mut [f32]) {
     }
 }
 
-/// [`portable::quantize_block`] on 8-lane registers; rounding is exactly `f32::round`.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+/// The block in four registers and `amax / levels`.
+#[inline(always)]
+unsafe fn load_block(src: &[f32], levels: f32) -> ([__m256; 4], f32) {
     unsafe {
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
         let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(src.as_ptr().add(8 * i)));
@@ -106,8 +107,16 @@ unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
         let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
-        let exact = amax / 127.0;
-        let inv = _mm256_set1_ps(if exact != 0.0 { 1.0 / exact } else { 0.0 });
+        (v, amax / levels)
+    }
+}
+
+/// `round(v · inv)` of each register, half away from zero (exactly `f32::round`), and their sum.
+#[inline(always)]
+unsafe fn round_away(v: [__m256; 4], scale: f32) -> ([__m256i; 4], i32) {
+    unsafe {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let inv = _mm256_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
         let round = |v: __m256| -> __m256i {
             let r = _mm256_mul_ps(v, inv);
             let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(r);
@@ -121,12 +130,36 @@ unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
         let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
         let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
-        let sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)));
+        (q, _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s))))
+    }
+}
+
+/// [`portable::quantize_block`] on 8-lane registers; rounding is exactly `f32::round`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+    unsafe {
+        let (v, exact) = load_block(src, 127.0);
+        let (q, sum) = round_away(v, exact);
         // i32 → i16 → i8 packs interleave 128-bit lanes; the permutation restores the order.
         let p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, p);
         (f16::from_f32(exact).to_f32(), sum)
+    }
+}
+
+/// [`portable::quantize_block16`] on 8-lane registers; rounding is exactly `f32::round`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block16(src: &[f32], dst: &mut [i16]) -> (f32, i32) {
+    unsafe {
+        let (v, d) = load_block(src, 32767.0);
+        let (q, sum) = round_away(v, d);
+        // The i32 → i16 pack interleaves 128-bit lanes; the permutation restores the order.
+        for (i, pair) in q.chunks_exact(2).enumerate() {
+            let p = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(pair[0], pair[1]));
+            _mm256_storeu_si256(dst.as_mut_ptr().add(16 * i) as *mut __m256i, p);
+        }
+        (d, sum)
     }
 }
 
@@ -346,39 +379,75 @@ unsafe fn bcast_pair(p: *const i16) -> __m256i {
     unsafe { _mm256_set1_epi32((p as *const i32).read_unaligned()) }
 }
 
-/// `s += Σ pairs of i16 products` per 32-bit lane: `vpdpwssd` with AVX-VNNI, else
-/// `vpmaddwd` + `vpaddd` (the same sums).
+/// `s += Σ pairs of i16 products` per 32-bit lane (`vpmaddwd` + `vpaddd`).
 #[inline(always)]
-unsafe fn dot_pairs<const VNNI: bool>(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
-    unsafe { if VNNI { _mm256_dpwssd_avx_epi32(s, w, x) } else { _mm256_add_epi32(s, _mm256_madd_epi16(w, x)) } }
+unsafe fn dot_pairs(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    unsafe { _mm256_add_epi32(s, _mm256_madd_epi16(w, x)) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_tile16<const VNNI: bool>(
-    w: &PackedMatrix,
-    a: &QuantizedActs,
-    t: usize,
-    row0: usize,
-    rows: usize,
-    out: &mut Tile,
-) {
-    unsafe { dispatch_rows!(rows, q8_0_rows16::<VNNI>, w, a, t, row0, out) }
+unsafe fn q8_0_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
+    unsafe { dispatch_rows!(rows, q8_0_rows16, w, a, t, row0, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 unsafe fn q8_0_tile16_vnni(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
-    unsafe { dispatch_rows!(rows, q8_0_rows16::<true>, w, a, t, row0, out) }
+    unsafe { dispatch_rows!(rows, q8_0_split16, w, a, t, row0, out) }
 }
 
-/// Q8_0 × 16-bit activations (see `q8_0_rows16` in avx512.rs for the pairing).
+/// Q8_0 × 16-bit activations with AVX-VNNI, as two 8-bit products per weight (`q = 256·hi +
+/// lo`; see `q8_0_rows16` in avx512.rs): no unpacking of the weights into 16-bit lanes.
 #[inline(always)]
-unsafe fn q8_0_rows16<const R: usize, const VNNI: bool>(
-    w: &PackedMatrix,
-    a: &QuantizedActs,
-    t: usize,
-    row0: usize,
-    out: &mut Tile,
-) {
+unsafe fn q8_0_split16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
+    unsafe {
+        let kb = w.k_blocks();
+        let ahead = prefetch_bytes();
+        let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE);
+        let scales = w.scales.as_ptr().add(t * kb * TILE);
+        let xh: [*const i8; R] = std::array::from_fn(|r| a.hi.as_ptr().add((row0 + r) * a.k));
+        let xl: [*const u8; R] = std::array::from_fn(|r| a.lo.as_ptr().add((row0 + r) * a.k));
+        let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+        let xs: [*const i32; R] = std::array::from_fn(|r| a.hi_sums.as_ptr().add((row0 + r) * kb));
+        let flip = _mm256_set1_epi8(-128);
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..kb {
+                if half == 0 {
+                    // The first half's pass touches every line of the tile; the second runs from cache.
+                    prefetch_ahead(q.add(b * QBLOCK * TILE), QBLOCK * TILE, ahead);
+                }
+                let qb = q.add(b * QBLOCK * TILE + half * 32);
+                let mut sh = [_mm256_setzero_si256(); R];
+                let mut sl = [_mm256_setzero_si256(); R];
+                for g in 0..8 {
+                    let wu = _mm256_load_si256(qb.add(g * 64) as *const __m256i);
+                    let ws = _mm256_xor_si256(wu, flip);
+                    for r in 0..R {
+                        let i = b * QBLOCK + g * 4;
+                        sh[r] = _mm256_dpbusd_avx_epi32(sh[r], wu, bcast4(xh[r].add(i)));
+                        sl[r] = _mm256_dpbusd_avx_epi32(sl[r], bcast4(xl[r].add(i) as *const i8), ws);
+                    }
+                }
+                let dw = load_f16x8(scales.add(b * TILE + half * HALF));
+                for r in 0..R {
+                    let h = _mm256_sub_epi32(sh[r], _mm256_set1_epi32(128 * *xs[r].add(b)));
+                    let s = _mm256_add_epi32(_mm256_slli_epi32::<8>(h), sl[r]);
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[r].add(b)));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r]);
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(half * HALF), acc[r]);
+            }
+        }
+    }
+}
+
+/// Q8_0 × 16-bit activations without VNNI, with `vpmaddwd` (pairs of i16 products into i32): a
+/// lane's 4 weight bytes, flipped back to signed, give the pairs (0, 2) and (1, 3), matching the
+/// activations' `[0, 2, 1, 3]` order ([`QuantizedActs::qs16`]).
+#[inline(always)]
+unsafe fn q8_0_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
     unsafe {
         let kb = w.k_blocks();
         let ahead = prefetch_bytes();
@@ -402,8 +471,8 @@ unsafe fn q8_0_rows16<const R: usize, const VNNI: bool>(
                     let odd = _mm256_srai_epi16::<8>(ws);
                     for r in 0..R {
                         let xp = xq[r].add(b * QBLOCK + g * 4);
-                        s[r] = dot_pairs::<VNNI>(s[r], even, bcast_pair(xp));
-                        s[r] = dot_pairs::<VNNI>(s[r], odd, bcast_pair(xp.add(2)));
+                        s[r] = dot_pairs(s[r], even, bcast_pair(xp));
+                        s[r] = dot_pairs(s[r], odd, bcast_pair(xp.add(2)));
                     }
                 }
                 let dw = load_f16x8(scales.add(b * TILE + half * HALF));
@@ -420,31 +489,74 @@ unsafe fn q8_0_rows16<const R: usize, const VNNI: bool>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1_tile16<const VNNI: bool>(
-    w: &PackedMatrix,
-    a: &QuantizedActs,
-    t: usize,
-    row0: usize,
-    rows: usize,
-    out: &mut Tile,
-) {
-    unsafe { dispatch_rows!(rows, q4_1_rows16::<VNNI>, w, a, t, row0, out) }
+unsafe fn q4_1_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
+    unsafe { dispatch_rows!(rows, q4_1_rows16, w, a, t, row0, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 unsafe fn q4_1_tile16_vnni(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
-    unsafe { dispatch_rows!(rows, q4_1_rows16::<true>, w, a, t, row0, out) }
+    unsafe { dispatch_rows!(rows, q4_1_split16, w, a, t, row0, out) }
 }
 
-/// Q4_1 × 16-bit activations (see `q4_1_rows16` in avx512.rs for the pairing).
+/// Q4_1 × 16-bit activations with AVX-VNNI, as two 8-bit products per weight (`q = 256·hi +
+/// lo`; see `q4_1_rows16` in avx512.rs): the nibbles are unpacked once for both.
 #[inline(always)]
-unsafe fn q4_1_rows16<const R: usize, const VNNI: bool>(
-    w: &PackedMatrix,
-    a: &QuantizedActs,
-    t: usize,
-    row0: usize,
-    out: &mut Tile,
-) {
+unsafe fn q4_1_split16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
+    unsafe {
+        let kb = w.k_blocks();
+        let ahead = prefetch_bytes();
+        let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE / 2);
+        let scales = w.scales.as_ptr().add(t * kb * TILE);
+        let mins = w.mins.as_ptr().add(t * kb * TILE);
+        let xh: [*const i8; R] = std::array::from_fn(|r| a.hi.as_ptr().add((row0 + r) * a.k));
+        let xl: [*const u8; R] = std::array::from_fn(|r| a.lo.as_ptr().add((row0 + r) * a.k));
+        let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+        let xs: [*const f32; R] = std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
+        let nib = _mm256_set1_epi8(0x0F);
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut accm = [_mm256_setzero_ps(); R];
+            for b in 0..kb {
+                if half == 0 {
+                    // The first half's pass touches every line of the tile; the second runs from cache.
+                    prefetch_ahead(q.add(b * QBLOCK * TILE / 2), QBLOCK * TILE / 2, ahead);
+                }
+                let qb = q.add(b * QBLOCK * TILE / 2 + half * 32);
+                let mut sh = [_mm256_setzero_si256(); R];
+                let mut sl = [_mm256_setzero_si256(); R];
+                for g in 0..4 {
+                    let v = _mm256_load_si256(qb.add(g * 64) as *const __m256i);
+                    let lo = _mm256_and_si256(v, nib);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                    for r in 0..R {
+                        let i = b * QBLOCK + g * 8;
+                        sh[r] = _mm256_dpbusd_avx_epi32(sh[r], lo, bcast4(xh[r].add(i)));
+                        sh[r] = _mm256_dpbusd_avx_epi32(sh[r], hi, bcast4(xh[r].add(i + 4)));
+                        sl[r] = _mm256_dpbusd_avx_epi32(sl[r], bcast4(xl[r].add(i) as *const i8), lo);
+                        sl[r] = _mm256_dpbusd_avx_epi32(sl[r], bcast4(xl[r].add(i + 4) as *const i8), hi);
+                    }
+                }
+                let dw = load_f16x8(scales.add(b * TILE + half * HALF));
+                let mw = load_f16x8(mins.add(b * TILE + half * HALF));
+                for r in 0..R {
+                    let s = _mm256_add_epi32(_mm256_slli_epi32::<8>(sh[r]), sl[r]);
+                    let sf = _mm256_cvtepi32_ps(s);
+                    acc[r] = _mm256_fmadd_ps(sf, _mm256_mul_ps(dw, _mm256_set1_ps(*xd[r].add(b))), acc[r]);
+                    accm[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xs[r].add(b)), accm[r]);
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(half * HALF), _mm256_add_ps(acc[r], accm[r]));
+            }
+        }
+    }
+}
+
+/// Q4_1 × 16-bit activations without VNNI, with `vpmaddwd`: masking a lane's 4 bytes with
+/// `0x000F000F` after shifts of 0, 8, 4 and 12 bits gives the nibble pairs (0, 2), (1, 3), (4, 6),
+/// (5, 7) of its 8 inputs, matching the activations' order.
+#[inline(always)]
+unsafe fn q4_1_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
     unsafe {
         let kb = w.k_blocks();
         let ahead = prefetch_bytes();
@@ -476,7 +588,7 @@ unsafe fn q4_1_rows16<const R: usize, const VNNI: bool>(
                     for r in 0..R {
                         let xp = xq[r].add(b * QBLOCK + g * 8);
                         for (j, p) in pairs.iter().enumerate() {
-                            s[r] = dot_pairs::<VNNI>(s[r], *p, bcast_pair(xp.add(2 * j)));
+                            s[r] = dot_pairs(s[r], *p, bcast_pair(xp.add(2 * j)));
                         }
                     }
                 }

@@ -16,6 +16,7 @@ use std::arch::x86_64::*;
 static KERNELS: KernelSet = KernelSet {
     isa: Isa::Avx512,
     quantize_block,
+    quantize_block16,
     q8_0_tile,
     q4_1_tile,
     q8_0_tile16,
@@ -76,29 +77,54 @@ impl Load16 for i8 {
     }
 }
 
+/// `round(v · inv)`, half away from zero: exactly `f32::round`, as i32 lanes.
+#[inline(always)]
+unsafe fn round_away(v: __m512, inv: __m512) -> __m512i {
+    unsafe {
+        let r = _mm512_mul_ps(v, inv);
+        let t = _mm512_roundscale_ps(r, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        let frac = _mm512_sub_ps(r, t);
+        // Half away from zero: |frac| ≥ 0.5 moves one step in the sign of r.
+        let away = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.5), _CMP_GE_OQ);
+        let step = _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(r, _mm512_set1_ps(-0.0)));
+        _mm512_cvttps_epi32(_mm512_mask_add_ps(t, away, t, step))
+    }
+}
+
+/// The block's two halves and `1 / (amax / levels)` (0 for an all-zero block).
+#[inline(always)]
+unsafe fn load_block(src: &[f32], levels: f32) -> ([__m512; 2], f32) {
+    unsafe {
+        let v = [_mm512_loadu_ps(src.as_ptr()), _mm512_loadu_ps(src.as_ptr().add(16))];
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        (v, amax / levels)
+    }
+}
+
 /// [`portable::quantize_block`] with 16-lane registers; rounding is exactly `f32::round`.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
     unsafe {
-        let lo = _mm512_loadu_ps(src.as_ptr());
-        let hi = _mm512_loadu_ps(src.as_ptr().add(16));
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        let exact = amax / 127.0;
+        let ([lo, hi], exact) = load_block(src, 127.0);
         let inv = _mm512_set1_ps(if exact != 0.0 { 1.0 / exact } else { 0.0 });
-        let round = |v: __m512| -> __m512i {
-            let r = _mm512_mul_ps(v, inv);
-            let t = _mm512_roundscale_ps(r, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-            let frac = _mm512_sub_ps(r, t);
-            // Half away from zero: |frac| ≥ 0.5 moves one step in the sign of r.
-            let away = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.5), _CMP_GE_OQ);
-            let step = _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(r, _mm512_set1_ps(-0.0)));
-            _mm512_cvttps_epi32(_mm512_mask_add_ps(t, away, t, step))
-        };
-        let (qa, qb) = (round(lo), round(hi));
+        let (qa, qb) = (round_away(lo, inv), round_away(hi, inv));
         _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
         _mm_storeu_si128(dst.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qb));
         let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
         (f16::from_f32(exact).to_f32(), sum)
+    }
+}
+
+/// [`portable::quantize_block16`] with 16-lane registers; rounding is exactly `f32::round`.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block16(src: &[f32], dst: &mut [i16]) -> (f32, i32) {
+    unsafe {
+        let ([lo, hi], d) = load_block(src, 32767.0);
+        let inv = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let (qa, qb) = (round_away(lo, inv), round_away(hi, inv));
+        _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, _mm512_cvtsepi32_epi16(qa));
+        _mm256_storeu_si256(dst.as_mut_ptr().add(16) as *mut __m256i, _mm512_cvtsepi32_epi16(qb));
+        (d, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)))
     }
 }
 
@@ -219,20 +245,15 @@ unsafe fn q4_1_rows<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usiz
     }
 }
 
-/// Two 16-bit activations (a pair of [`QuantizedActs::qs16`]) in every 32-bit lane.
-#[inline(always)]
-unsafe fn bcast_pair(p: *const i16) -> __m512i {
-    unsafe { _mm512_set1_epi32((p as *const i32).read_unaligned()) }
-}
-
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
 unsafe fn q8_0_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, rows: usize, out: &mut Tile) {
     unsafe { dispatch_rows!(rows, q8_0_rows16, w, a, t, row0, out) }
 }
 
-/// Q8_0 × 16-bit activations with `vpdpwssd` (pairs of i16 products into i32): a lane's 4
-/// weight bytes, flipped back to signed, give the pairs (0, 2) and (1, 3), matching the
-/// activations' `[0, 2, 1, 3]` order.
+/// Q8_0 × 16-bit activations as two 8-bit products per weight (`q = 256·hi + lo`, see
+/// [`QuantizedActs::hi`]): `(w + 128)·hi` as in [`q8_0_rows`] (corrected by `128·Σhi`), and
+/// `lo·w` with the unsigned `lo` first and the weight flipped back to signed. The weights stay
+/// packed as they are; the cost over 8-bit activations is one more `vpdpbusd` per 4 inputs.
 #[inline(always)]
 unsafe fn q8_0_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
     unsafe {
@@ -240,28 +261,32 @@ unsafe fn q8_0_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: us
         let ahead = prefetch_bytes();
         let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE);
         let scales = w.scales.as_ptr().add(t * kb * TILE);
-        let xq: [*const i16; R] = std::array::from_fn(|r| a.qs16.as_ptr().add((row0 + r) * a.k));
+        let xh: [*const i8; R] = std::array::from_fn(|r| a.hi.as_ptr().add((row0 + r) * a.k));
+        let xl: [*const u8; R] = std::array::from_fn(|r| a.lo.as_ptr().add((row0 + r) * a.k));
         let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
+        let xs: [*const i32; R] = std::array::from_fn(|r| a.hi_sums.as_ptr().add((row0 + r) * kb));
         let flip = _mm512_set1_epi8(-128);
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..kb {
             let qb = q.add(b * QBLOCK * TILE);
             prefetch_ahead(qb, QBLOCK * TILE, ahead);
-            let mut s = [_mm512_setzero_si512(); R];
+            let mut sh = [_mm512_setzero_si512(); R];
+            let mut sl = [_mm512_setzero_si512(); R];
             for g in 0..8 {
-                let ws = _mm512_xor_si512(_mm512_load_si512(qb.add(g * 64) as *const __m512i), flip);
-                let even = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(ws));
-                let odd = _mm512_srai_epi16::<8>(ws);
+                let wu = _mm512_load_si512(qb.add(g * 64) as *const __m512i);
+                let ws = _mm512_xor_si512(wu, flip);
                 for r in 0..R {
-                    let xp = xq[r].add(b * QBLOCK + g * 4);
-                    s[r] = _mm512_dpwssd_epi32(s[r], even, bcast_pair(xp));
-                    s[r] = _mm512_dpwssd_epi32(s[r], odd, bcast_pair(xp.add(2)));
+                    let i = b * QBLOCK + g * 4;
+                    sh[r] = _mm512_dpbusd_epi32(sh[r], wu, bcast4(xh[r].add(i)));
+                    sl[r] = _mm512_dpbusd_epi32(sl[r], bcast4(xl[r].add(i) as *const i8), ws);
                 }
             }
             let dw = load_f16x16(scales.add(b * TILE));
             for r in 0..R {
+                let h = _mm512_sub_epi32(sh[r], _mm512_set1_epi32(128 * *xs[r].add(b)));
+                let s = _mm512_add_epi32(_mm512_slli_epi32::<8>(h), sl[r]);
                 let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b)));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), scale, acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
             }
         }
         for r in 0..R {
@@ -275,9 +300,9 @@ unsafe fn q4_1_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize
     unsafe { dispatch_rows!(rows, q4_1_rows16, w, a, t, row0, out) }
 }
 
-/// Q4_1 × 16-bit activations with `vpdpwssd`: masking a lane's 4 bytes with `0x000F000F`
-/// after shifts of 0, 8, 4 and 12 bits gives the nibble pairs (0, 2), (1, 3), (4, 6), (5, 7)
-/// of its 8 inputs, matching the activations' order.
+/// Q4_1 × 16-bit activations as two 8-bit products per weight (`q = 256·hi + lo`): `w·hi` as
+/// in [`q4_1_rows`], and `lo·w` with the unsigned `lo` first (a nibble is a valid signed
+/// byte). The nibbles are unpacked once for both, as for 8-bit activations.
 #[inline(always)]
 unsafe fn q4_1_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
     unsafe {
@@ -286,35 +311,35 @@ unsafe fn q4_1_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: us
         let q = w.data.as_slice().as_ptr().add(t * kb * QBLOCK * TILE / 2);
         let scales = w.scales.as_ptr().add(t * kb * TILE);
         let mins = w.mins.as_ptr().add(t * kb * TILE);
-        let xq: [*const i16; R] = std::array::from_fn(|r| a.qs16.as_ptr().add((row0 + r) * a.k));
+        let xh: [*const i8; R] = std::array::from_fn(|r| a.hi.as_ptr().add((row0 + r) * a.k));
+        let xl: [*const u8; R] = std::array::from_fn(|r| a.lo.as_ptr().add((row0 + r) * a.k));
         let xd: [*const f32; R] = std::array::from_fn(|r| a.d.as_ptr().add((row0 + r) * kb));
         let xs: [*const f32; R] = std::array::from_fn(|r| a.dsums.as_ptr().add((row0 + r) * kb));
-        let m = _mm512_set1_epi32(0x000F_000F);
+        let nib = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); R];
         let mut accm = [_mm512_setzero_ps(); R];
         for b in 0..kb {
             let qb = q.add(b * QBLOCK * TILE / 2);
             prefetch_ahead(qb, QBLOCK * TILE / 2, ahead);
-            let mut s = [_mm512_setzero_si512(); R];
+            let mut sh = [_mm512_setzero_si512(); R];
+            let mut sl = [_mm512_setzero_si512(); R];
             for g in 0..4 {
                 let v = _mm512_load_si512(qb.add(g * 64) as *const __m512i);
-                let pairs = [
-                    _mm512_and_si512(v, m),
-                    _mm512_and_si512(_mm512_srli_epi32::<8>(v), m),
-                    _mm512_and_si512(_mm512_srli_epi32::<4>(v), m),
-                    _mm512_and_si512(_mm512_srli_epi32::<12>(v), m),
-                ];
+                let lo = _mm512_and_si512(v, nib);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
                 for r in 0..R {
-                    let xp = xq[r].add(b * QBLOCK + g * 8);
-                    for (j, p) in pairs.iter().enumerate() {
-                        s[r] = _mm512_dpwssd_epi32(s[r], *p, bcast_pair(xp.add(2 * j)));
-                    }
+                    let i = b * QBLOCK + g * 8;
+                    sh[r] = _mm512_dpbusd_epi32(sh[r], lo, bcast4(xh[r].add(i)));
+                    sh[r] = _mm512_dpbusd_epi32(sh[r], hi, bcast4(xh[r].add(i + 4)));
+                    sl[r] = _mm512_dpbusd_epi32(sl[r], bcast4(xl[r].add(i) as *const i8), lo);
+                    sl[r] = _mm512_dpbusd_epi32(sl[r], bcast4(xl[r].add(i + 4) as *const i8), hi);
                 }
             }
             let dw = load_f16x16(scales.add(b * TILE));
             let mw = load_f16x16(mins.add(b * TILE));
             for r in 0..R {
-                let sf = _mm512_cvtepi32_ps(s[r]);
+                let s = _mm512_add_epi32(_mm512_slli_epi32::<8>(sh[r]), sl[r]);
+                let sf = _mm512_cvtepi32_ps(s);
                 acc[r] = _mm512_fmadd_ps(sf, _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b))), acc[r]);
                 accm[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*xs[r].add(b)), accm[r]);
             }

@@ -131,8 +131,16 @@ pub struct QuantizedActs {
     /// 8-bit values (`Int8`), `[m, k]`.
     pub qs: Vec<i8>,
     /// 16-bit values (`Int16`), `[m, k]`, each group of 4 inputs stored as `[0, 2, 1, 3]`: the
-    /// pairs that 16-bit multiply-adds combine (see [`quantize_block16`]).
+    /// pairs that 16-bit multiply-adds combine.
     pub qs16: Vec<i16>,
+    /// The same 16-bit values split into bytes (`Int16`), `[m, k]` in input order: `q = 256·hi +
+    /// lo`, `hi` signed and `lo` unsigned. With `vpdpbusd` (u8 × i8), a 4-bit or 8-bit weight
+    /// times a 16-bit activation is two 8-bit products, `w·hi` and `lo·w`, that need no
+    /// unpacking of the weights into 16-bit lanes (see `q4_1_rows16` in avx512.rs).
+    pub hi: Vec<i8>,
+    pub lo: Vec<u8>,
+    /// `Σ hi` per (row, block) (`Int16`): Q8_0's stored weights are `w + 128`.
+    pub hi_sums: Vec<i32>,
     /// Scale per (row, block).
     pub d: Vec<f32>,
     /// Integer sum of the block's quants per (row, block) (`Int8`).
@@ -149,20 +157,19 @@ pub(crate) fn q16_index(i: usize) -> usize {
     i / 4 * 4 + SWAP[i % 4]
 }
 
-/// One block to 16 bits: `d = amax / 32767`, `q = round(x / d)` (half away from zero), stored in
-/// `q16_index` order. Returns (d, Σq). One implementation for every instruction set: the
-/// integer sums are then the same everywhere.
-pub fn quantize_block16(src: &[f32], dst: &mut [i16]) -> (f32, i32) {
-    let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let d = amax / 32767.0;
-    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0i32;
-    for (i, v) in src.iter().enumerate() {
-        let q = (v * inv).round() as i16;
-        dst[q16_index(i)] = q;
-        sum += q as i32;
+/// Stores a block of 16-bit values `q` (input order) in the layouts the kernels read: `qs16`
+/// in [`q16_index`] order, and split into high and low bytes. Returns `Σ hi`.
+fn store_block16(q: &[i16; QBLOCK], qs16: &mut [i16], hi: &mut [i8], lo: &mut [u8]) -> i32 {
+    // Three plain loops rather than one: each is vectorised by the compiler (this runs for every
+    // block of every matmul's input, on one thread when the input is a decode step's).
+    for (dst, src) in qs16.chunks_exact_mut(4).zip(q.chunks_exact(4)) {
+        dst.copy_from_slice(&[src[0], src[2], src[1], src[3]]);
     }
-    (d, sum)
+    debug_assert!((0..QBLOCK).all(|i| qs16[q16_index(i)] == q[i]));
+    for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(q) {
+        (*h, *l) = ((v >> 8) as i8, v as u8);
+    }
+    hi.iter().map(|&h| h as i32).sum()
 }
 
 impl QuantizedActs {
@@ -182,6 +189,9 @@ impl QuantizedActs {
             precision,
             qs: vec![0i8; if wide { 0 } else { m * k }],
             qs16: vec![0i16; if wide { m * k } else { 0 }],
+            hi: vec![0i8; if wide { m * k } else { 0 }],
+            lo: vec![0u8; if wide { m * k } else { 0 }],
+            hi_sums: vec![0i32; if wide { m * kb } else { 0 }],
             d: vec![0f32; m * kb],
             sums: vec![0i32; m * kb],
             dsums: vec![0f32; m * kb],
@@ -197,6 +207,11 @@ impl QuantizedActs {
             pool::SyncPtr::new(a.sums.as_mut_ptr()),
             pool::SyncPtr::new(a.dsums.as_mut_ptr()),
         );
+        let (hi, lo, hi_sums) = (
+            pool::SyncPtr::new(a.hi.as_mut_ptr()),
+            pool::SyncPtr::new(a.lo.as_mut_ptr()),
+            pool::SyncPtr::new(a.hi_sums.as_mut_ptr()),
+        );
         pool::global().run_chunks(chunks, |c| {
             let rows = c * rows_per_chunk..((c + 1) * rows_per_chunk).min(m);
             for bi in rows.start * kb..rows.end * kb {
@@ -205,9 +220,15 @@ impl QuantizedActs {
                 // block lengths are what the quantizers need.
                 unsafe {
                     let (scale, sum) = if wide {
-                        let dst = std::slice::from_raw_parts_mut(qs16.get().add(bi * QBLOCK), QBLOCK);
-                        let (scale, sum) = quantize_block16(src, dst);
+                        let mut q = [0i16; QBLOCK];
+                        let (scale, sum) = (ks.quantize_block16)(src, &mut q);
                         *dsums.get().add(bi) = scale * sum as f32;
+                        *hi_sums.get().add(bi) = store_block16(
+                            &q,
+                            std::slice::from_raw_parts_mut(qs16.get().add(bi * QBLOCK), QBLOCK),
+                            std::slice::from_raw_parts_mut(hi.get().add(bi * QBLOCK), QBLOCK),
+                            std::slice::from_raw_parts_mut(lo.get().add(bi * QBLOCK), QBLOCK),
+                        );
                         (scale, sum)
                     } else {
                         let dst = std::slice::from_raw_parts_mut(qs.get().add(bi * QBLOCK), QBLOCK);
@@ -613,6 +634,11 @@ mod tests {
         x[32..64].fill(0.0);
         x[64..96].fill(-3.5);
         x[96..128].iter_mut().enumerate().for_each(|(i, v)| *v = if i % 2 == 0 { 1e30 } else { -1e-30 });
+        // The same ties at 16 bits: amax = 32767 makes inv = 1.
+        for (i, v) in x[128..160].iter_mut().enumerate() {
+            *v = -8.0 + i as f32 * 0.5;
+        }
+        x[128] = -32767.0;
         let reference = kernel_set(Isa::Portable);
         for isa in Isa::supported() {
             let ks = kernel_set(isa);
@@ -620,8 +646,25 @@ mod tests {
                 let (mut p, mut q) = ([0i8; 32], [0i8; 32]);
                 let (a, c) = unsafe { ((reference.quantize_block)(b, &mut p), (ks.quantize_block)(b, &mut q)) };
                 assert_eq!((a, p), (c, q), "{isa}");
+                let (mut p, mut q) = ([0i16; 32], [0i16; 32]);
+                let (a, c) = unsafe { ((reference.quantize_block16)(b, &mut p), (ks.quantize_block16)(b, &mut q)) };
+                assert_eq!((a, p), (c, q), "{isa} 16-bit");
             }
         }
+    }
+
+    #[test]
+    fn sixteen_bit_activations_split_into_bytes_exactly() {
+        let mut q = [0i16; QBLOCK];
+        let edges = [i16::MIN + 1, -32767, -256, -255, -129, -128, -1, 0, 1, 127, 128, 255, 256, 32767];
+        q.iter_mut().zip(edges.iter().cycle()).for_each(|(v, e)| *v = *e);
+        let (mut qs16, mut hi, mut lo) = ([0i16; QBLOCK], [0i8; QBLOCK], [0u8; QBLOCK]);
+        let hi_sum = store_block16(&q, &mut qs16, &mut hi, &mut lo);
+        for i in 0..QBLOCK {
+            assert_eq!(256 * hi[i] as i32 + lo[i] as i32, q[i] as i32, "input {i}");
+            assert_eq!(qs16[q16_index(i)], q[i], "input {i}");
+        }
+        assert_eq!(hi_sum, hi.iter().map(|&h| h as i32).sum::<i32>());
     }
 
     #[test]

@@ -60,6 +60,10 @@ pub struct KernelSet {
     /// One block of 32 activations → (scale, Σq), llama.cpp's Q8_1 rounding; every set returns
     /// bit-identical results. Needs `src.len() == dst.len() == 32`.
     pub(crate) quantize_block: unsafe fn(src: &[f32], dst: &mut [i8]) -> (f32, i32),
+    /// One block of 32 activations → (scale, Σq) at 16 bits (`d = amax / 32767`, not rounded
+    /// through f16), in input order; every set returns bit-identical results. Needs
+    /// `src.len() == dst.len() == 32`.
+    pub(crate) quantize_block16: unsafe fn(src: &[f32], dst: &mut [i16]) -> (f32, i32),
     /// Q8_0 and Q4_1 tiles with 8-bit activations. Needs `w` of that format, `t < w.n_tiles()`,
     /// `1 ≤ rows ≤ MR`, `a` quantized (at that precision) from `row0 + rows` rows or more of
     /// `w.k` inputs.

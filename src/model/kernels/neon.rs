@@ -31,6 +31,8 @@ const HALF: usize = 8;
 const BASE: KernelSet = KernelSet {
     isa: Isa::Neon,
     quantize_block,
+    // 16-bit activations are the opt-in precision; NEON rounds them with the portable code.
+    quantize_block16: portable::quantize_block16,
     q8_0_tile: q8_0_tile::<false>,
     q4_1_tile: q4_1_tile::<false>,
     q8_0_tile16,
@@ -357,7 +359,9 @@ unsafe fn q8_0_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize
     unsafe { dispatch_rows!(rows, q8_0_rows16, w, a, t, row0, out) }
 }
 
-/// Q8_0 × 16-bit activations (the pairing of `q8_0_rows16` in avx512.rs).
+/// Q8_0 × 16-bit activations: a lane's 4 weight bytes, flipped back to signed and split into
+/// even and odd bytes, pair with the activations' `[0, 2, 1, 3]` order
+/// ([`QuantizedActs::qs16`]), as avx2.rs's `q8_0_rows16` does with `vpmaddwd`.
 #[inline(always)]
 unsafe fn q8_0_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
     unsafe {
@@ -406,7 +410,8 @@ unsafe fn q4_1_tile16(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize
     unsafe { dispatch_rows!(rows, q4_1_rows16, w, a, t, row0, out) }
 }
 
-/// Q4_1 × 16-bit activations (the pairing of `q4_1_rows16` in avx512.rs).
+/// Q4_1 × 16-bit activations: nibble pairs (0, 2), (1, 3), (4, 6), (5, 7) of a lane's 8 inputs
+/// match the activations' order ([`QuantizedActs::qs16`]), as avx2.rs's `q4_1_rows16` does.
 #[inline(always)]
 unsafe fn q4_1_rows16<const R: usize>(w: &PackedMatrix, a: &QuantizedActs, t: usize, row0: usize, out: &mut Tile) {
     unsafe {

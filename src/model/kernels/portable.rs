@@ -11,6 +11,7 @@ use half::f16;
 pub(super) static KERNELS: KernelSet = KernelSet {
     isa: Isa::Portable,
     quantize_block,
+    quantize_block16,
     q8_0_tile,
     q4_1_tile,
     q8_0_tile16,
@@ -38,6 +39,20 @@ pub fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
         sum += *q as i32;
     }
     (f16::from_f32(exact).to_f32(), sum)
+}
+
+/// One block to 16 bits: `d = amax / 32767`, `q = round(x / d)` (half away from zero), in
+/// input order. Returns (d, Σq).
+pub fn quantize_block16(src: &[f32], dst: &mut [i16]) -> (f32, i32) {
+    let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 32767.0;
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in dst.iter_mut().zip(src) {
+        *q = (v * inv).round() as i16;
+        sum += *q as i32;
+    }
+    (d, sum)
 }
 
 fn f16x16(src: &[f16]) -> [f32; TILE] {
