@@ -1310,23 +1310,23 @@ fn print_stages(runs: &[lethe::bench::DecodeReport]) {
             None => vec![f64::NAN; names.len()],
         })
         .collect();
-    let label = |r: &lethe::bench::DecodeReport| format!("{}/b{}", r.kernels, r.batch);
+    let label = |r: &lethe::bench::DecodeReport| format!("{}/{}/b{}", r.kernels, r.activations, r.batch);
     let mut header = format!("{:<20}", "µs per decode step");
     for r in runs {
-        header += &format!("{:>14}", label(r));
+        header += &format!("{:>18}", label(r));
     }
     for r in &runs[1..] {
-        header += &format!("{:>22}", format!("{} − {}", label(r), label(&runs[0])));
+        header += &format!("{:>32}", format!("{} − {}", label(r), label(&runs[0])));
     }
     println!("{header}");
     for (i, name) in names.iter().enumerate() {
         let mut line = format!("{name:<20}");
         for v in &values {
-            line += &format!("{:>14.0}", v[i]);
+            line += &format!("{:>18.0}", v[i]);
         }
         for v in &values[1..] {
             let (d, base) = (v[i] - values[0][i], values[0][i]);
-            line += &format!("{:>22}", format!("{d:+.0} ({:+.0} %)", 100.0 * d / base));
+            line += &format!("{:>32}", format!("{d:+.0} ({:+.0} %)", 100.0 * d / base));
         }
         println!("{line}");
     }
