@@ -18,6 +18,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 target=aarch64-unknown-linux-gnu
 require=${LETHE_REQUIRE_AARCH64:-0}
+# Headings carry the seconds since this script started (the cross build and qemu are a large
+# share of CI's time).
+step() { printf '== [aarch64 +%ds] %s\n' "$SECONDS" "$*"; }
 
 skip() {
   echo
@@ -30,26 +33,26 @@ skip() {
 }
 
 if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
-  echo "== rustup target add $target"
+  step "rustup target add $target"
   rustup target add "$target" || skip "the aarch64 Rust standard library could not be installed (rustup target add $target failed)"
 fi
 
 if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || ! command -v qemu-aarch64-static >/dev/null 2>&1; then
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo -n"
   pkgs="gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static"
-  echo "== installing $pkgs (apt)"
+  step "installing $pkgs (apt)"
   $sudo apt-get install -y --no-install-recommends $pkgs >/dev/null 2>&1 \
     || { $sudo apt-get update -qq && $sudo apt-get install -y --no-install-recommends $pkgs >/dev/null; } \
     || skip "could not install $pkgs"
 fi
 
-echo "== aarch64: kernel unit tests under qemu (CPU with dotprod)"
+step "kernel unit tests under qemu (CPU with dotprod)"
 QEMU_CPU=max cargo test --release --target "$target" --lib -- simd:: model::kernels::
-echo "== aarch64: kernel unit tests under qemu (Cortex-A53: NEON without dotprod)"
+step "kernel unit tests under qemu (Cortex-A53: NEON without dotprod)"
 QEMU_CPU=cortex-a53 cargo test --release --target "$target" --lib -- simd:: model::kernels::
 for kernels in neon-dotprod neon; do
-  echo "== aarch64: engine tests under qemu, LETHE_KERNELS=$kernels"
+  step "engine tests under qemu, LETHE_KERNELS=$kernels"
   LETHE_KERNELS=$kernels QEMU_CPU=max cargo test --release --target "$target" --test engine -- \
     --skip guidance_changes_behaviour_on_the_default_model
 done
-echo "== aarch64 tests passed"
+step "aarch64 tests passed"
