@@ -31,8 +31,7 @@ const HALF: usize = 8;
 const BASE: KernelSet = KernelSet {
     isa: Isa::Neon,
     quantize_block,
-    // 16-bit activations are the opt-in precision; NEON rounds them with the portable code.
-    quantize_block16: portable::quantize_block16,
+    quantize_block16,
     q8_0_tile: q8_0_tile::<false>,
     q4_1_tile: q4_1_tile::<false>,
     q8_0_tile16,
@@ -87,20 +86,34 @@ unsafe fn swiglu_row(g: &[f32], u: &[f32], out: &mut [f32]) {
     }
 }
 
-/// [`portable::quantize_block`] on 4-lane registers; `fcvtas` rounds half away from zero,
-/// exactly like `f32::round`.
-#[target_feature(enable = "neon")]
-unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+/// The block's 32 values and `amax / levels` (the unrounded scale).
+#[inline(always)]
+unsafe fn load_block(src: &[f32], levels: f32) -> ([float32x4_t; 8], f32) {
     unsafe {
         let v: [float32x4_t; 8] = std::array::from_fn(|i| vld1q_f32(src.as_ptr().add(4 * i)));
         let mut m = vabsq_f32(v[0]);
         for x in &v[1..] {
             m = vmaxq_f32(m, vabsq_f32(*x));
         }
-        let amax = vmaxvq_f32(m);
-        let exact = amax / 127.0;
-        let inv = vdupq_n_f32(if exact != 0.0 { 1.0 / exact } else { 0.0 });
-        let q: [int32x4_t; 8] = std::array::from_fn(|i| vcvtaq_s32_f32(vmulq_f32(v[i], inv)));
+        (v, vmaxvq_f32(m) / levels)
+    }
+}
+
+/// `round(v · inv)` of every value, half away from zero (`fcvtas`: exactly `f32::round`).
+#[inline(always)]
+unsafe fn round_away(v: &[float32x4_t; 8], scale: f32) -> [int32x4_t; 8] {
+    unsafe {
+        let inv = vdupq_n_f32(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+        std::array::from_fn(|i| vcvtaq_s32_f32(vmulq_f32(v[i], inv)))
+    }
+}
+
+/// [`portable::quantize_block`] on 4-lane registers, rounding exactly like `f32::round`.
+#[target_feature(enable = "neon")]
+unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+    unsafe {
+        let (v, exact) = load_block(src, 127.0);
+        let q = round_away(&v, exact);
         let mut sum = 0;
         for i in 0..4 {
             let h = vcombine_s16(vqmovn_s32(q[2 * i]), vqmovn_s32(q[2 * i + 1]));
@@ -108,6 +121,22 @@ unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
             sum += vaddvq_s32(q[2 * i]) + vaddvq_s32(q[2 * i + 1]);
         }
         (f16::from_f32(exact).to_f32(), sum)
+    }
+}
+
+/// [`portable::quantize_block16`] on 4-lane registers, rounding exactly like `f32::round`
+/// (the scalar loop was most of a 16-bit decode step's extra cost on x86).
+#[target_feature(enable = "neon")]
+unsafe fn quantize_block16(src: &[f32], dst: &mut [i16]) -> (f32, i32) {
+    unsafe {
+        let (v, d) = load_block(src, 32767.0);
+        let q = round_away(&v, d);
+        let mut sum = 0;
+        for (i, qi) in q.iter().enumerate() {
+            vst1_s16(dst.as_mut_ptr().add(4 * i), vqmovn_s32(*qi));
+            sum += vaddvq_s32(*qi);
+        }
+        (d, sum)
     }
 }
 
