@@ -2,6 +2,9 @@
 //!
 //! NEON is part of every aarch64 CPU; the functions are still `unsafe` and `target_feature`
 //! gated like the x86 ones, so that one dispatch rule (a supported [`super::Isa`]) covers all.
+//! That is the whole safety contract of each function (slices are bounds-checked or sized by
+//! their own lengths), so it is stated once here rather than on each.
+#![allow(clippy::missing_safety_doc)]
 
 use super::LogMix;
 use std::arch::aarch64::*;
