@@ -3,11 +3,11 @@
 # (`.cargo/config.toml` sets the cross linker and qemu as the runner). qemu checks correctness,
 # not speed.
 #
-# What runs: clippy on the aarch64 build (-D warnings), then the kernel, SIMD and pool unit tests (every kernel set the emulated CPU supports
-# against the portable reference) on a CPU with `dotprod` (qemu's `max`: neon-dotprod, neon and
-# portable) and on one without (Cortex-A53: neon and portable), and the whole engine test file
-# under each NEON set (except its one test that decodes the real 135M model, far too slow under
-# emulation).
+# What runs: clippy on the aarch64 build (-D warnings); the kernel, SIMD and pool unit tests
+# (every kernel set the emulated CPU supports against the portable reference) on a CPU with
+# `dotprod` (qemu's `max`: neon-dotprod, neon and portable) and on one without (Cortex-A53: neon
+# and portable); and the whole engine test file under each NEON set (except its one test that
+# decodes the real 135M model, far too slow under emulation).
 #
 # Needs the aarch64 Rust standard library (`rustup target add aarch64-unknown-linux-gnu`) and
 # Debian's gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user-static; installs what is
