@@ -32,6 +32,7 @@ const BASE: KernelSet = KernelSet {
     isa: Isa::Avx2,
     quantize_block,
     quantize_block16,
+    split16: false,
     q8_0_tile: q8_0_tile::<false>,
     q4_1_tile: q4_1_tile::<false>,
     q8_0_tile16,
@@ -50,6 +51,7 @@ const BASE: KernelSet = KernelSet {
 static KERNELS: KernelSet = BASE;
 static KERNELS_VNNI: KernelSet = KernelSet {
     isa: Isa::Avx2Vnni,
+    split16: true,
     q8_0_tile: q8_0_tile_vnni,
     q4_1_tile: q4_1_tile_vnni,
     q8_0_tile16: q8_0_tile16_vnni,

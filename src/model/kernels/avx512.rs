@@ -17,6 +17,7 @@ static KERNELS: KernelSet = KernelSet {
     isa: Isa::Avx512,
     quantize_block,
     quantize_block16,
+    split16: true,
     q8_0_tile,
     q4_1_tile,
     q8_0_tile16,

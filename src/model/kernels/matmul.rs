@@ -130,10 +130,11 @@ pub struct QuantizedActs {
     pub precision: ActPrecision,
     /// 8-bit values (`Int8`), `[m, k]`.
     pub qs: Vec<i8>,
-    /// 16-bit values (`Int16`), `[m, k]`, each group of 4 inputs stored as `[0, 2, 1, 3]`: the
-    /// pairs that 16-bit multiply-adds combine.
+    /// 16-bit values (`Int16`, for kernel sets without `split16`), `[m, k]`, each group of 4
+    /// inputs stored as `[0, 2, 1, 3]`: the pairs that 16-bit multiply-adds combine.
     pub qs16: Vec<i16>,
-    /// The same 16-bit values split into bytes (`Int16`), `[m, k]` in input order: `q = 256·hi +
+    /// The 16-bit values split into bytes (`Int16`, for kernel sets with `split16`), `[m, k]` in
+    /// input order: `q = 256·hi +
     /// lo`, `hi` signed and `lo` unsigned. With `vpdpbusd` (u8 × i8), a 4-bit or 8-bit weight
     /// times a 16-bit activation is two 8-bit products, `w·hi` and `lo·w`, that need no
     /// unpacking of the weights into 16-bit lanes (see `q4_1_rows16` in avx512.rs).
@@ -157,15 +158,19 @@ pub(crate) fn q16_index(i: usize) -> usize {
     i / 4 * 4 + SWAP[i % 4]
 }
 
-/// Stores a block of 16-bit values `q` (input order) in the layouts the kernels read: `qs16`
-/// in [`q16_index`] order, and split into high and low bytes. Returns `Σ hi`.
-fn store_block16(q: &[i16; QBLOCK], qs16: &mut [i16], hi: &mut [i8], lo: &mut [u8]) -> i32 {
-    // Three plain loops rather than one: each is vectorised by the compiler (this runs for every
-    // block of every matmul's input, on one thread when the input is a decode step's).
+/// Stores a block of 16-bit values `q` (input order) as `qs16`, in [`q16_index`] order.
+fn store_paired16(q: &[i16; QBLOCK], qs16: &mut [i16]) {
     for (dst, src) in qs16.chunks_exact_mut(4).zip(q.chunks_exact(4)) {
         dst.copy_from_slice(&[src[0], src[2], src[1], src[3]]);
     }
     debug_assert!((0..QBLOCK).all(|i| qs16[q16_index(i)] == q[i]));
+}
+
+/// Stores a block of 16-bit values `q` (input order) split into high and low bytes. Returns
+/// `Σ hi`.
+fn store_split16(q: &[i16; QBLOCK], hi: &mut [i8], lo: &mut [u8]) -> i32 {
+    // Two plain loops rather than one: each is vectorised by the compiler (this runs for every
+    // block of every matmul's input, on one thread when the input is a decode step's).
     for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(q) {
         (*h, *l) = ((v >> 8) as i8, v as u8);
     }
@@ -183,15 +188,17 @@ impl QuantizedActs {
         assert!(k.is_multiple_of(QBLOCK));
         let kb = k / QBLOCK;
         let wide = precision == ActPrecision::Int16;
+        // 16-bit activations in the one layout this kernel set reads.
+        let (paired, split) = (wide && !ks.split16, wide && ks.split16);
         let mut a = Self {
             m,
             k,
             precision,
             qs: vec![0i8; if wide { 0 } else { m * k }],
-            qs16: vec![0i16; if wide { m * k } else { 0 }],
-            hi: vec![0i8; if wide { m * k } else { 0 }],
-            lo: vec![0u8; if wide { m * k } else { 0 }],
-            hi_sums: vec![0i32; if wide { m * kb } else { 0 }],
+            qs16: vec![0i16; if paired { m * k } else { 0 }],
+            hi: vec![0i8; if split { m * k } else { 0 }],
+            lo: vec![0u8; if split { m * k } else { 0 }],
+            hi_sums: vec![0i32; if split { m * kb } else { 0 }],
             d: vec![0f32; m * kb],
             sums: vec![0i32; m * kb],
             dsums: vec![0f32; m * kb],
@@ -223,12 +230,15 @@ impl QuantizedActs {
                         let mut q = [0i16; QBLOCK];
                         let (scale, sum) = (ks.quantize_block16)(src, &mut q);
                         *dsums.get().add(bi) = scale * sum as f32;
-                        *hi_sums.get().add(bi) = store_block16(
-                            &q,
-                            std::slice::from_raw_parts_mut(qs16.get().add(bi * QBLOCK), QBLOCK),
-                            std::slice::from_raw_parts_mut(hi.get().add(bi * QBLOCK), QBLOCK),
-                            std::slice::from_raw_parts_mut(lo.get().add(bi * QBLOCK), QBLOCK),
-                        );
+                        if split {
+                            *hi_sums.get().add(bi) = store_split16(
+                                &q,
+                                std::slice::from_raw_parts_mut(hi.get().add(bi * QBLOCK), QBLOCK),
+                                std::slice::from_raw_parts_mut(lo.get().add(bi * QBLOCK), QBLOCK),
+                            );
+                        } else {
+                            store_paired16(&q, std::slice::from_raw_parts_mut(qs16.get().add(bi * QBLOCK), QBLOCK));
+                        }
                         (scale, sum)
                     } else {
                         let dst = std::slice::from_raw_parts_mut(qs.get().add(bi * QBLOCK), QBLOCK);
@@ -659,7 +669,8 @@ mod tests {
         let edges = [i16::MIN + 1, -32767, -256, -255, -129, -128, -1, 0, 1, 127, 128, 255, 256, 32767];
         q.iter_mut().zip(edges.iter().cycle()).for_each(|(v, e)| *v = *e);
         let (mut qs16, mut hi, mut lo) = ([0i16; QBLOCK], [0i8; QBLOCK], [0u8; QBLOCK]);
-        let hi_sum = store_block16(&q, &mut qs16, &mut hi, &mut lo);
+        store_paired16(&q, &mut qs16);
+        let hi_sum = store_split16(&q, &mut hi, &mut lo);
         for i in 0..QBLOCK {
             assert_eq!(256 * hi[i] as i32 + lo[i] as i32, q[i] as i32, "input {i}");
             assert_eq!(qs16[q16_index(i)], q[i], "input {i}");

@@ -64,6 +64,10 @@ pub struct KernelSet {
     /// through f16), in input order; every set returns bit-identical results. Needs
     /// `src.len() == dst.len() == 32`.
     pub(crate) quantize_block16: unsafe fn(src: &[f32], dst: &mut [i16]) -> (f32, i32),
+    /// Which layout of 16-bit activations the `*_tile16` entries read: split into bytes
+    /// ([`matmul::QuantizedActs::hi`], `lo`, `hi_sums`) when true, paired
+    /// ([`matmul::QuantizedActs::qs16`]) when false. Only that one is written.
+    pub(crate) split16: bool,
     /// Q8_0 and Q4_1 tiles with 8-bit activations. Needs `w` of that format, `t < w.n_tiles()`,
     /// `1 ≤ rows ≤ MR`, `a` quantized (at that precision) from `row0 + rows` rows or more of
     /// `w.k` inputs.

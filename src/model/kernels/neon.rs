@@ -32,6 +32,7 @@ const BASE: KernelSet = KernelSet {
     isa: Isa::Neon,
     quantize_block,
     quantize_block16,
+    split16: false,
     q8_0_tile: q8_0_tile::<false>,
     q4_1_tile: q4_1_tile::<false>,
     q8_0_tile16,

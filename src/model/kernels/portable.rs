@@ -12,6 +12,7 @@ pub(super) static KERNELS: KernelSet = KernelSet {
     isa: Isa::Portable,
     quantize_block,
     quantize_block16,
+    split16: false,
     q8_0_tile,
     q4_1_tile,
     q8_0_tile16,
