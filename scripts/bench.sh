@@ -30,6 +30,8 @@ run $lethe bench decode --batch 1,2,4,8,16 --prompt-tokens 128 --gen-tokens 64
 run $lethe bench decode --kernels "$($lethe kernels --list | paste -sd,)" --batch 1,2 --prompt-tokens 128 --gen-tokens 64
 run $lethe bench decode --prefetch-bytes 0,2048,4096,8192 --batch 1,2 --prompt-tokens 128 --gen-tokens 256
 run $lethe bench decode --batch 1,2 --prompt-tokens 128 --gen-tokens 256 --stages
+# The same ratios for a model whose weights (~0.6 GB, random) come from DRAM on any CPU.
+run $lethe bench decode --random-model 1.1b --kernels "$($lethe kernels --list | grep -v portable | paste -sd,)" --batch 1,2 --prompt-tokens 128 --gen-tokens 64
 # Engine level: guided vs unguided, 1 and 8 concurrent requests.
 run $lethe bench decode --concurrency 1,8 --guided --compare-unguided --prompt-tokens 128 --gen-tokens 64 --rounds 7
 # Chunked prefill: a short request's time to first token while 2,000 tokens prefill.

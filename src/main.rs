@@ -454,9 +454,59 @@ struct BenchDecodeArgs {
     /// Engine step budget for --ttft-under-prefill (prefill chunk size).
     #[arg(long, default_value_t = lethe::engine::SchedulerConfig::default().max_batch_tokens)]
     max_batch_tokens: usize,
+    /// Instead of --model: a model of this shape with random weights, written as a Q4_1 GGUF
+    /// to a temporary directory first: `135m` (SmolLM2-135M's layers, 30 × 576) or `1.1b`
+    /// (TinyLlama-1.1B's, 22 × 2048: ~0.6 GB of weights, more than the L3 of the machines we
+    /// test on, so a step reads them from DRAM, as CPUs with a smaller L3 read any model). The
+    /// vocabulary is a tiny one (384 tokens), so the LM head is negligible. Replaces --model
+    /// (and LETHE_MODEL).
+    #[arg(long)]
+    random_model: Option<RandomModel>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+/// Shapes of `lethe bench decode --random-model`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum RandomModel {
+    #[value(name = "135m")]
+    SmolLm2_135m,
+    #[value(name = "1.1b")]
+    TinyLlama1_1b,
+}
+
+impl RandomModel {
+    fn spec(self) -> lethe::fixtures::TinySpec {
+        let (layers, hidden, intermediate, heads, kv_heads) = match self {
+            Self::SmolLm2_135m => (30, 576, 1536, 9, 3),
+            Self::TinyLlama1_1b => (22, 2048, 5632, 32, 4),
+        };
+        lethe::fixtures::TinySpec {
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            max_positions: 2048,
+            dtype: "F16",
+            ..Default::default()
+        }
+    }
+
+    /// Writes the model under `dir`; returns model arguments that load it (Q4_1 GGUF and the
+    /// fixture's tokenizer).
+    fn write(self, dir: &std::path::Path, base: &ModelArgs) -> Result<ModelArgs> {
+        let spec = self.spec();
+        let name = clap::ValueEnum::to_possible_value(&self).map(|v| v.get_name().to_owned()).unwrap_or_default();
+        eprintln!("writing a random {name} model (Q4_1) under {} ...", dir.display());
+        let hf = lethe::fixtures::write_tiny_model(&dir.join("hf"), &spec)?;
+        let gguf = dir.join("random.Q4_1.gguf");
+        lethe::fixtures::write_tiny_gguf(&hf, &gguf, &spec, candle_core::quantized::GgmlDType::Q4_1)?;
+        // The F16 original is only needed for the conversion.
+        std::fs::remove_file(hf.join("model.safetensors"))?;
+        Ok(ModelArgs { model: gguf, tokenizer: Some(hf.join("tokenizer.json")), ..base.clone() })
+    }
 }
 
 fn main() -> Result<()> {
@@ -780,7 +830,13 @@ fn bench_adapters(a: BenchAdaptersArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
+fn bench_decode(mut a: BenchDecodeArgs) -> Result<()> {
+    // Kept until the bench ends: the loaded model may map its file.
+    let mut random_dir = None;
+    if let Some(shape) = a.random_model {
+        let dir = random_dir.insert(lethe::fixtures::TempDir::new("bench-random-model")?);
+        a.model = shape.write(dir.path(), &a.model)?;
+    }
     let bundle = a.model.load()?;
     if let Some(history) = a.prefix_cache_history {
         let r = lethe::bench::prefix_cache(

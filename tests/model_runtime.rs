@@ -401,3 +401,27 @@ fn decode_steps_are_accounted_by_stage() {
         assert_eq!(s.us_per_step.iter().map(|(st, _)| *st).collect::<Vec<_>>(), Stage::ALL);
     }
 }
+
+/// `lethe bench decode --random-model`: the shape is written as a Q4_1 GGUF, loaded through the
+/// real GGUF path, benchmarked at every batch size, and its temporary directory removed after.
+#[test]
+fn bench_decode_runs_a_random_model_and_cleans_up() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lethe"))
+        .args(["bench", "decode", "--random-model", "135m", "--batch", "1,2"])
+        .args(["--prompt-tokens", "16", "--gen-tokens", "4", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.iter().map(|r| r["batch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2]);
+    for r in runs {
+        assert_eq!(r["weights"], "native/q4_1", "{r}");
+        assert!(r["step_ms"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // "writing a random 135m model (Q4_1) under DIR ..."
+    let dir = stderr.lines().find_map(|l| l.split(" under ").nth(1)).unwrap().trim_end_matches(" ...");
+    assert!(dir.contains("bench-random-model"), "{stderr}");
+    assert!(!Path::new(dir).exists(), "{dir} was left behind");
+}
