@@ -90,8 +90,7 @@ fn main() {
 /// - *streamed*: 30 layers' weights (~66 MB, more than the private caches hold), as in a real
 ///   decode step;
 /// - *cached*: the same products on one layer's weights (~2.2 MB) reused 30 times, so the time
-///   is the kernel's arithmetic.
-///
+///   is the kernel's arithmetic;
 /// - *beyond L3*: 16 copies of the streamed weights (~1 GB), read in turn, so every byte comes
 ///   from DRAM even on CPUs whose L3 holds the whole model (this machine kind's VMs report
 ///   260–300 MB of L3). That is the regime of CPUs whose L3 is smaller than the model: AMD Zen
@@ -119,8 +118,10 @@ fn streamed() {
         (format!("cached ({:.1} MB x30)", mb(shapes.len())), shapes.len(), 1),
         (format!("beyond L3 ({:.0} MB)", copies as f64 * mb(mats.len())), mats.len(), copies),
     ];
-    // The beyond-L3 workload reads copy `c` in round `c mod copies`; the others read copy 0.
-    let far: Vec<Vec<PackedMatrix>> = (0..copies).map(|_| mats.clone()).collect();
+    // Each pass of the beyond-L3 workload reads the next copy in turn; the others read copy 0
+    // (`mats` itself).
+    let mut far: Vec<Vec<PackedMatrix>> = (1..copies).map(|_| mats.clone()).collect();
+    far.insert(0, mats);
     let mut next_copy = 0;
     let x = rand(2 * 1536, 98);
     let mut y = vec![0f32; 2 * 3072];
@@ -136,7 +137,7 @@ fn streamed() {
                     let copy = &far[next_copy % copies];
                     next_copy += 1;
                     let t = Instant::now();
-                    for i in 0..mats.len() {
+                    for i in 0..copy.len() {
                         let w = &copy[i % distinct];
                         matmul(w, &x[..m * w.k], m, &mut y[..m * w.n]);
                     }

@@ -458,8 +458,8 @@ struct BenchDecodeArgs {
     /// to a temporary directory first: `135m` (SmolLM2-135M's layers, 30 × 576) or `1.1b`
     /// (TinyLlama-1.1B's, 22 × 2048: ~0.6 GB of weights, more than the L3 of the machines we
     /// test on, so a step reads them from DRAM, as CPUs with a smaller L3 read any model). The
-    /// vocabulary is a tiny one (384 tokens), so the LM head is negligible. Replaces --model
-    /// (and LETHE_MODEL). The peak RSS reported includes writing the model (~3.7 GB for `1.1b`).
+    /// vocabulary is a tiny one (384 tokens), so the LM head is negligible. LETHE_MODEL is
+    /// ignored then. The peak RSS reported includes writing the model (~3.7 GB for `1.1b`).
     #[arg(long)]
     random_model: Option<RandomModel>,
     /// Print one JSON object.
